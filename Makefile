@@ -1,0 +1,72 @@
+# mcpd — the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# The PostgreSQL + Redis half of the suite (and the multi-process tests) use these.
+MCPD_TEST_PG_URL ?= postgres://postgres@127.0.0.1:5432/mcpd
+MCPD_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+export MCPD_TEST_PG_URL MCPD_TEST_REDIS_URL
+# WebSocket frames may carry a whole request body (MCPD_MAX_BODY_BYTES, 10 MiB) plus framing.
+DAPHNE_FLAGS ?= --websocket-max-message-size 11534336 --ping-interval 15 --ping-timeout 30
+
+.PHONY: help venv run test lint types migrations-check pytest pytest-embedded pytest-services bench bench-quick clean
+
+help:
+	@echo "make run    - install, migrate, print dev tokens, serve on http://$(HOST):$(PORT)"
+	@echo "make test   - lint, types, migrations check and the whole test suite"
+	@echo "make bench  - benchmarks (not part of make test)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	@DJANGO_DEBUG=1 $(PY) manage.py migrate --verbosity 0
+	@DJANGO_DEBUG=1 $(PY) manage.py devtokens
+	DJANGO_DEBUG=1 $(VENV)/bin/daphne -b $(HOST) -p $(PORT) $(DAPHNE_FLAGS) mcpd_site.asgi:application
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+types: venv
+	$(VENV)/bin/mypy .
+
+migrations-check: venv
+	DJANGO_DEBUG=1 $(PY) manage.py makemigrations --check --dry-run
+
+# The suite runs twice: embedded (SQLite, in-memory layer) and on PostgreSQL + Redis.
+# The second run, and the multi-process tests in the first, need the services: without
+# them they are skipped and said so, except under CI=true, where that fails.
+pytest: pytest-embedded pytest-services
+
+pytest-embedded: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+pytest-services: venv
+	@if $(PY) tests/services_up.py; then \
+	  DATABASE_URL=$(MCPD_TEST_PG_URL) REDIS_URL=$(MCPD_TEST_REDIS_URL) \
+	    $(PY) -m pytest -m "not multiproc" $(PYTEST_ARGS); \
+	elif [ "$$CI" = "true" ]; then \
+	  echo "CI: PostgreSQL or Redis is unreachable; the services suite must run." >&2; exit 1; \
+	else \
+	  echo "SKIPPED: the PostgreSQL + Redis run of the suite (services unreachable)."; \
+	fi
+
+test: lint types migrations-check pytest
+
+bench: venv
+	$(PY) -m bench.run
+
+bench-quick: venv
+	$(PY) -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .test-db.sqlite3*

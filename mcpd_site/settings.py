@@ -1,0 +1,215 @@
+"""mcpd settings: one module, every knob from the environment (see README "Configuration").
+
+With nothing set, mcpd runs embedded: SQLite and the in-memory channel layer, one process.
+``DATABASE_URL`` selects PostgreSQL and ``REDIS_URL`` the Redis channel layer, and then any
+number of daphne processes behave as one broker.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+import django_stubs_ext
+from django.core.management.utils import get_random_secret_key
+
+# Lets ModelAdmin[Llm] and friends be subscripted at run time, as the type stubs spell them.
+django_stubs_ext.monkeypatch()
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = float(raw)
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+DEBUG = _env_bool("DJANGO_DEBUG", False)
+
+DEV_DIR = BASE_DIR / ".mcpd-dev"
+
+
+def _dev_secret_key() -> str:
+    """The embedded broker's key: made once and kept in .mcpd-dev/, so restarts can still
+    decrypt stored API keys. Production sets SECRET_KEY (system check mcpd.W002)."""
+    path = DEV_DIR / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        DEV_DIR.mkdir(exist_ok=True)
+        key = get_random_secret_key()
+        path.write_text(key)
+        path.chmod(0o600)
+        return key
+
+
+MCPD_SECRET_KEY_FROM_ENV = bool(os.environ.get("SECRET_KEY"))
+SECRET_KEY = os.environ.get("SECRET_KEY") or _dev_secret_key()
+
+ALLOWED_HOSTS = [
+    h.strip()
+    for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
+    if h.strip()
+]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "channels",
+    "virtual_llms",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "mcpd_site.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+ASGI_APPLICATION = "mcpd_site.asgi.application"
+
+DATABASES = {
+    "default": dj_database_url.config(
+        default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
+        conn_max_age=_env_int("MCPD_DB_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several threads (the async ORM's and the test threads) share the file: wait for the
+    # write lock instead of failing at once, and take it at BEGIN so a read-then-write
+    # transaction never has to upgrade its lock.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / ".test-db.sqlite3")}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = os.environ.get("REDIS_URL", "").strip()
+# Every Redis key of this broker (channel layer and shared state) starts with this, so
+# several brokers (or test runs) can share one Redis.
+MCPD_REDIS_PREFIX = os.environ.get("MCPD_REDIS_PREFIX", "mcpd").strip() or "mcpd"
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "prefix": f"{MCPD_REDIS_PREFIX}:layer",
+                # Reply channels carry a stream's chunks; the default of 100 would drop
+                # them silently under a burst (DESIGN.md pitfall 3).
+                "capacity": 5000,
+                # A message not received within this time is dropped by channels-redis;
+                # every wait of ours has its own, shorter deadline.
+                "expiry": 60,
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": 5000, "expiry": 60},
+        }
+    }
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["virtual_llms.drf.BearerTokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["virtual_llms.drf.HasRole"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "virtual_llms.drf.api_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+
+# --- mcpd knobs (PROTOCOL.md "Operations") -------------------------------------------------
+# A publisher heartbeats every 30 s; three missed beats (90 s) mean it is gone.
+MCPD_HEARTBEAT_STALE_SECONDS = _env_int("MCPD_HEARTBEAT_STALE_SECONDS", 90)
+# An inactive virtual row is kept 4 h so its publisher can come back and adopt it, then deleted.
+MCPD_INACTIVE_RETENTION_SECONDS = _env_int("MCPD_INACTIVE_RETENTION_SECONDS", 14400)
+# Longest wait for a publisher's first answer, and between two chunks of a stream.
+MCPD_INFER_TIMEOUT_SECONDS = _env_float("MCPD_INFER_TIMEOUT_SECONDS", 120.0)
+# Longest wait for a hibernating model to wake (loading weights takes minutes).
+MCPD_WAKE_TIMEOUT_SECONDS = _env_float("MCPD_WAKE_TIMEOUT_SECONDS", 300.0)
+# Largest request body accepted from a client or a publisher.
+MCPD_MAX_BODY_BYTES = _env_int("MCPD_MAX_BODY_BYTES", 10 * 1024 * 1024)
+# Idle control streams and waiting clients get a comment this often; proxies cut at 60 s.
+MCPD_PING_SECONDS = _env_float("MCPD_PING_SECONDS", 15.0)
+# Optional key for encrypting public LLMs' API keys; derived from SECRET_KEY when unset.
+MCPD_ENCRYPTION_KEY = os.environ.get("MCPD_ENCRYPTION_KEY", "")
+
+# Django refuses bodies over this when read through request.POST; ours are checked by size.
+DATA_UPLOAD_MAX_MEMORY_SIZE = MCPD_MAX_BODY_BYTES
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("MCPD_LOG_LEVEL", "INFO")},
+    "loggers": {"django.channels.server": {"level": "WARNING"}},
+}

@@ -1,0 +1,26 @@
+"""URL routes: the publisher API, the REST API, the OpenAI-compatible client API, admin."""
+
+from django.contrib import admin
+from django.urls import path
+
+from virtual_llms import streams, views
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    # Publisher API
+    path("api/v1/virtual/register", views.RegisterView.as_view()),
+    path("api/v1/virtual/heartbeat", views.HeartbeatView.as_view()),
+    path("api/v1/virtual/status", views.StatusView.as_view()),
+    path("api/v1/virtual/sessions/<str:session_id>/stream", streams.control_stream),
+    path("api/v1/virtual/tasks/<str:task_id>/result", views.task_result),
+    path("api/v1/virtual/tasks/<str:task_id>/chunks", views.task_chunks),
+    path("api/v1/virtual/tasks/<str:task_id>/error", views.task_error),
+    # REST API
+    path("api/v1/llms", views.LlmListView.as_view()),
+    path("api/v1/llms/<path:name>", views.LlmDetailView.as_view()),
+    # Client API
+    path("v1/models", streams.list_models),
+    path("v1/chat/completions", streams.chat_completions),
+    path("v1/completions", streams.completions),
+    path("v1/embeddings", streams.embeddings),
+]

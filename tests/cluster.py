@@ -1,0 +1,180 @@
+"""Real brokers for black-box tests: N daphne processes on PostgreSQL + Redis (one database
+and one Redis key prefix per broker), or one embedded process on SQLite and the in-memory
+channel layer. Nothing is mocked: tests talk to them over TCP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PG_URL = os.environ.get("MCPD_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432/mcpd")
+REDIS_URL = os.environ.get("MCPD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Frames may carry a whole 10 MiB body plus JSON framing (DESIGN.md pitfall 5).
+WS_MAX = str(11 * 1024 * 1024)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Broker:
+    """A running broker. ``services=True``: ``workers`` daphne processes sharing one fresh
+    PostgreSQL database and one Redis prefix. ``services=False``: one embedded process."""
+
+    def __init__(
+        self, workers: int = 3, *, services: bool = True, env: dict[str, str] | None = None
+    ) -> None:
+        self.services = services
+        self.n = workers if services else 1
+        self.tag = uuid.uuid4().hex[:10]
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"mcpd-broker-{self.tag}-"))
+        self.db_name = f"mcpd_mp_{self.tag}"
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "mcpd_site.settings",
+            "SECRET_KEY": f"test-secret-{self.tag}",
+            "DJANGO_DEBUG": "0",
+            "MCPD_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env.pop("DATABASE_URL", None)
+        self.env.pop("REDIS_URL", None)
+        if services:
+            base, _, _ = PG_URL.rpartition("/")
+            self.env["DATABASE_URL"] = f"{base}/{self.db_name}"
+            self.env["REDIS_URL"] = REDIS_URL
+            self.env["MCPD_REDIS_PREFIX"] = f"mcpdtest{self.tag}"
+        else:
+            self.env["DATABASE_URL"] = f"sqlite:///{self.tmp / 'db.sqlite3'}"
+        self.env.update(env or {})
+        self.ports = [free_port() for _ in range(self.n)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * self.n
+        self._tokens: dict[str, str] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Broker:
+        if self.services:
+            base, _, _ = PG_URL.rpartition("/")
+            with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{self.db_name}"')
+        self.manage("migrate", "--verbosity", "0")
+        for i in range(self.n):
+            self.start_worker(i)
+        return self
+
+    def start_worker(self, i: int) -> None:
+        log = open(self.tmp / f"worker{i}.log", "ab")  # noqa: SIM115 - lives with the process
+        self.procs[i] = subprocess.Popen(
+            [
+                str(BIN / "daphne"),
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(self.ports[i]),
+                "--websocket-max-message-size",
+                WS_MAX,
+                "--ping-interval",
+                "15",
+                "mcpd_site.asgi:application",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.wait_ready(i)
+
+    def wait_ready(self, i: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = self.procs[i]
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"worker {i} exited early:\n{self.log(i)}")
+            try:
+                httpx.get(f"{self.url(i)}/v1/models", timeout=1.0)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"worker {i} did not start:\n{self.log(i)}")
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[i]
+        if proc is not None:
+            proc.send_signal(sig)
+            proc.wait(timeout=15)
+            self.procs[i] = None
+
+    def restart(self, i: int) -> None:
+        self.kill(i, signal.SIGTERM)
+        self.start_worker(i)
+
+    def stop(self) -> None:
+        for i in range(self.n):
+            with contextlib.suppress(Exception):
+                self.kill(i, signal.SIGTERM)
+        if self.services:
+            base, _, _ = PG_URL.rpartition("/")
+            with (
+                contextlib.suppress(psycopg.Error),
+                psycopg.connect(f"{base}/postgres", autocommit=True) as conn,
+            ):
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def url(self, i: int = 0) -> str:
+        return f"http://127.0.0.1:{self.ports[i % self.n]}"
+
+    def ws_url(self, i: int = 0) -> str:
+        return f"ws://127.0.0.1:{self.ports[i % self.n]}"
+
+    def log(self, i: int) -> str:
+        path = self.tmp / f"worker{i}.log"
+        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+
+    def manage(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+
+    def new_token(self, role: str, label: str | None = None) -> str:
+        out = self.manage("createtoken", role, label or f"{role}-{uuid.uuid4().hex[:6]}")
+        return out.stdout.strip().splitlines()[-1]
+
+    def token(self, role: str) -> str:
+        """One shared token per role for this broker."""
+        if role not in self._tokens:
+            self._tokens[role] = self.new_token(role, f"shared-{role}")
+        return self._tokens[role]
+
+    def sql(self, query: str, *params: object) -> list[tuple[object, ...]]:
+        """Read the broker's PostgreSQL database directly (assertions only)."""
+        assert self.services, "sql() needs the PostgreSQL broker"
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            cur = conn.execute(query.encode(), params)
+            return cur.fetchall() if cur.description else []

@@ -1,0 +1,100 @@
+"""Shared fixtures. Unit tests use the database and channel layer the settings name (SQLite +
+in-memory by default; PostgreSQL + Redis in the second run of `make test`). Tests marked
+``multiproc`` start real daphne processes (tests/cluster.py)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import cast
+
+import pytest
+from django.conf import settings
+
+from tests.cluster import Broker
+from tests.services_up import services_up
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Each run of the suite gets its own Redis key space, so parallel runs never collide.
+    settings.MCPD_REDIS_PREFIX = f"mcpdunit{uuid.uuid4().hex[:8]}"
+    if settings.REDIS_URL:
+        layer_config = cast(dict[str, object], settings.CHANNEL_LAYERS["default"]["CONFIG"])
+        layer_config["prefix"] = f"{settings.MCPD_REDIS_PREFIX}:layer"
+
+
+def require_services() -> None:
+    """Skip without PostgreSQL + Redis, except in CI, where that is a failure."""
+    ok, why = services_up()
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the PostgreSQL + Redis tests, but: {why}")
+    pytest.skip(f"needs PostgreSQL + Redis: {why}")
+
+
+def on_postgres() -> bool:
+    return bool(settings.DATABASES["default"]["ENGINE"].endswith("postgresql"))
+
+
+@dataclass
+class Tokens:
+    publisher: object
+    publisher_plain: str
+    client: object
+    client_plain: str
+    admin: object
+    admin_plain: str
+    other_publisher: object
+    other_publisher_plain: str
+
+
+@pytest.fixture
+def tokens(db: None) -> Tokens:
+    from virtual_llms.auth import token_create
+
+    pub, pub_plain = token_create(role="publisher", label="pub")
+    cli, cli_plain = token_create(role="client", label="cli")
+    adm, adm_plain = token_create(role="admin", label="adm")
+    other, other_plain = token_create(role="publisher", label="other")
+    return Tokens(pub, pub_plain, cli, cli_plain, adm, adm_plain, other, other_plain)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_loop_state() -> Iterator[None]:
+    """Every test runs in a new event loop: drop loop-bound layer and state objects."""
+    from virtual_llms import events, state
+
+    events.reset_layers()
+    state.reset_state()
+    yield
+    events.reset_layers()
+    state.reset_state()
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[object]:
+    """This test loop's hub, stopped at the end so no background task outlives the test."""
+    from virtual_llms import relay
+
+    yield await relay.get_hub()
+    await relay.stop_hub()
+
+
+@pytest.fixture(scope="session")
+def broker3() -> Iterator[Broker]:
+    """Three daphne workers on one PostgreSQL database and one Redis."""
+    require_services()
+    broker = Broker(3, services=True, env={"MCPD_INFER_TIMEOUT_SECONDS": "20"}).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded() -> Iterator[Broker]:
+    """One daphne process on SQLite and the in-memory channel layer."""
+    broker = Broker(1, services=False, env={"MCPD_INFER_TIMEOUT_SECONDS": "20"}).start()
+    yield broker
+    broker.stop()

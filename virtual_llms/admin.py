@@ -1,0 +1,147 @@
+"""Django admin for operators: watch LLM rows and sessions, evict, revoke tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+
+from . import services
+from .auth import token_create, token_revoke
+from .models import ApiToken, Llm, LlmKind, ProviderSession
+
+
+@admin.register(Llm)
+class LlmAdmin(admin.ModelAdmin[Llm]):
+    list_display = [
+        "name",
+        "kind",
+        "status",
+        "tier",
+        "model",
+        "provider_session_id",
+        "last_heartbeat_at",
+        "inactive_since",
+    ]
+    list_filter = ["kind", "status", "tier"]
+    search_fields = ["name", "model", "provider_session_id"]
+    readonly_fields = [
+        "id",
+        "kind",
+        "provider_session_id",
+        "publisher_token",
+        "last_heartbeat_at",
+        "inactive_since",
+        "version",
+        "created_at",
+        "updated_at",
+    ]
+    fields = [
+        "id",
+        "name",
+        "kind",
+        "type",
+        "model",
+        "url",
+        "tier",
+        "description",
+        "status",
+        "provider_session_id",
+        "publisher_token",
+        "last_heartbeat_at",
+        "inactive_since",
+        "version",
+        "created_at",
+        "updated_at",
+    ]
+    actions = ["evict", "mark_inactive"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Public LLMs carry an encrypted key: they are created through the REST API.
+        return False
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # eviction goes through the service
+        return actions
+
+    def delete_model(self, request: HttpRequest, obj: Llm) -> None:
+        services.llm_evict(llm=obj)
+
+    @admin.action(description="Evict selected LLMs (in-flight requests fail with 502)")
+    def evict(self, request: HttpRequest, queryset: QuerySet[Llm]) -> None:
+        names = []
+        for row in queryset:
+            services.llm_evict(llm=row)
+            names.append(row.name)
+        self.message_user(request, f"Evicted {len(names)}: {', '.join(names)}", messages.SUCCESS)
+
+    @admin.action(description="Mark selected virtual LLMs inactive")
+    def mark_inactive(self, request: HttpRequest, queryset: QuerySet[Llm]) -> None:
+        names = list(queryset.filter(kind=LlmKind.VIRTUAL).values_list("name", flat=True))
+        count = services.llm_mark_inactive(names=names)
+        self.message_user(request, f"Marked {count} inactive.", messages.SUCCESS)
+
+
+@admin.register(ProviderSession)
+class ProviderSessionAdmin(admin.ModelAdmin[ProviderSession]):
+    list_display = ["id", "token", "created_at"]
+    search_fields = ["id", "token__label"]
+    readonly_fields = ["id", "token", "created_at"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
+    list_display = ["label", "role", "prefix", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["role", ("revoked_at", admin.EmptyFieldListFilter)]
+    search_fields = ["label", "prefix"]
+    readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke"]
+
+    def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
+        if obj is None:
+            return ["role", "label"]
+        return ["role", "label", "prefix", "created_at", "last_used_at", "revoked_at"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
+        if obj is None:
+            return []
+        return ["role", "prefix", "created_at", "last_used_at", "revoked_at"]
+
+    def save_model(self, request: HttpRequest, obj: ApiToken, form: Any, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        token, plaintext = token_create(role=obj.role, label=obj.label)
+        obj.pk = token.pk
+        obj.prefix = token.prefix
+        obj.token_hash = token.token_hash
+        obj.created_at = token.created_at
+        obj._state.adding = False
+        obj._state.db = token._state.db
+        self.message_user(
+            request,
+            f"New {token.role} token — copy it now, it is not shown again: {plaintext}",
+            messages.WARNING,
+        )
+
+    def response_add(
+        self, request: HttpRequest, obj: ApiToken, post_url_continue: str | None = None
+    ) -> HttpResponse:
+        return super().response_add(request, obj, post_url_continue)
+
+    @admin.action(description="Revoke selected tokens (refused at once; their streams close)")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
+        count = 0
+        for token in queryset:
+            token_revoke(token=token)
+            count += 1
+        self.message_user(request, f"Revoked {count} token(s).", messages.SUCCESS)
+
+    def has_delete_permission(self, request: HttpRequest, obj: ApiToken | None = None) -> bool:
+        return False  # revoke instead: rows keep their owner for the audit trail

@@ -1,0 +1,137 @@
+"""The publisher's control socket: the SSE stream's frames as WebSocket text messages, and
+results, chunks, errors and heartbeats sent back on the same socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from . import relay, services
+from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
+from .errors import ApiError
+from .models import ApiToken
+from .views import parse_chunks, parse_error, parse_result
+
+log = logging.getLogger("mcpd.consumers")
+
+# WebSocket close codes (RFC 6455 private range) for refused handshakes, after accept so the
+# publisher can read why: 4401 unauthorized, 4403 forbidden, 4404 unknown session.
+CLOSE_CODES = {401: 4401, 403: 4403, 404: 4404}
+
+
+class ControlSocketConsumer(AsyncWebsocketConsumer):
+    # No channel-layer channel of its own: frames come through the process's hub.
+    channel_layer_alias = "__mcpd_none__"
+
+    stream: relay.ControlStream | None = None
+    token: ApiToken | None = None
+    session_id = ""
+    pump: asyncio.Task[None] | None = None
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        self.session_id = self.scope["url_route"]["kwargs"]["session_id"]
+        try:
+            self.token = await sync_to_async(self._authorize)()
+        except ApiError as exc:
+            await self.accept()
+            await self.send(json.dumps({"type": "error", "error": exc.api_body()["error"]}))
+            await self.close(code=CLOSE_CODES.get(exc.status, 4400))
+            return
+        await self.accept()
+        self.stream = await relay.stream_open(self.session_id, self.token.pk)
+        await self.send(json.dumps({"type": "ready", "providerSessionId": self.session_id}))
+        self.pump = asyncio.create_task(self._pump(self.stream))
+
+    def _authorize(self) -> ApiToken:
+        token = authenticate(header_from_scope(self.scope), PUBLISHER_ROLES)
+        services.session_get_owned(token=token, session_id=self.session_id)
+        return token
+
+    async def _pump(self, stream: relay.ControlStream) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            next_ping = loop.time() + settings.MCPD_PING_SECONDS
+            while True:
+                wait = next_ping - loop.time()
+                if wait <= 0:
+                    # Keep-alive pings are WebSocket pings (daphne --ping-interval 15); here
+                    # only the presence record is refreshed.
+                    if not await relay.stream_refresh(stream):
+                        break
+                    next_ping = loop.time() + settings.MCPD_PING_SECONDS
+                    continue
+                try:
+                    frame = await asyncio.wait_for(stream.queue.get(), wait)
+                except TimeoutError:
+                    continue
+                if frame is None:
+                    break
+                await self.send(json.dumps({"type": "task", **frame}, separators=(",", ":")))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("control socket pump failed")
+        await self.close()
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        if self.pump is not None:
+            self.pump.cancel()
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            try:
+                await asyncio.shield(relay.stream_close(stream))
+            except Exception:
+                log.exception("closing the control socket's session failed")
+        await super().websocket_disconnect(message)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        try:
+            reply = await self._handle(text_data if text_data is not None else bytes_data)
+        except ApiError as exc:
+            reply = {"type": "protocol_error", "message": exc.message}
+        if reply is not None:
+            await self.send(json.dumps(reply))
+
+    async def _handle(self, raw: str | bytes | None) -> dict[str, Any] | None:
+        if self.token is None or self.stream is None:
+            return None
+        try:
+            frame = json.loads(raw) if raw is not None else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, "invalid_json", f"Malformed JSON frame: {exc}") from exc
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            raise ApiError(400, "invalid_request", "A frame is a JSON object with a 'type'.")
+        kind = frame["type"]
+        if kind == "heartbeat":
+            count = await sync_to_async(services.llm_heartbeat)(
+                token=self.token, session_id=self.session_id
+            )
+            return {"type": "heartbeat", "ok": True, "llms": count}
+        task_id = frame.get("taskId")
+        if not isinstance(task_id, str) or not task_id:
+            raise ApiError(400, "invalid_request", f"A '{kind}' frame needs a 'taskId'.")
+        token_id = self.token.pk
+        if kind == "result":
+            status, body = parse_result(frame)
+            ok = await relay.post_result(
+                token_id=token_id, task_id=task_id, status=status, body=body
+            )
+        elif kind == "chunks":
+            ok = await relay.post_chunks(
+                token_id=token_id, task_id=task_id, chunks=parse_chunks(frame)
+            )
+        elif kind == "error":
+            ok = await relay.post_error(
+                token_id=token_id, task_id=task_id, message=parse_error(frame)
+            )
+        else:
+            raise ApiError(400, "invalid_request", f"Unknown frame type '{kind}'.")
+        if not ok:
+            raise ApiError(404, "task_not_found", f"No open task '{task_id}' for this publisher.")
+        return None

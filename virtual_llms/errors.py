@@ -1,0 +1,74 @@
+"""One exception type for every refusal, rendered in the contract's two error shapes.
+
+``/api/`` routes: ``{"error": {"code", "message"}}``.
+``/v1/`` routes (OpenAI-compatible): ``{"error": {"message", "type", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.http import HttpResponse
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    502: "api_error",
+    503: "api_error",
+    504: "api_error",
+}
+
+
+class ApiError(Exception):
+    """A refusal with an HTTP status, a snake_case code and a message for humans."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def api_body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+    def openai_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": _OPENAI_TYPES.get(self.status, "api_error"),
+                "code": self.code,
+            }
+        }
+
+    def response(self, *, openai: bool) -> HttpResponse:
+        body = self.openai_body() if openai else self.api_body()
+        resp = HttpResponse(json.dumps(body), status=self.status, content_type="application/json")
+        for key, value in self.headers.items():
+            resp[key] = value
+        return resp
+
+
+def bad_request(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def not_found(message: str, code: str = "not_found") -> ApiError:
+    return ApiError(404, code, message)
+
+
+def offline(message: str) -> ApiError:
+    # Retry-After: a publisher that lost its stream reconnects within seconds.
+    return ApiError(503, "publisher_offline", message, headers={"Retry-After": "5"})

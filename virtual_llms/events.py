@@ -1,0 +1,56 @@
+"""The only module that touches the channel layer.
+
+Every worker process has one channel (its hub, see relay.py) and is a member of the
+WORKERS group. Tasks are routed with ``send`` to the hub that holds the publisher's stream;
+task events go back with ``send`` to the requester's hub; rare notices (a token revoked, an
+LLM evicted, a session closed, a wake's outcome) are broadcast to every hub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import channel_layers, get_channel_layer
+
+WORKERS_GROUP = "mcpd.workers"
+
+
+def layer() -> Any:
+    return get_channel_layer()
+
+
+async def new_channel() -> str:
+    name: str = await layer().new_channel("mcpd.hub.")
+    return name
+
+
+async def send(channel: str, message: dict[str, Any]) -> None:
+    await layer().send(channel, message)
+
+
+async def receive(channel: str) -> dict[str, Any]:
+    message: dict[str, Any] = await layer().receive(channel)
+    return message
+
+
+async def join_workers(channel: str) -> None:
+    await layer().group_add(WORKERS_GROUP, channel)
+
+
+async def leave_workers(channel: str) -> None:
+    await layer().group_discard(WORKERS_GROUP, channel)
+
+
+async def broadcast(message: dict[str, Any]) -> None:
+    await layer().group_send(WORKERS_GROUP, message)
+
+
+def broadcast_sync(message: dict[str, Any]) -> None:
+    """From sync code (admin actions, services run in a thread)."""
+    async_to_sync(broadcast)(message)
+
+
+def reset_layers() -> None:
+    """Drop cached layer instances (tests that run each case in a new event loop)."""
+    channel_layers.backends = {}

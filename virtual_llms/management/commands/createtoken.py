@@ -1,0 +1,24 @@
+"""``manage.py createtoken ROLE LABEL``: make a token; its plaintext is the last stdout line."""
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from virtual_llms.auth import token_create
+from virtual_llms.models import Role
+
+
+class Command(BaseCommand):
+    help = "Create an API token (publisher, client or admin). The token is shown only once."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("role", choices=Role.values)
+        parser.add_argument("label")
+
+    def handle(self, *args: Any, role: str, label: str, **options: Any) -> None:
+        try:
+            token, plaintext = token_create(role=role, label=label)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stderr.write(f"Created {role} token '{label}' (id {token.pk}). It is shown once:")
+        self.stdout.write(plaintext)

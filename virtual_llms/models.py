@@ -1,0 +1,164 @@
+"""The registry's tables: LLM rows, provider sessions and API tokens. No I/O beyond the ORM."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from django.core.validators import MaxLengthValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+
+# PROTOCOL.md "The Llm row": 1-128 characters of A-Z a-z 0-9 . _ : / -, starting with a
+# letter or digit. The same rule is applied to every write path (API, admin, register).
+LLM_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+# Session ids come from publishers (a UUID by default, or their own sticky id).
+SESSION_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+
+llm_name_validator = RegexValidator(
+    LLM_NAME_RE,
+    "Name must be 1-128 characters of A-Z a-z 0-9 . _ : / -, starting with a letter or digit.",
+    code="invalid_name",
+)
+
+
+class Role(models.TextChoices):
+    PUBLISHER = "publisher"
+    CLIENT = "client"
+    ADMIN = "admin"
+
+
+class ApiToken(models.Model):
+    """A bearer token. Only a lookup prefix and a SHA-256 of the whole token are stored."""
+
+    role = models.CharField(max_length=16, choices=Role.choices)
+    label = models.CharField(max_length=128)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    token_hash = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(role__in=Role.values), name="apitoken_role_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.role}:{self.label} ({self.prefix}…)"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class ProviderSession(models.Model):
+    """A publisher's session. It belongs to the token that created it, for good."""
+
+    id = models.CharField(
+        primary_key=True,
+        max_length=64,
+        validators=[RegexValidator(SESSION_ID_RE)],
+    )
+    token = models.ForeignKey(ApiToken, on_delete=models.CASCADE, related_name="sessions")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class LlmKind(models.TextChoices):
+    PUBLIC = "public"
+    VIRTUAL = "virtual"
+
+
+class LlmStatus(models.TextChoices):
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    HIBERNATING = "hibernating"
+
+
+class LlmQuerySet(models.QuerySet["Llm"]):
+    def virtual(self) -> LlmQuerySet:
+        return self.filter(kind=LlmKind.VIRTUAL)
+
+    def listed(self) -> LlmQuerySet:
+        """What clients may call: active and hibernating rows."""
+        return self.filter(status__in=[LlmStatus.ACTIVE, LlmStatus.HIBERNATING])
+
+    def stale(self, now: datetime, stale_seconds: int) -> LlmQuerySet:
+        """Live virtual rows whose publisher stopped heartbeating (a sleeping model's
+        publisher still heartbeats, so hibernating rows count too)."""
+        return self.virtual().filter(
+            status__in=[LlmStatus.ACTIVE, LlmStatus.HIBERNATING],
+            last_heartbeat_at__lt=now - timedelta(seconds=stale_seconds),
+        )
+
+    def expired(self, now: datetime, retention_seconds: int) -> LlmQuerySet:
+        """Virtual rows inactive for longer than the retention window."""
+        return self.virtual().filter(
+            status=LlmStatus.INACTIVE,
+            inactive_since__lt=now - timedelta(seconds=retention_seconds),
+        )
+
+
+class Llm(models.Model):
+    """An LLM clients can call by ``name``: public (proxied to ``url``) or virtual (relayed
+    through the publisher session that owns it)."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=128, unique=True, validators=[llm_name_validator])
+    type = models.CharField(max_length=32, validators=[MaxLengthValidator(32)])
+    model = models.CharField(max_length=256)
+    url = models.CharField(max_length=2048, blank=True, default="")
+    tier = models.CharField(max_length=32, blank=True, default="fast")
+    description = models.TextField(blank=True, default="", validators=[MaxLengthValidator(4096)])
+    extra_config = models.JSONField(default=dict, blank=True)
+    kind = models.CharField(max_length=16, choices=LlmKind.choices, default=LlmKind.PUBLIC)
+    # NULL, not "": a public row has no session, and the check constraint reads naturally.
+    provider_session_id = models.CharField(  # noqa: DJ001 - NULL means "no session"
+        max_length=64, null=True, blank=True, db_index=True
+    )
+    publisher_token = models.ForeignKey(
+        ApiToken,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="llms",
+        help_text="The publisher token that owns this virtual row.",
+    )
+    # Encrypted with Fernet (virtual_llms.crypto); never rendered anywhere.
+    api_key_encrypted = models.TextField(blank=True, default="", editable=False)
+    status = models.CharField(max_length=16, choices=LlmStatus.choices, default=LlmStatus.ACTIVE)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    inactive_since = models.DateTimeField(null=True, blank=True)
+    version = models.PositiveIntegerField(default=1)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = LlmQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+        indexes = [
+            # gc_sweep's two queries: stale heartbeats and expired inactives.
+            models.Index(fields=["kind", "status", "last_heartbeat_at"], name="llm_gc_stale_idx"),
+            models.Index(fields=["kind", "status", "inactive_since"], name="llm_gc_expired_idx"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(kind__in=LlmKind.values), name="llm_kind_valid"),
+            models.CheckConstraint(
+                condition=Q(status__in=LlmStatus.values), name="llm_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(kind=LlmKind.PUBLIC) | Q(provider_session_id__isnull=False),
+                name="llm_virtual_has_session",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_virtual(self) -> bool:
+        return self.kind == LlmKind.VIRTUAL

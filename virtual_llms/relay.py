@@ -1,0 +1,650 @@
+"""The task lifecycle across workers: enqueue, deliver, result, chunk, fail, cancel, timeout,
+and wake-before-infer.
+
+Each worker process runs one :class:`Hub` on its event loop. The hub owns one channel of the
+channel layer and routes what arrives on it: task frames to the control streams this process
+holds, task events to the requests this process serves, and broadcast notices. Who holds which
+session, which tasks are open and who leads a wake live in :mod:`.state` (Redis, or memory in
+the one-process broker), so a request, the publisher's stream and its result POST may each
+land on a different worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from . import events, selectors, services
+from .errors import ApiError, offline
+from .models import Llm, LlmKind, LlmStatus
+from .state import WORKER_BEAT_SECONDS, Presence, get_state
+
+log = logging.getLogger("mcpd.relay")
+
+# A wake lease lives this long unless its leader refreshes it (every WAKE_LEASE_MS / 5):
+# a leader killed with SIGKILL delays the next wake by at most this much.
+WAKE_LEASE_MS = 5000
+# The workers group membership expires in channels-redis after a day; re-join well before.
+REJOIN_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class LlmRef:
+    """What the relay needs of a virtual row, read once per request."""
+
+    id: uuid.UUID
+    name: str
+    model: str
+    status: str
+    session_id: str
+    token_id: int
+
+
+@dataclass
+class Pending:
+    """A task this process dispatched and waits on."""
+
+    task_id: str
+    kind: str
+    llm_id: str
+    session_id: str
+    token_id: int
+    holder: str
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    got_data: bool = False
+
+
+class ControlStream:
+    """A publisher's control stream held by this process (SSE response or WebSocket)."""
+
+    def __init__(self, session_id: str, token_id: int) -> None:
+        self.session_id = session_id
+        self.token_id = token_id
+        self.epoch = secrets.token_hex(8)
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.closed = False
+
+    def push(self, frame: dict[str, Any]) -> None:
+        if not self.closed:
+            self.queue.put_nowait(frame)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.queue.put_nowait(None)
+
+
+@dataclass(frozen=True)
+class WakeOutcome:
+    ok: bool
+    status: int = 200
+    code: str = ""
+    message: str = ""
+
+    def error(self) -> ApiError:
+        headers = {"Retry-After": "5"} if self.status == 503 else None
+        return ApiError(self.status, self.code, self.message, headers=headers)
+
+
+def _error_event(status: int, code: str, message: str) -> dict[str, Any]:
+    return {"kind": "error", "status": status, "code": code, "message": message}
+
+
+EVICTED = "the LLM was evicted"
+DISCONNECTED = (502, "publisher_disconnected", "publisher disconnected")
+
+
+class Hub:
+    """This process's router. One per event loop (daphne has one; tests make several)."""
+
+    def __init__(self) -> None:
+        self.channel = ""
+        self.pending: dict[str, Pending] = {}
+        self.streams: dict[str, ControlStream] = {}
+        self.wake_waiters: dict[str, set[asyncio.Future[WakeOutcome]]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        self.channel = await events.new_channel()
+        await events.join_workers(self.channel)
+        await get_state().worker_beat(self.channel)
+        self._loops = [
+            asyncio.create_task(self._receive_loop(), name="mcpd-hub-receive"),
+            asyncio.create_task(self._beat_loop(), name="mcpd-hub-beat"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._loops + list(self._background):
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        try:
+            await events.leave_workers(self.channel)
+            await get_state().worker_gone(self.channel)
+        except Exception:
+            log.debug("hub stop cleanup failed", exc_info=True)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run work that must outlive the request that started it."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # --- loops ----------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                message = await events.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("hub receive failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                self._on_message(message)
+            except Exception:
+                log.exception("hub could not route %s", message.get("type"))
+
+    async def _beat_loop(self) -> None:
+        state = get_state()
+        last_join = time.monotonic()
+        while True:
+            await asyncio.sleep(WORKER_BEAT_SECONDS)
+            try:
+                await state.worker_beat(self.channel)
+                if time.monotonic() - last_join > REJOIN_SECONDS:
+                    await events.join_workers(self.channel)
+                    last_join = time.monotonic()
+                await self._check_holders()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("hub heartbeat failed")
+
+    async def _check_holders(self) -> None:
+        """Fail the tasks whose stream was held by a worker that died without cleaning up."""
+        remote = {p.holder for p in self.pending.values() if p.holder != self.channel}
+        if not remote:
+            return
+        alive = await get_state().live_workers(sorted(remote))
+        for p in list(self.pending.values()):
+            if p.holder in remote and p.holder not in alive:
+                if p.got_data:
+                    await self.fail_pending(p, *DISCONNECTED)
+                else:
+                    await self.fail_pending(
+                        p,
+                        503,
+                        "publisher_offline",
+                        "the worker holding the publisher's stream died",
+                    )
+
+    # --- routing ---------------------------------------------------------------------------
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "task.event":
+            pending = self.pending.get(message["taskId"])
+            if pending is not None:
+                pending.queue.put_nowait(message["event"])
+        elif kind == "task.push":
+            stream = self.streams.get(message["sid"])
+            if stream is not None and not stream.closed:
+                stream.push(message["frame"])
+            else:
+                self.spawn(self._undeliverable(message))
+        elif kind == "task.cancel":
+            stream = self.streams.get(message["sid"])
+            if stream is not None:
+                stream.push({"kind": "cancel", "taskId": message["taskId"]})
+        elif kind == "stream.replace":
+            stream = self.streams.get(message["sid"])
+            if stream is not None and stream.epoch == message["epoch"]:
+                stream.close()
+        elif kind == "session.closed":
+            for p in list(self.pending.values()):
+                if p.session_id == message["sid"]:
+                    self.spawn(self.fail_pending(p, *DISCONNECTED))
+        elif kind == "token.revoked":
+            for stream in list(self.streams.values()):
+                if stream.token_id == message["tokenId"]:
+                    stream.close()
+        elif kind == "llm.evicted":
+            llm_id = message["llmId"]
+            for p in list(self.pending.values()):
+                if p.llm_id == llm_id:
+                    self.spawn(self.fail_pending(p, 502, "llm_evicted", EVICTED))
+            self._resolve_wake(
+                llm_id, WakeOutcome(False, 502, "llm_evicted", "the LLM was evicted")
+            )
+        elif kind == "wake.outcome":
+            self._resolve_wake(
+                message["llmId"],
+                WakeOutcome(message["ok"], message["status"], message["code"], message["message"]),
+            )
+        else:
+            log.warning("hub got an unknown message type %r", kind)
+
+    async def _undeliverable(self, message: dict[str, Any]) -> None:
+        """The stream this task was routed to is gone: fail the task once."""
+        frame = message["frame"]
+        raw = await get_state().task_take(frame["taskId"], message["tokenId"])
+        if raw is not None:
+            await deliver_event(
+                message["reply"],
+                frame["taskId"],
+                _error_event(503, "publisher_offline", "the publisher's stream closed"),
+            )
+
+    async def fail_pending(self, p: Pending, status: int, code: str, message: str) -> None:
+        """End a local task with an error, once: whoever takes its record decides."""
+        if await get_state().task_take(p.task_id, p.token_id) is not None:
+            p.queue.put_nowait(_error_event(status, code, message))
+
+    # --- wake waiters ----------------------------------------------------------------------
+
+    def wake_wait(self, llm_id: str) -> asyncio.Future[WakeOutcome]:
+        future: asyncio.Future[WakeOutcome] = asyncio.get_running_loop().create_future()
+        self.wake_waiters.setdefault(llm_id, set()).add(future)
+        return future
+
+    def wake_unwait(self, llm_id: str, future: asyncio.Future[WakeOutcome]) -> None:
+        waiters = self.wake_waiters.get(llm_id)
+        if waiters is not None:
+            waiters.discard(future)
+            if not waiters:
+                del self.wake_waiters[llm_id]
+
+    def _resolve_wake(self, llm_id: str, outcome: WakeOutcome) -> None:
+        for future in self.wake_waiters.get(llm_id, ()):
+            if not future.done():
+                future.set_result(outcome)
+
+
+_hubs: dict[asyncio.AbstractEventLoop, Hub] = {}
+_hub_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+
+async def get_hub() -> Hub:
+    """This event loop's hub, started on first use."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is not None:
+        return hub
+    lock = _hub_locks.setdefault(loop, asyncio.Lock())
+    async with lock:
+        hub = _hubs.get(loop)
+        if hub is None:
+            for old in [lp for lp in _hubs if lp.is_closed()]:
+                del _hubs[old]
+                _hub_locks.pop(old, None)
+            hub = Hub()
+            await hub.start()
+            _hubs[loop] = hub
+    return hub
+
+
+async def stop_hub() -> None:
+    """Stop this loop's hub (tests; daphne simply exits)."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.pop(loop, None)
+    _hub_locks.pop(loop, None)
+    if hub is not None:
+        await hub.stop()
+
+
+async def deliver_event(reply: str, task_id: str, event: dict[str, Any]) -> None:
+    """Hand a task event to the hub of the request that waits on it."""
+    hub = _hubs.get(asyncio.get_running_loop())
+    if hub is not None and reply == hub.channel:
+        pending = hub.pending.get(task_id)
+        if pending is not None:
+            pending.queue.put_nowait(event)
+        return
+    await events.send(reply, {"type": "task.event", "taskId": task_id, "event": event})
+
+
+# --- the requester's side ------------------------------------------------------------------
+
+
+def ref_of(row: Llm) -> LlmRef:
+    assert row.provider_session_id is not None
+    assert row.publisher_token_id is not None
+    return LlmRef(
+        id=row.id,
+        name=row.name,
+        model=row.model,
+        status=row.status,
+        session_id=row.provider_session_id,
+        token_id=row.publisher_token_id,
+    )
+
+
+async def load_virtual(name: str) -> LlmRef:
+    """The virtual row called ``name`` (one read), or ApiError 404 / 400 for a public row."""
+    row = await sync_to_async(selectors.llm_get)(name=name)
+    if row is None:
+        raise ApiError(404, "model_not_found", f"The model '{name}' does not exist.")
+    if row.kind != LlmKind.VIRTUAL:
+        raise ApiError(400, "not_virtual", f"'{name}' is not a virtual provider.")
+    return ref_of(row)
+
+
+async def _reload(name: str) -> LlmRef | None:
+    try:
+        return await load_virtual(name)
+    except ApiError:
+        return None
+
+
+async def enqueue_infer(
+    llm: LlmRef, body: dict[str, Any], streaming: bool, endpoint: str = "/v1/chat/completions"
+) -> tuple[Pending, float]:
+    """The original service's enqueueInferTask: an inactive row is refused (503), a
+    hibernating one is woken first (once across workers), then the infer task goes down the
+    publisher's stream. Returns the pending task and the seconds spent waking."""
+    if llm.status == LlmStatus.INACTIVE:
+        raise offline(f"The publisher of '{llm.name}' is inactive (publisher offline).")
+    woke = 0.0
+    if llm.status == LlmStatus.HIBERNATING:
+        woke = await ensure_awake(llm)
+    frame = {
+        "kind": "infer",
+        "llmName": llm.name,
+        "streaming": streaming,
+        "endpoint": endpoint,
+        "body": {**body, "model": llm.model},
+    }
+    return await dispatch(llm, frame), woke
+
+
+async def dispatch(llm: LlmRef, frame: dict[str, Any]) -> Pending:
+    """Send a task frame down the stream of the LLM's session, wherever it is held."""
+    hub = await get_hub()
+    state = get_state()
+    presence = await state.lookup_session(llm.session_id)
+    if presence is None:
+        raise offline(f"The publisher of '{llm.name}' holds no control stream.")
+    task_id = secrets.token_urlsafe(18)
+    frame = {**frame, "taskId": task_id}
+    pending = Pending(
+        task_id=task_id,
+        kind=frame["kind"],
+        llm_id=str(llm.id),
+        session_id=llm.session_id,
+        token_id=llm.token_id,
+        holder=presence.channel,
+    )
+    hub.pending[task_id] = pending
+    try:
+        record = json.dumps({"reply": hub.channel, "sid": llm.session_id, "kind": frame["kind"]})
+        await state.task_put(task_id, llm.token_id, record)
+        await _route(
+            presence,
+            {
+                "type": "task.push",
+                "sid": llm.session_id,
+                "frame": frame,
+                "reply": hub.channel,
+                "tokenId": llm.token_id,
+            },
+        )
+    except BaseException:
+        hub.pending.pop(task_id, None)
+        await state.task_take(task_id, llm.token_id)
+        raise
+    return pending
+
+
+async def _route(presence: Presence, message: dict[str, Any]) -> None:
+    hub = _hubs.get(asyncio.get_running_loop())
+    if hub is not None and presence.channel == hub.channel:
+        hub._on_message(message)  # the stream is held right here: skip the channel layer
+    else:
+        await events.send(presence.channel, message)
+
+
+async def next_event(p: Pending, timeout: float) -> dict[str, Any]:
+    """The task's next event, or ApiError 504 after ``timeout`` seconds of silence."""
+    try:
+        event = await asyncio.wait_for(p.queue.get(), timeout)
+    except TimeoutError:
+        raise ApiError(
+            504, "timeout", f"The publisher sent nothing for {timeout:g} s; the task was cancelled."
+        ) from None
+    p.got_data = True
+    return event
+
+
+async def finish(p: Pending) -> None:
+    """The task ended normally (its record was taken by whoever posted the last event)."""
+    hub = await get_hub()
+    hub.pending.pop(p.task_id, None)
+
+
+async def abandon(p: Pending) -> None:
+    """The client left, or the wait timed out: forget the task and tell the publisher to stop.
+    Later results for it get 404."""
+    hub = await get_hub()
+    hub.pending.pop(p.task_id, None)
+    state = get_state()
+    if await state.task_take(p.task_id, p.token_id) is None:
+        return  # it had already ended
+    presence = await state.lookup_session(p.session_id)
+    if presence is not None:
+        await _route(presence, {"type": "task.cancel", "sid": p.session_id, "taskId": p.task_id})
+
+
+# --- the publisher's side: results, chunks, errors (any worker) ----------------------------
+
+
+async def _take_or_get(task_id: str, token_id: int, take: bool) -> dict[str, Any] | None:
+    state = get_state()
+    raw = await (state.task_take if take else state.task_get)(task_id, token_id)
+    return json.loads(raw) if raw is not None else None
+
+
+async def post_result(*, token_id: int, task_id: str, status: int, body: Any) -> bool:
+    record = await _take_or_get(task_id, token_id, take=True)
+    if record is None:
+        return False
+    await deliver_event(
+        record["reply"], task_id, {"kind": "result", "status": status, "body": body}
+    )
+    return True
+
+
+async def post_chunks(*, token_id: int, task_id: str, chunks: list[dict[str, Any]]) -> bool:
+    done = any(chunk.get("done") for chunk in chunks)
+    record = await _take_or_get(task_id, token_id, take=done)
+    if record is None:
+        return False
+    await deliver_event(record["reply"], task_id, {"kind": "chunks", "chunks": chunks})
+    return True
+
+
+async def post_error(*, token_id: int, task_id: str, message: str) -> bool:
+    record = await _take_or_get(task_id, token_id, take=True)
+    if record is None:
+        return False
+    await deliver_event(record["reply"], task_id, _error_event(502, "publisher_error", message))
+    return True
+
+
+# --- control streams (the holder's side) ----------------------------------------------------
+
+
+async def stream_open(session_id: str, token_id: int) -> ControlStream:
+    """Bind the session to a new stream held here; a previous stream, anywhere, is closed."""
+    hub = await get_hub()
+    stream = ControlStream(session_id, token_id)
+    local = hub.streams.get(session_id)
+    hub.streams[session_id] = stream
+    if local is not None:
+        local.close()
+    previous = await get_state().bind_session(session_id, hub.channel, stream.epoch)
+    if previous is not None and previous.channel != hub.channel:
+        await events.send(
+            previous.channel,
+            {"type": "stream.replace", "sid": session_id, "epoch": previous.epoch},
+        )
+    log.info("session %s bound (epoch %s)", session_id, stream.epoch)
+    return stream
+
+
+async def stream_refresh(stream: ControlStream) -> bool:
+    """Keep the presence record alive; False once another stream has taken the session."""
+    hub = await get_hub()
+    return await get_state().refresh_session(stream.session_id, hub.channel, stream.epoch)
+
+
+async def stream_close(stream: ControlStream) -> None:
+    """The stream ended. Unless a newer stream took over, the session is unbound: its rows go
+    inactive and its tasks in flight fail with "publisher disconnected"."""
+    hub = await get_hub()
+    stream.closed = True
+    if hub.streams.get(stream.session_id) is stream:
+        del hub.streams[stream.session_id]
+    released = await get_state().release_session(stream.session_id, hub.channel, stream.epoch)
+    if not released:
+        log.info("session %s stream replaced (epoch %s)", stream.session_id, stream.epoch)
+        return
+    await events.broadcast({"type": "session.closed", "sid": stream.session_id})
+    count = await sync_to_async(services.session_unbind)(session_id=stream.session_id)
+    log.info("session %s unbound; %d LLM(s) inactive", stream.session_id, count)
+
+
+# --- wake before infer ----------------------------------------------------------------------
+
+
+def _wake_message(body: Any) -> str:
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+        if isinstance(body.get("message"), str):
+            return str(body["message"])
+    return f"wake failed: {json.dumps(body)[:500]}"
+
+
+async def ensure_awake(llm: LlmRef) -> float:
+    """Wait until a hibernating LLM is awake, waking it if nobody else is: one wake per LLM
+    across all workers. Returns the seconds waited. Raises ApiError for every failure."""
+    hub = await get_hub()
+    state = get_state()
+    key = f"wake:{llm.id}"
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + settings.MCPD_WAKE_TIMEOUT_SECONDS + WAKE_LEASE_MS / 1000
+    future = hub.wake_wait(str(llm.id))  # subscribe first, then re-check: no lost outcome
+    try:
+        while True:
+            current = await _reload(llm.name)
+            if current is None or current.id != llm.id:
+                raise ApiError(502, "llm_evicted", "the LLM was evicted")
+            if current.status == "active":
+                return loop.time() - started
+            if current.status == "inactive":
+                raise offline(f"The publisher of '{llm.name}' is offline.")
+            epoch = await state.lease_acquire(key, hub.channel, WAKE_LEASE_MS)
+            if epoch is not None:
+                current = await _reload(
+                    llm.name
+                )  # a wake may have just ended before we took the lease
+                if current is not None and current.status == "hibernating":
+                    outcome = await asyncio.shield(hub.spawn(_lead_wake(current, key, epoch)))
+                else:
+                    await state.lease_release(key, epoch)
+                    continue
+            else:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ApiError(504, "timeout", f"'{llm.name}' did not wake in time.")
+                try:
+                    outcome = await asyncio.wait_for(
+                        asyncio.shield(future), min(WAKE_LEASE_MS / 1000, remaining)
+                    )
+                except TimeoutError:
+                    continue  # the leader may have died: re-check the row and the lease
+            if outcome.ok:
+                return loop.time() - started
+            raise outcome.error()
+    finally:
+        hub.wake_unwait(str(llm.id), future)
+
+
+async def _lead_wake(llm: LlmRef, key: str, epoch: int) -> WakeOutcome:
+    """Send the one wake task, wait for its answer, tell every waiter on every worker."""
+    state = get_state()
+    lost = False
+
+    async def keep_lease() -> None:
+        nonlocal lost
+        while True:
+            await asyncio.sleep(WAKE_LEASE_MS / 5000)
+            if not await state.lease_refresh(key, epoch, WAKE_LEASE_MS):
+                lost = True
+                return
+
+    keeper = asyncio.create_task(keep_lease())
+    outcome = WakeOutcome(False, 502, "wake_failed", "wake failed")
+    try:
+        log.info("waking %s (lease epoch %d)", llm.name, epoch)
+        pending = await dispatch(llm, {"kind": "wake", "llmName": llm.name})
+        try:
+            event = await next_event(pending, settings.MCPD_WAKE_TIMEOUT_SECONDS)
+        except ApiError:
+            await abandon(pending)
+            raise
+        await finish(pending)
+        if event["kind"] == "result" and 200 <= int(event["status"]) < 300:
+            if lost:
+                outcome = WakeOutcome(False, 502, "wake_failed", "wake lease lost; retry")
+            else:
+                await sync_to_async(services.llm_mark_awake)(llm_id=llm.id)
+                outcome = WakeOutcome(True)
+        elif event["kind"] == "result":
+            outcome = WakeOutcome(False, 502, "wake_failed", _wake_message(event["body"]))
+        else:
+            outcome = WakeOutcome(False, event["status"], event["code"], event["message"])
+    except ApiError as exc:
+        outcome = WakeOutcome(False, exc.status, exc.code, exc.message)
+    except Exception as exc:
+        log.exception("wake of %s failed", llm.name)
+        outcome = WakeOutcome(False, 502, "wake_failed", f"wake failed: {exc}")
+    finally:
+        keeper.cancel()
+        log.info("wake of %s: %s", llm.name, "ok" if outcome.ok else outcome.message)
+        try:
+            await events.broadcast(
+                {
+                    "type": "wake.outcome",
+                    "llmId": str(llm.id),
+                    "epoch": epoch,
+                    "ok": outcome.ok,
+                    "status": outcome.status,
+                    "code": outcome.code,
+                    "message": outcome.message,
+                }
+            )
+        finally:
+            await state.lease_release(key, epoch)
+    return outcome

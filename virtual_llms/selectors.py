@@ -1,0 +1,24 @@
+"""Reads of the registry."""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from .models import Llm, LlmKind
+
+
+def llm_get(*, name: str) -> Llm | None:
+    return Llm.objects.filter(name=name).first()
+
+
+def llm_list() -> QuerySet[Llm]:
+    return Llm.objects.all()
+
+
+def llm_list_callable() -> QuerySet[Llm]:
+    """What ``GET /v1/models`` shows: active and hibernating LLMs."""
+    return Llm.objects.listed().only("name", "created_at", "kind")
+
+
+def llm_virtual_for_session(*, session_id: str) -> QuerySet[Llm]:
+    return Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)

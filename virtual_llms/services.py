@@ -1,0 +1,275 @@
+"""Writes to the registry. Keyword-only ``<entity>_<action>`` functions, each atomic.
+
+The semantics are those of the original VirtualLlmService (register, heartbeat, unbind,
+gcSweep) plus PROTOCOL.md's rules: a session belongs to the token that created it, a name
+never passes to another publisher token while its row exists, and one register call is
+applied whole or not at all.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from . import crypto
+from .errors import ApiError
+from .models import ApiToken, Llm, LlmKind, LlmStatus, ProviderSession
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One entry of a register call's ``providers`` list (already validated)."""
+
+    name: str
+    type: str
+    model: str
+    tier: str = "fast"
+    description: str = ""
+    status: str = LlmStatus.ACTIVE
+
+
+@dataclass(frozen=True)
+class GcResult:
+    marked_inactive: int
+    deleted: int
+
+
+def _conflict(message: str) -> ApiError:
+    return ApiError(409, "name_conflict", message)
+
+
+def session_get_owned(*, token: ApiToken, session_id: str, lock: bool = False) -> ProviderSession:
+    """The session, if it exists (404) and belongs to ``token`` (403)."""
+    qs = ProviderSession.objects.all()
+    if lock:
+        qs = qs.select_for_update()
+    session = qs.filter(pk=session_id).first()
+    if session is None:
+        raise ApiError(404, "session_not_found", f"Unknown session '{session_id}'; register again.")
+    if session.token_id != token.pk:
+        raise ApiError(403, "forbidden", "This session belongs to another publisher token.")
+    return session
+
+
+def llm_register(
+    *, token: ApiToken, session_id: str | None, providers: list[ProviderSpec]
+) -> tuple[str, list[Llm]]:
+    """Register (or re-register) a publisher session's LLMs. Returns (session id, rows)."""
+    names = [p.name for p in providers]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "invalid_request", "Provider names must be unique within one call.")
+    sid = session_id or str(uuid.uuid4())
+    try:
+        with transaction.atomic():
+            rows = _register_locked(token=token, sid=sid, providers=providers)
+    except IntegrityError as exc:
+        # Two registers raced for one new name (or one new session id): the unique index
+        # let exactly one win; this one is the loser and applied nothing.
+        raise _conflict(
+            "A concurrent registration claimed one of these names or this session id; "
+            "retry to see its owner."
+        ) from exc
+    return sid, rows
+
+
+def _register_locked(*, token: ApiToken, sid: str, providers: list[ProviderSpec]) -> list[Llm]:
+    session = ProviderSession.objects.select_for_update().filter(pk=sid).first()
+    if session is None:
+        ProviderSession.objects.create(pk=sid, token=token)
+    elif session.token_id != token.pk:
+        raise ApiError(403, "forbidden", "This session belongs to another publisher token.")
+
+    now = timezone.now()
+    result: dict[str, Llm] = {}
+    # Lock rows in name order so two registers touching the same names cannot deadlock.
+    for spec in sorted(providers, key=lambda p: p.name):
+        row = Llm.objects.select_for_update().filter(name=spec.name).first()
+        if row is None:
+            row = Llm.objects.create(
+                name=spec.name,
+                type=spec.type,
+                model=spec.model,
+                tier=spec.tier,
+                description=spec.description,
+                kind=LlmKind.VIRTUAL,
+                provider_session_id=sid,
+                publisher_token=token,
+                status=spec.status,
+                last_heartbeat_at=now,
+                inactive_since=None,
+            )
+        elif row.kind == LlmKind.PUBLIC:
+            raise _conflict(f"Cannot publish over public LLM '{spec.name}'")
+        elif row.provider_session_id == sid:
+            _apply(row, spec, sid=sid, token=token, now=now)  # sticky reconnect
+        elif row.status != LlmStatus.INACTIVE:
+            raise _conflict(f"'{spec.name}' is already active under a different session")
+        elif row.publisher_token_id == token.pk:
+            _apply(row, spec, sid=sid, token=token, now=now)  # adopt after a lapse
+        else:
+            raise _conflict(
+                f"'{spec.name}' belongs to another publisher; an admin must evict it first"
+            )
+        result[spec.name] = row
+
+    # Rows this session owned before and the new list leaves out go inactive.
+    Llm.objects.filter(provider_session_id=sid).exclude(name__in=list(result)).exclude(
+        status=LlmStatus.INACTIVE
+    ).update(
+        status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
+    )
+    return [result[p.name] for p in providers]
+
+
+def _apply(row: Llm, spec: ProviderSpec, *, sid: str, token: ApiToken, now: datetime) -> None:
+    row.type = spec.type
+    row.model = spec.model
+    row.tier = spec.tier
+    row.description = spec.description
+    row.status = spec.status
+    row.provider_session_id = sid
+    row.publisher_token = token
+    row.last_heartbeat_at = now
+    row.inactive_since = None
+    row.version += 1
+    row.save()
+
+
+def llm_heartbeat(*, token: ApiToken, session_id: str) -> int:
+    """Bump every row of the session and revive inactive ones. Returns the row count."""
+    with transaction.atomic():
+        session_get_owned(token=token, session_id=session_id)
+        now = timezone.now()
+        rows = Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)
+        count = rows.count()
+        rows.filter(status=LlmStatus.INACTIVE).update(
+            status=LlmStatus.ACTIVE,
+            inactive_since=None,
+            last_heartbeat_at=now,
+            version=F("version") + 1,
+            updated_at=now,
+        )
+        rows.exclude(status=LlmStatus.INACTIVE).update(last_heartbeat_at=now)
+    return count
+
+
+def llm_set_status(*, token: ApiToken, session_id: str, llm_name: str, status: str) -> Llm:
+    """The publisher says its model went to sleep or woke by itself."""
+    if status not in (LlmStatus.ACTIVE, LlmStatus.HIBERNATING):
+        raise ApiError(400, "invalid_request", "status must be 'active' or 'hibernating'.")
+    with transaction.atomic():
+        session_get_owned(token=token, session_id=session_id)
+        row = (
+            Llm.objects.select_for_update()
+            .filter(name=llm_name, provider_session_id=session_id, kind=LlmKind.VIRTUAL)
+            .first()
+        )
+        if row is None:
+            raise ApiError(
+                404, "llm_not_found", f"No LLM '{llm_name}' is registered by this session."
+            )
+        now = timezone.now()
+        row.status = status
+        row.inactive_since = None
+        row.last_heartbeat_at = now
+        row.version += 1
+        row.save()
+    return row
+
+
+def llm_mark_awake(*, llm_id: uuid.UUID) -> bool:
+    """A wake succeeded: hibernating → active, heartbeat bumped. False if the row moved on."""
+    now = timezone.now()
+    changed = Llm.objects.filter(pk=llm_id, status=LlmStatus.HIBERNATING).update(
+        status=LlmStatus.ACTIVE, last_heartbeat_at=now, version=F("version") + 1, updated_at=now
+    )
+    return changed == 1
+
+
+def session_unbind(*, session_id: str) -> int:
+    """The session's stream closed: all its rows go inactive at once. Returns how many."""
+    now = timezone.now()
+    return (
+        Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)
+        .exclude(status=LlmStatus.INACTIVE)
+        .update(
+            status=LlmStatus.INACTIVE,
+            inactive_since=now,
+            version=F("version") + 1,
+            updated_at=now,
+        )
+    )
+
+
+def llm_mark_inactive(*, names: list[str]) -> int:
+    """Operator action: take virtual rows out of service until their publisher heartbeats."""
+    now = timezone.now()
+    return (
+        Llm.objects.filter(name__in=names, kind=LlmKind.VIRTUAL)
+        .exclude(status=LlmStatus.INACTIVE)
+        .update(
+            status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
+        )
+    )
+
+
+def llm_create_public(
+    *,
+    name: str,
+    type: str,
+    model: str,
+    url: str,
+    tier: str = "fast",
+    description: str = "",
+    api_key: str = "",
+) -> Llm:
+    try:
+        with transaction.atomic():
+            return Llm.objects.create(
+                name=name,
+                type=type,
+                model=model,
+                url=url.rstrip("/"),
+                tier=tier,
+                description=description,
+                kind=LlmKind.PUBLIC,
+                status=LlmStatus.ACTIVE,
+                api_key_encrypted=crypto.encrypt(api_key),
+            )
+    except IntegrityError as exc:
+        raise _conflict(f"An LLM named '{name}' already exists.") from exc
+
+
+def llm_evict(*, llm: Llm) -> None:
+    """Delete the row at once; requests in flight for it fail with 502 llm_evicted."""
+    from . import events  # the channel layer is only touched there
+
+    llm_id = llm.pk
+    llm.delete()
+    events.broadcast_sync({"type": "llm.evicted", "llmId": str(llm_id)})
+
+
+def gc_sweep(*, now: datetime | None = None, dry_run: bool = False) -> GcResult:
+    """Stale live virtual rows → inactive; long-inactive virtual rows → deleted.
+
+    Each step is one conditional statement, so two sweeps at the same moment never count a
+    row twice: PostgreSQL re-checks the WHERE clause of a row another sweep just changed.
+    """
+    now = now or timezone.now()
+    stale_seconds = settings.MCPD_HEARTBEAT_STALE_SECONDS
+    retention = settings.MCPD_INACTIVE_RETENTION_SECONDS
+    expired = Llm.objects.expired(now, retention)
+    stale = Llm.objects.stale(now, stale_seconds)
+    if dry_run:
+        return GcResult(marked_inactive=stale.count(), deleted=expired.count())
+    deleted, _ = expired.delete()
+    marked = stale.update(
+        status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
+    )
+    return GcResult(marked_inactive=marked, deleted=deleted)

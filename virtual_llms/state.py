@@ -1,0 +1,298 @@
+"""State that every worker must agree on, with a TTL: who holds which session's stream,
+which workers are alive, which tasks are open (and for which token), and wake leases.
+
+With ``REDIS_URL`` it lives in Redis; without, in this process's memory (the embedded,
+one-process broker). Both implementations have the same semantics and are tested alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from django.conf import settings
+
+# A worker refreshes its liveness key every WORKER_BEAT_SECONDS; a worker that has not for
+# WORKER_TTL_MS is dead (kill -9): requests for its sessions then get 503 within 2 s.
+WORKER_BEAT_SECONDS = 0.3
+WORKER_TTL_MS = 1500
+# A control stream refreshes its presence record with every ping (15 s); a record outlives
+# a few missed refreshes, and a dead worker's records are ignored via its liveness key.
+PRESENCE_TTL_SECONDS = 60
+# An open task's record lives at most this long; the requester deletes it when it ends.
+TASK_TTL_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Presence:
+    channel: str
+    epoch: str
+
+
+class SharedState(Protocol):
+    async def bind_session(self, sid: str, channel: str, epoch: str) -> Presence | None: ...
+    async def refresh_session(self, sid: str, channel: str, epoch: str) -> bool: ...
+    async def release_session(self, sid: str, channel: str, epoch: str) -> bool: ...
+    async def lookup_session(self, sid: str) -> Presence | None: ...
+    async def worker_beat(self, channel: str) -> None: ...
+    async def worker_gone(self, channel: str) -> None: ...
+    async def live_workers(self, channels: list[str]) -> set[str]: ...
+    async def task_put(self, tid: str, token_id: int, record: str) -> None: ...
+    async def task_get(self, tid: str, token_id: int) -> str | None: ...
+    async def task_take(self, tid: str, token_id: int) -> str | None: ...
+    async def lease_acquire(self, key: str, holder: str, ttl_ms: int) -> int | None: ...
+    async def lease_refresh(self, key: str, epoch: int, ttl_ms: int) -> bool: ...
+    async def lease_release(self, key: str, epoch: int) -> None: ...
+    async def lease_held(self, key: str) -> bool: ...
+
+
+def _encode(p: Presence) -> str:
+    return f"{p.channel} {p.epoch}"
+
+
+def _decode(raw: str | bytes | None) -> Presence | None:
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    channel, _, epoch = text.partition(" ")
+    return Presence(channel, epoch)
+
+
+class MemoryState:
+    """The one-process implementation. Every worker is this process, so always alive."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, tuple[Any, float]] = {}
+        self._epochs: dict[str, int] = {}
+
+    def _get(self, key: str) -> Any:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires < time.monotonic():
+            del self._data[key]
+            return None
+        return value
+
+    def _set(self, key: str, value: Any, ttl: float) -> None:
+        self._data[key] = (value, time.monotonic() + ttl)
+
+    async def bind_session(self, sid: str, channel: str, epoch: str) -> Presence | None:
+        previous = self._get(f"s:{sid}")
+        self._set(f"s:{sid}", Presence(channel, epoch), PRESENCE_TTL_SECONDS)
+        return previous
+
+    async def refresh_session(self, sid: str, channel: str, epoch: str) -> bool:
+        if self._get(f"s:{sid}") != Presence(channel, epoch):
+            return False
+        self._set(f"s:{sid}", Presence(channel, epoch), PRESENCE_TTL_SECONDS)
+        return True
+
+    async def release_session(self, sid: str, channel: str, epoch: str) -> bool:
+        if self._get(f"s:{sid}") != Presence(channel, epoch):
+            return False
+        del self._data[f"s:{sid}"]
+        return True
+
+    async def lookup_session(self, sid: str) -> Presence | None:
+        return self._get(f"s:{sid}")
+
+    async def worker_beat(self, channel: str) -> None:
+        return None
+
+    async def worker_gone(self, channel: str) -> None:
+        return None
+
+    async def live_workers(self, channels: list[str]) -> set[str]:
+        return set(channels)
+
+    async def task_put(self, tid: str, token_id: int, record: str) -> None:
+        self._set(f"t:{tid}:{token_id}", record, TASK_TTL_SECONDS)
+
+    async def task_get(self, tid: str, token_id: int) -> str | None:
+        return self._get(f"t:{tid}:{token_id}")
+
+    async def task_take(self, tid: str, token_id: int) -> str | None:
+        value = self._get(f"t:{tid}:{token_id}")
+        if value is not None:
+            del self._data[f"t:{tid}:{token_id}"]
+        return value
+
+    async def lease_acquire(self, key: str, holder: str, ttl_ms: int) -> int | None:
+        if self._get(f"l:{key}") is not None:
+            return None
+        epoch = self._epochs.get(key, 0) + 1
+        self._epochs[key] = epoch
+        self._set(f"l:{key}", epoch, ttl_ms / 1000)
+        return epoch
+
+    async def lease_refresh(self, key: str, epoch: int, ttl_ms: int) -> bool:
+        if self._get(f"l:{key}") != epoch:
+            return False
+        self._set(f"l:{key}", epoch, ttl_ms / 1000)
+        return True
+
+    async def lease_release(self, key: str, epoch: int) -> None:
+        if self._get(f"l:{key}") == epoch:
+            del self._data[f"l:{key}"]
+
+    async def lease_held(self, key: str) -> bool:
+        return self._get(f"l:{key}") is not None
+
+
+# Compare-and-set scripts: each runs atomically inside Redis.
+_LOOKUP = """
+local p = redis.call('GET', KEYS[1])
+if not p then return nil end
+local ch = string.match(p, '^(%S+)')
+if redis.call('EXISTS', ARGV[1] .. ch) == 1 then return p end
+return nil
+"""
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_LEASE_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return nil end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], epoch .. ' ' .. ARGV[1], 'PX', ARGV[2])
+return epoch
+"""
+_LEASE_REFRESH = """
+local v = redis.call('GET', KEYS[1])
+if v and string.match(v, '^(%d+)') == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_LEASE_RELEASE = """
+local v = redis.call('GET', KEYS[1])
+if v and string.match(v, '^(%d+)') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisState:
+    """The shared implementation. One client per event loop (redis-py's are loop-bound)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self._url = url
+        self.prefix = f"{prefix}:"
+        self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
+
+    def _r(self) -> Any:
+        import redis.asyncio as redis_asyncio
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            for old in [lp for lp in self._clients if lp.is_closed()]:
+                del self._clients[old]
+            client = redis_asyncio.Redis.from_url(self._url, decode_responses=True)
+            client._mcpd_scripts = {  # type: ignore[attr-defined]
+                name: client.register_script(src)
+                for name, src in {
+                    "lookup": _LOOKUP,
+                    "refresh": _REFRESH,
+                    "release": _RELEASE,
+                    "lease_acquire": _LEASE_ACQUIRE,
+                    "lease_refresh": _LEASE_REFRESH,
+                    "lease_release": _LEASE_RELEASE,
+                }.items()
+            }
+            self._clients[loop] = client
+        return client
+
+    def _script(self, name: str) -> Any:
+        return self._r()._mcpd_scripts[name]
+
+    def _k(self, *parts: object) -> str:
+        return self.prefix + ":".join(str(p) for p in parts)
+
+    async def bind_session(self, sid: str, channel: str, epoch: str) -> Presence | None:
+        raw = await self._r().set(
+            self._k("s", sid), _encode(Presence(channel, epoch)), ex=PRESENCE_TTL_SECONDS, get=True
+        )
+        return _decode(raw)
+
+    async def refresh_session(self, sid: str, channel: str, epoch: str) -> bool:
+        value = _encode(Presence(channel, epoch))
+        done = await self._script("refresh")(
+            keys=[self._k("s", sid)], args=[value, PRESENCE_TTL_SECONDS]
+        )
+        return bool(done)
+
+    async def release_session(self, sid: str, channel: str, epoch: str) -> bool:
+        value = _encode(Presence(channel, epoch))
+        return bool(await self._script("release")(keys=[self._k("s", sid)], args=[value]))
+
+    async def lookup_session(self, sid: str) -> Presence | None:
+        raw = await self._script("lookup")(keys=[self._k("s", sid)], args=[self._k("w", "")])
+        return _decode(raw)
+
+    async def worker_beat(self, channel: str) -> None:
+        await self._r().set(self._k("w", channel), "1", px=WORKER_TTL_MS)
+
+    async def worker_gone(self, channel: str) -> None:
+        await self._r().delete(self._k("w", channel))
+
+    async def live_workers(self, channels: list[str]) -> set[str]:
+        if not channels:
+            return set()
+        values = await self._r().mget([self._k("w", c) for c in channels])
+        return {c for c, v in zip(channels, values, strict=True) if v is not None}
+
+    async def task_put(self, tid: str, token_id: int, record: str) -> None:
+        await self._r().set(self._k("t", tid, token_id), record, ex=TASK_TTL_SECONDS)
+
+    async def task_get(self, tid: str, token_id: int) -> str | None:
+        return await self._r().get(self._k("t", tid, token_id))
+
+    async def task_take(self, tid: str, token_id: int) -> str | None:
+        return await self._r().getdel(self._k("t", tid, token_id))
+
+    async def lease_acquire(self, key: str, holder: str, ttl_ms: int) -> int | None:
+        epoch = await self._script("lease_acquire")(
+            keys=[self._k("l", key), self._k("le", key)], args=[holder, ttl_ms]
+        )
+        return int(epoch) if epoch is not None else None
+
+    async def lease_refresh(self, key: str, epoch: int, ttl_ms: int) -> bool:
+        return bool(
+            await self._script("lease_refresh")(keys=[self._k("l", key)], args=[epoch, ttl_ms])
+        )
+
+    async def lease_release(self, key: str, epoch: int) -> None:
+        await self._script("lease_release")(keys=[self._k("l", key)], args=[epoch])
+
+    async def lease_held(self, key: str) -> bool:
+        return bool(await self._r().exists(self._k("l", key)))
+
+
+_state: SharedState | None = None
+
+
+def get_state() -> SharedState:
+    global _state
+    if _state is None:
+        _state = (
+            RedisState(settings.REDIS_URL, settings.MCPD_REDIS_PREFIX)
+            if settings.REDIS_URL
+            else MemoryState()
+        )
+    return _state
+
+
+def reset_state() -> None:
+    """Forget the process's state object (tests that switch settings or event loops)."""
+    global _state
+    _state = None

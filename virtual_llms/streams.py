@@ -1,0 +1,340 @@
+"""Long-lived HTTP: the publisher's SSE control stream and the client's inference calls.
+
+Both are plain Django async views. A streamed body is an async generator; Django (>= 5.0)
+cancels it when the client disconnects, so every ``finally:`` here runs (DESIGN.md pitfall 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from . import proxy, relay, selectors, services
+from .auth import CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate, authenticate
+from .errors import ApiError
+from .http import read_json_object
+from .models import LlmKind, LlmStatus
+
+log = logging.getLogger("mcpd.streams")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PING = b": ping\n\n"
+
+
+def _sse(event: str | None, data: Any, event_id: str | None = None) -> bytes:
+    lines = []
+    if event:
+        lines.append(f"event: {event}")
+    if event_id:
+        lines.append(f"id: {event_id}")
+    lines.append(f"data: {json.dumps(data, separators=(',', ':'))}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def _data(text: str) -> bytes:
+    # One SSE event; a payload with newlines becomes several data lines of one event.
+    return ("".join(f"data: {line}\n" for line in text.split("\n")) + "\n").encode()
+
+
+def task_frame_event(frame: dict[str, Any]) -> bytes:
+    return _sse("task", frame, frame["taskId"])
+
+
+async def _shielded(coro: Any) -> None:
+    """Run cleanup to the end even if the caller is being cancelled again."""
+    try:
+        await asyncio.shield(coro)
+    except Exception:
+        log.exception("cleanup failed")
+
+
+# --- the publisher's control stream (SSE) ---------------------------------------------------
+
+
+def _stream_owner(header: str | None, session_id: str) -> int:
+    token = authenticate(header, PUBLISHER_ROLES)
+    services.session_get_owned(token=token, session_id=session_id)
+    return token.pk
+
+
+@require_GET
+async def control_stream(request: HttpRequest, session_id: str) -> HttpResponseBase:
+    try:
+        token_id = await sync_to_async(_stream_owner)(
+            request.headers.get("Authorization"), session_id
+        )
+    except ApiError as exc:
+        return exc.response(openai=False)
+    response = StreamingHttpResponse(
+        _control_events(session_id, token_id), content_type="text/event-stream"
+    )
+    for key, value in SSE_HEADERS.items():
+        response[key] = value
+    return response
+
+
+async def _control_events(session_id: str, token_id: int) -> AsyncIterator[bytes]:
+    # Bound inside the generator: if the client is gone before the first byte, nothing binds.
+    stream = await relay.stream_open(session_id, token_id)
+    loop = asyncio.get_running_loop()
+    try:
+        yield _sse("ready", {"providerSessionId": session_id})
+        next_ping = loop.time() + settings.MCPD_PING_SECONDS
+        while True:
+            wait = next_ping - loop.time()
+            if wait <= 0:
+                if not await relay.stream_refresh(stream):
+                    break  # another stream took the session
+                yield PING
+                next_ping = loop.time() + settings.MCPD_PING_SECONDS
+                continue
+            try:
+                frame = await asyncio.wait_for(stream.queue.get(), wait)
+            except TimeoutError:
+                continue
+            if frame is None:
+                break
+            yield task_frame_event(frame)
+    finally:
+        await _shielded(relay.stream_close(stream))
+
+
+# --- the client API (OpenAI-compatible) -----------------------------------------------------
+
+
+@require_GET
+async def list_models(request: HttpRequest) -> HttpResponseBase:
+    try:
+        await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
+    except ApiError as exc:
+        return exc.response(openai=True)
+    rows = await sync_to_async(lambda: list(selectors.llm_list_callable()))()
+    data = [
+        {
+            "id": row.name,
+            "object": "model",
+            "created": int(row.created_at.timestamp()),
+            "owned_by": f"mcpd:{row.kind}",
+        }
+        for row in rows
+    ]
+    return JsonResponse({"object": "list", "data": data})
+
+
+def _server_timing(broker_s: float, publisher_s: float | None = None) -> str:
+    parts = [f'mcpd;dur={broker_s * 1000:.2f};desc="broker"']
+    if publisher_s is not None:
+        parts.append(f'upstream;dur={publisher_s * 1000:.2f};desc="publisher"')
+    return ", ".join(parts)
+
+
+def _endpoint(path: str) -> Any:
+    @csrf_exempt
+    @require_POST
+    async def view(request: HttpRequest) -> HttpResponseBase:
+        try:
+            return await _infer(request, path)
+        except ApiError as exc:
+            return exc.response(openai=True)
+
+    return view
+
+
+async def _infer(request: HttpRequest, endpoint: str) -> HttpResponseBase:
+    started = time.perf_counter()
+    await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
+    body = read_json_object(request)
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "missing_model", "'model' is required: the name of an LLM.")
+    stream_flag = body.get("stream", False)
+    if not isinstance(stream_flag, bool) and stream_flag is not None:
+        raise ApiError(400, "invalid_request", "'stream' must be a boolean.")
+    streaming = bool(stream_flag)
+    row = await sync_to_async(selectors.llm_get)(name=name)
+    if row is None:
+        raise ApiError(404, "model_not_found", f"The model '{name}' does not exist.")
+    if row.kind == LlmKind.PUBLIC:
+        return await proxy.forward(
+            row,
+            endpoint,
+            body,
+            streaming,
+            {"Server-Timing": _server_timing(time.perf_counter() - started)},
+        )
+    ref = relay.ref_of(row)
+    if streaming:
+        return await _stream(ref, body, endpoint, started)
+    return await _unary(ref, body, endpoint, started)
+
+
+async def _unary(
+    ref: relay.LlmRef, body: dict[str, Any], endpoint: str, started: float
+) -> HttpResponseBase:
+    headers: dict[str, str] = {}
+    pending, woke = await relay.enqueue_infer(ref, body, False, endpoint)
+    if woke:
+        headers["X-Mcpd-Wake"] = f"woke;dur={woke * 1000:.0f}"
+    sent = time.perf_counter()
+    try:
+        event = await relay.next_event(pending, settings.MCPD_INFER_TIMEOUT_SECONDS)
+    except BaseException:
+        await _shielded(relay.abandon(pending))
+        raise
+    waited = time.perf_counter() - sent
+    await relay.finish(pending)
+    if event["kind"] == "error":
+        raise ApiError(event["status"], event["code"], event["message"])
+    if event["kind"] != "result":
+        await _shielded(relay.abandon(pending))
+        raise ApiError(
+            502,
+            "publisher_protocol_error",
+            "The publisher streamed an answer to a non-streaming call.",
+        )
+    response = HttpResponse(
+        json.dumps(event["body"]), status=event["status"], content_type="application/json"
+    )
+    broker = time.perf_counter() - started - waited - woke
+    response["Server-Timing"] = _server_timing(broker, waited)
+    for key, value in headers.items():
+        response[key] = value
+    return response
+
+
+async def _stream(
+    ref: relay.LlmRef, body: dict[str, Any], endpoint: str, started: float
+) -> HttpResponseBase:
+    """A streamed answer. If the publisher answers (a chunk, or a refusal) within one ping
+    interval the response reflects it; else headers go out at once and pings keep the line
+    open. A wake always sends headers first, then pings while the model loads."""
+    first: dict[str, Any] | None = None
+    pending: relay.Pending | None = None
+    if ref.status != LlmStatus.HIBERNATING:
+        pending, _ = await relay.enqueue_infer(ref, body, True, endpoint)
+        try:
+            first = await _next_or_none(
+                pending, min(settings.MCPD_PING_SECONDS, settings.MCPD_INFER_TIMEOUT_SECONDS)
+            )
+        except BaseException:
+            await _shielded(relay.abandon(pending))
+            raise
+        if first is not None and first["kind"] in ("result", "error"):
+            await relay.finish(pending)
+            if first["kind"] == "error":
+                raise ApiError(first["status"], first["code"], first["message"])
+            return HttpResponse(
+                json.dumps(first["body"]), status=first["status"], content_type="application/json"
+            )
+    response = StreamingHttpResponse(
+        _stream_events(ref, body, endpoint, pending, first), content_type="text/event-stream"
+    )
+    for key, value in SSE_HEADERS.items():
+        response[key] = value
+    response["Server-Timing"] = _server_timing(time.perf_counter() - started)
+    return response
+
+
+async def _next_or_none(pending: relay.Pending, timeout: float) -> dict[str, Any] | None:
+    try:
+        event = await asyncio.wait_for(pending.queue.get(), timeout)
+    except TimeoutError:
+        return None
+    pending.got_data = True
+    return event
+
+
+def _error_data(exc: ApiError) -> bytes:
+    return _sse(None, exc.openai_body())
+
+
+async def _stream_events(
+    ref: relay.LlmRef,
+    body: dict[str, Any],
+    endpoint: str,
+    pending: relay.Pending | None,
+    first: dict[str, Any] | None,
+) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    finished = False
+    try:
+        if pending is None:
+            yield f": waking {ref.name}\n\n".encode()
+            wake = asyncio.ensure_future(relay.ensure_awake(ref))
+            try:
+                while not wake.done():
+                    await asyncio.wait({wake}, timeout=settings.MCPD_PING_SECONDS)
+                    if not wake.done():
+                        yield PING
+            finally:
+                if not wake.done():
+                    wake.cancel()
+            woke = wake.result()
+            yield f": mcpd woke {ref.name} in {woke:.3f} s\n\n".encode()
+            pending, _ = await relay.enqueue_infer(
+                dataclasses.replace(ref, status=LlmStatus.ACTIVE), body, True, endpoint
+            )
+        timeout = settings.MCPD_INFER_TIMEOUT_SECONDS
+        deadline = loop.time() + timeout
+        event = first
+        while True:
+            if event is None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise ApiError(504, "timeout", f"The publisher sent nothing for {timeout:g} s.")
+                event = await _next_or_none(pending, min(settings.MCPD_PING_SECONDS, remaining))
+                if event is None:
+                    yield PING
+                    continue
+            deadline = loop.time() + timeout
+            kind = event["kind"]
+            if kind == "error":
+                finished = True
+                raise ApiError(event["status"], event["code"], event["message"])
+            if kind == "result":
+                finished = True
+                if 200 <= event["status"] < 300:
+                    yield _data(json.dumps(event["body"]))
+                    yield b"data: [DONE]\n\n"
+                    return
+                error = event["body"].get("error") if isinstance(event["body"], dict) else None
+                message = error.get("message") if isinstance(error, dict) else None
+                raise ApiError(502, "upstream_error", str(message or event["body"]))
+            out = []
+            for chunk in event["chunks"]:
+                if chunk["data"]:
+                    out.append(_data(chunk["data"]))
+                if chunk["done"]:
+                    finished = True
+                    if chunk["data"] != "[DONE]":
+                        out.append(b"data: [DONE]\n\n")
+                    break
+            yield b"".join(out)
+            if finished:
+                return
+            event = None
+    except ApiError as exc:
+        yield _error_data(exc)
+    finally:
+        if pending is not None:
+            if finished:
+                await _shielded(relay.finish(pending))
+            else:
+                await _shielded(relay.abandon(pending))
+
+
+chat_completions = _endpoint("/v1/chat/completions")
+completions = _endpoint("/v1/completions")
+embeddings = _endpoint("/v1/embeddings")
