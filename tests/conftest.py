@@ -77,10 +77,16 @@ def _fresh_loop_state() -> Iterator[None]:
 @pytest.fixture
 async def hub() -> AsyncIterator[object]:
     """This test loop's hub, stopped at the end so no background task outlives the test."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
     from virtual_llms import relay
 
     yield await relay.get_hub()
     await relay.stop_hub()
+    # The async ORM's thread keeps its own connections: close them so the test database
+    # can be dropped at the end.
+    await sync_to_async(connections.close_all)()
 
 
 @pytest.fixture(scope="session")

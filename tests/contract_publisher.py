@@ -144,6 +144,16 @@ class ContractPublisher:
             if kind is None or frame.get("kind") == kind:
                 return frame
 
+    async def next_event(self, event: str, timeout: float = 10.0) -> Frame:
+        """The next message whose SSE event name / WebSocket ``type`` is ``event`` (skipping
+        others), e.g. ``protocol_error``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            frame = await asyncio.wait_for(self.frames.get(), max(remaining, 0.001))
+            if frame.get("_event") == event:
+                return frame
+
     async def disconnect(self) -> None:
         if self._server is not None:
             self._server.cancel()

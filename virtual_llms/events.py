@@ -51,6 +51,13 @@ def broadcast_sync(message: dict[str, Any]) -> None:
     async_to_sync(broadcast)(message)
 
 
+async def close_layer() -> None:
+    """Close this event loop's connections of the channel layer (tests, shutdown)."""
+    close = getattr(layer(), "close_pools", None)
+    if close is not None:
+        await close()
+
+
 def reset_layers() -> None:
     """Drop cached layer instances (tests that run each case in a new event loop)."""
     channel_layers.backends = {}

@@ -12,7 +12,6 @@ land on a different worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -115,6 +114,7 @@ class Hub:
         self.wake_waiters: dict[str, set[asyncio.Future[WakeOutcome]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
+        self._stopping = False
 
     async def start(self) -> None:
         self.channel = await events.new_channel()
@@ -126,14 +126,19 @@ class Hub:
         ]
 
     async def stop(self) -> None:
-        for task in self._loops + list(self._background):
+        self._stopping = True
+        tasks = self._loops + list(self._background)
+        for task in tasks:
             task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # redis-py can turn a cancellation into a TimeoutError the loop would retry; the
+        # _stopping flag ends the loops then, and the wait is bounded either way.
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         try:
             await events.leave_workers(self.channel)
             await get_state().worker_gone(self.channel)
+            await get_state().aclose()
+            await events.close_layer()
         except Exception:
             log.debug("hub stop cleanup failed", exc_info=True)
 
@@ -153,6 +158,8 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    return
                 log.exception("hub receive failed; retrying")
                 await asyncio.sleep(0.5)
                 continue
@@ -175,6 +182,8 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self._stopping:
+                    return
                 log.exception("hub heartbeat failed")
 
     async def _check_holders(self) -> None:

@@ -46,6 +46,7 @@ class SharedState(Protocol):
     async def lease_refresh(self, key: str, epoch: int, ttl_ms: int) -> bool: ...
     async def lease_release(self, key: str, epoch: int) -> None: ...
     async def lease_held(self, key: str) -> bool: ...
+    async def aclose(self) -> None: ...
 
 
 def _encode(p: Presence) -> str:
@@ -141,6 +142,9 @@ class MemoryState:
 
     async def lease_held(self, key: str) -> bool:
         return self._get(f"l:{key}") is not None
+
+    async def aclose(self) -> None:
+        return None
 
 
 # Compare-and-set scripts: each runs atomically inside Redis.
@@ -276,6 +280,12 @@ class RedisState:
 
     async def lease_held(self, key: str) -> bool:
         return bool(await self._r().exists(self._k("l", key)))
+
+    async def aclose(self) -> None:
+        """Close this event loop's client."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
 
 
 _state: SharedState | None = None
