@@ -1,0 +1,107 @@
+"""Django admin for operators: lists, filters, search, evict, mark inactive, tokens."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from virtual_llms import services
+from virtual_llms.auth import authenticate_token, token_create
+from virtual_llms.errors import ApiError
+from virtual_llms.models import ApiToken, Llm, ProviderSession
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def rows() -> None:
+    token, _ = token_create(role="publisher", label="gpu-box")
+    ProviderSession.objects.create(pk="sess-a", token=token)
+    for name, status in (("alpha", "active"), ("beta", "hibernating"), ("gamma", "inactive")):
+        Llm.objects.create(
+            name=name,
+            type="openai",
+            model=f"model-{name}",
+            kind="virtual",
+            provider_session_id="sess-a",
+            publisher_token=token,
+            status=status,
+            last_heartbeat_at=timezone.now(),
+        )
+    services.llm_create_public(
+        name="public-one", type="openai", model="gpt", url="https://h/v1", api_key="sk-hidden"
+    )
+
+
+def test_llm_list_filters_and_search(admin_client: Client, rows: None) -> None:
+    page = admin_client.get("/admin/virtual_llms/llm/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    for name in ("alpha", "beta", "gamma", "public-one", "sess-a"):
+        assert name in html
+    assert "sk-hidden" not in html
+    filtered = admin_client.get("/admin/virtual_llms/llm/?status__exact=hibernating").content
+    assert b"beta" in filtered
+    assert b"alpha</a>" not in filtered
+    searched = admin_client.get("/admin/virtual_llms/llm/?q=model-gamma").content.decode()
+    assert "gamma" in searched
+    assert "beta</a>" not in searched
+
+
+def test_llm_change_page_never_shows_the_api_key(admin_client: Client, rows: None) -> None:
+    row = Llm.objects.get(name="public-one")
+    page = admin_client.get(f"/admin/virtual_llms/llm/{row.pk}/change/")
+    assert page.status_code == 200
+    assert b"sk-hidden" not in page.content
+    assert row.api_key_encrypted.encode() not in page.content
+
+
+def test_evict_action_deletes_rows(admin_client: Client, rows: None) -> None:
+    ids = [
+        str(pk)
+        for pk in Llm.objects.filter(name__in=["alpha", "beta"]).values_list("pk", flat=True)
+    ]
+    response = admin_client.post(
+        "/admin/virtual_llms/llm/", {"action": "evict", "_selected_action": ids}, follow=True
+    )
+    assert response.status_code == 200
+    assert "Evicted 2" in response.content.decode()
+    assert set(Llm.objects.values_list("name", flat=True)) == {"gamma", "public-one"}
+
+
+def test_mark_inactive_action(admin_client: Client, rows: None) -> None:
+    ids = [str(pk) for pk in Llm.objects.values_list("pk", flat=True)]
+    admin_client.post(
+        "/admin/virtual_llms/llm/", {"action": "mark_inactive", "_selected_action": ids}
+    )
+    statuses = dict(Llm.objects.values_list("name", "status"))
+    assert statuses == {
+        "alpha": "inactive",
+        "beta": "inactive",
+        "gamma": "inactive",
+        "public-one": "active",  # public rows are not the publisher's to lose
+    }
+
+
+def test_token_add_shows_the_token_once_and_revoke_refuses_it(admin_client: Client) -> None:
+    response = admin_client.post(
+        "/admin/virtual_llms/apitoken/add/", {"role": "client", "label": "team-a"}, follow=True
+    )
+    assert response.status_code == 200
+    match = re.search(r"mcpd_[0-9a-f]{12}_[A-Za-z0-9_-]{43}", response.content.decode())
+    assert match, "the new token is shown once"
+    plaintext = match[0]
+    token = ApiToken.objects.get(label="team-a")
+    assert authenticate_token(plaintext).pk == token.pk
+    assert ApiToken.objects.count() == 1
+    listing = admin_client.get("/admin/virtual_llms/apitoken/").content.decode()
+    assert plaintext not in listing
+    admin_client.post(
+        "/admin/virtual_llms/apitoken/", {"action": "revoke", "_selected_action": [str(token.pk)]}
+    )
+    with pytest.raises(ApiError):
+        authenticate_token(plaintext)
+    assert ApiToken.objects.get(pk=token.pk).revoked_at is not None

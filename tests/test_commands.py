@@ -1,0 +1,146 @@
+"""Operator commands: createtoken and gcsweep (also two sweeps at the same moment)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+from django.utils import timezone
+
+from virtual_llms.auth import authenticate_token, token_create
+from virtual_llms.models import ApiToken, Llm, LlmKind, LlmStatus, ProviderSession
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> tuple[str, str]:
+    out, err = StringIO(), StringIO()
+    call_command(*args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("role", ["publisher", "client", "admin"])
+def test_createtoken_prints_the_token_alone_on_its_last_line(role: str) -> None:
+    out, _ = run("createtoken", role, f"{role}-label")
+    plaintext = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"mcpd_[0-9a-f]{12}_[A-Za-z0-9_-]{43}", plaintext)
+    token = authenticate_token(plaintext)
+    assert token.role == role
+    assert token.label == f"{role}-label"
+    # Stored hashed: the plaintext is nowhere in the row.
+    stored = ApiToken.objects.get(pk=token.pk)
+    assert plaintext not in (stored.token_hash, stored.prefix)
+
+
+@pytest.mark.django_db
+def test_createtoken_refuses_an_unknown_role() -> None:
+    from django.core.management import CommandError
+
+    with pytest.raises(CommandError):
+        run("createtoken", "root", "x")
+    assert not ApiToken.objects.exists()
+
+
+def _rows(token: ApiToken, stale: int, expired: int, fresh: int) -> None:
+    now = timezone.now()
+    ProviderSession.objects.create(pk="gc", token=token)
+    rows = []
+    for i in range(stale):
+        rows.append(
+            Llm(
+                name=f"stale-{i}",
+                status=LlmStatus.HIBERNATING if i % 2 else LlmStatus.ACTIVE,
+                last_heartbeat_at=now - timedelta(minutes=10),
+            )
+        )
+    for i in range(expired):
+        rows.append(
+            Llm(
+                name=f"expired-{i}",
+                status=LlmStatus.INACTIVE,
+                inactive_since=now - timedelta(hours=5),
+                last_heartbeat_at=now - timedelta(hours=5),
+            )
+        )
+    for i in range(fresh):
+        rows.append(Llm(name=f"fresh-{i}", last_heartbeat_at=now))
+    for row in rows:
+        row.type, row.model, row.kind = "openai", "m", LlmKind.VIRTUAL
+        row.provider_session_id, row.publisher_token = "gc", token
+    rows.append(
+        Llm(
+            name="public",
+            type="openai",
+            model="m",
+            kind=LlmKind.PUBLIC,
+            status=LlmStatus.INACTIVE,
+            inactive_since=now - timedelta(days=3),
+        )
+    )
+    Llm.objects.bulk_create(rows)
+
+
+@pytest.mark.django_db
+def test_gcsweep_prints_counts_and_is_idempotent() -> None:
+    token, _ = token_create(role="publisher", label="p")
+    _rows(token, stale=3, expired=2, fresh=1)
+    out, _ = run("gcsweep", "--dry-run")
+    assert out.strip() == "dryRun markedInactive=3 deleted=2"
+    assert Llm.objects.count() == 7
+    out, _ = run("gcsweep")
+    assert out.strip() == "markedInactive=3 deleted=2"
+    assert Llm.objects.filter(status="inactive", kind="virtual").count() == 3
+    assert Llm.objects.filter(name="public").exists()
+    out, _ = run("gcsweep")
+    assert out.strip() == "markedInactive=0 deleted=0"
+
+
+def _database_url() -> str:
+    settings = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{settings['NAME']}"
+    user = settings["USER"] or "postgres"
+    host = settings["HOST"] or "127.0.0.1"
+    return f"postgres://{user}@{host}:{settings['PORT'] or 5432}/{settings['NAME']}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_gcsweeps_at_the_same_moment_add_up_to_one() -> None:
+    """Two processes sweep the same rows at once: neither fails, and their counts add up to
+    what one sweep would report."""
+    token, _ = token_create(role="publisher", label="p")
+    stale, expired = 3000, 2000
+    _rows(token, stale=stale, expired=expired, fresh=10)
+    env = {**os.environ, "DATABASE_URL": _database_url()}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "manage.py", "gcsweep"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    marked = deleted = 0
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        match = re.fullmatch(r"markedInactive=(\d+) deleted=(\d+)", out.strip())
+        assert match, out
+        marked += int(match[1])
+        deleted += int(match[2])
+    assert marked == stale
+    assert deleted == expired
+    assert Llm.objects.filter(kind="virtual", status="inactive").count() == stale
+    assert Llm.objects.filter(kind="virtual").exclude(status="inactive").count() == 10
