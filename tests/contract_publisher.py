@@ -173,6 +173,11 @@ class ContractPublisher:
         assert self._ws is not None, "no socket"
         await self._ws.send(json.dumps(frame))
 
+    async def send_ws_raw(self, message: str | bytes) -> None:
+        """Send a message as it is (for malformed frames)."""
+        assert self._ws is not None, "no socket"
+        await self._ws.send(message)
+
     async def result(
         self, task_id: str, status: int, body: Any, *, url: str | None = None
     ) -> httpx.Response:

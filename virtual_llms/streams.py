@@ -25,7 +25,7 @@ from . import proxy, relay, selectors, services
 from .auth import CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate, authenticate
 from .errors import ApiError
 from .http import read_json_object
-from .models import LlmKind, LlmStatus
+from .models import Llm, LlmKind, LlmStatus
 
 log = logging.getLogger("mcpd.streams")
 
@@ -152,18 +152,41 @@ def _endpoint(path: str) -> Any:
     return view
 
 
-async def _infer(request: HttpRequest, endpoint: str) -> HttpResponseBase:
-    started = time.perf_counter()
-    await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
-    body = read_json_object(request)
+def _model_name(body: dict[str, Any]) -> str:
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise ApiError(400, "missing_model", "'model' is required: the name of an LLM.")
-    stream_flag = body.get("stream", False)
-    if not isinstance(stream_flag, bool) and stream_flag is not None:
+    return name
+
+
+def _streaming(body: dict[str, Any]) -> bool:
+    flag = body.get("stream", False)
+    if flag is not None and not isinstance(flag, bool):
         raise ApiError(400, "invalid_request", "'stream' must be a boolean.")
-    streaming = bool(stream_flag)
-    row = await sync_to_async(selectors.llm_get)(name=name)
+    return bool(flag)
+
+
+def _authenticate_and_read(header: str | None, name: str | None) -> Llm | None:
+    authenticate(header, CLIENT_ROLES)
+    return selectors.llm_get(name=name) if name else None
+
+
+async def _infer(request: HttpRequest, endpoint: str) -> HttpResponseBase:
+    started = time.perf_counter()
+    # The body is checked before the database is asked, but a missing token still wins:
+    # one hop to the ORM thread authenticates and reads the row together.
+    body_error: ApiError | None = None
+    name: str | None = None
+    try:
+        body = read_json_object(request)
+        name = _model_name(body)
+        streaming = _streaming(body)
+    except ApiError as exc:
+        body_error = exc
+    row = await sync_to_async(_authenticate_and_read)(request.headers.get("Authorization"), name)
+    if body_error is not None:
+        raise body_error
+    assert name is not None
     if row is None:
         raise ApiError(404, "model_not_found", f"The model '{name}' does not exist.")
     if row.kind == LlmKind.PUBLIC:
