@@ -43,6 +43,7 @@ def test_llm_list_filters_and_search(admin_client: Client, rows: None) -> None:
     for name in ("alpha", "beta", "gamma", "public-one", "sess-a"):
         assert name in html
     assert "sk-hidden" not in html
+    assert "mcpd — virtual LLM broker" in html  # templates/admin/base_site.html
     filtered = admin_client.get("/admin/virtual_llms/llm/?status__exact=hibernating").content
     assert b"beta" in filtered
     assert b"alpha</a>" not in filtered

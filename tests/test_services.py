@@ -355,3 +355,12 @@ def test_two_concurrent_registers_for_one_name_cannot_both_win() -> None:
     loser_sid = "sb" if winner_sid == "sa" else "sa"
     assert Llm.objects.get(name="contested").provider_session_id == winner_sid
     assert not Llm.objects.filter(name=f"own-{loser_sid}").exists()
+
+
+@pytest.mark.parametrize("name", ["-starts-with-dash", "has space", "x" * 129, "semi;colon", ""])
+def test_the_database_refuses_a_name_outside_the_contracts_character_set(name: str) -> None:
+    from django.db import DataError, IntegrityError, transaction
+
+    # PostgreSQL refuses an over-long name as a DataError (varchar(128)), the rest by CHECK.
+    with pytest.raises((IntegrityError, DataError)), transaction.atomic():
+        Llm.objects.create(name=name, type="openai", model="m", kind="public")

@@ -154,6 +154,7 @@ class Llm(models.Model):
                 condition=Q(kind=LlmKind.PUBLIC) | Q(provider_session_id__isnull=False),
                 name="llm_virtual_has_session",
             ),
+            models.CheckConstraint(condition=Q(name__regex=LLM_NAME_RE), name="llm_name_charset"),
         ]
 
     def __str__(self) -> str:
