@@ -11,6 +11,7 @@ from typing import Any
 
 import django
 from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.exception import convert_exception_to_response
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mcpd_site.settings")
 # Django first: it sets up the app registry the consumers' imports need.
@@ -34,7 +35,37 @@ class BrokerASGIHandler(ASGIHandler):
         await self.handle(scope, receive, send)
 
 
-django_asgi_app = BrokerASGIHandler()
+class ApiASGIHandler(BrokerASGIHandler):
+    """The handler of the JSON APIs (/api/, /v1/): no middleware.
+
+    Django's stock middleware is sync: under ASGI each hook is a hop to the sync thread, a
+    dozen per request, and the APIs need none of it (no cookies, sessions, CSRF or
+    templates; bearer tokens are checked in the views). This is load_middleware with an
+    empty MIDDLEWARE list.
+    """
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        get_response = (
+            self._get_response_async  # type: ignore[attr-defined]  # not in django-stubs
+            if is_async
+            else self._get_response  # type: ignore[attr-defined]  # not in django-stubs
+        )
+        handler = convert_exception_to_response(get_response)
+        self._middleware_chain = self.adapt_method_mode(is_async, handler, is_async)
+
+
+api_app = ApiASGIHandler()
+site_app = BrokerASGIHandler()  # the admin (and anything else): the full middleware
+
+
+async def django_asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    path: str = scope.get("path", "")
+    app = api_app if path.startswith(("/api/", "/v1/")) else site_app
+    await app(scope, receive, send)
+
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402 - after Django setup
 from django.urls import path  # noqa: E402 - after Django setup

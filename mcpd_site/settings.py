@@ -152,6 +152,9 @@ if REDIS_URL:
                 # A message not received within this time is dropped by channels-redis;
                 # every wait of ours has its own, shorter deadline.
                 "expiry": 60,
+                # Hubs re-join the workers group every 30 s (relay.REJOIN_SECONDS); a
+                # killed worker's channel leaves the group after this.
+                "group_expiry": 300,
             },
         }
     }

@@ -5,6 +5,9 @@ from django.urls import path
 
 from virtual_llms import streams, views
 
+handler404 = "virtual_llms.http.not_found"
+handler500 = "virtual_llms.http.server_error"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     # Publisher API

@@ -391,3 +391,18 @@ def test_control_stream_of_another_tokens_session_is_403(client: Client, tokens:
     api_error(
         client.get("/api/v1/virtual/sessions/zzz/stream", headers=auth(tokens.publisher_plain)), 404
     )
+
+
+async def test_wrong_methods_and_unknown_routes_answer_in_the_contracts_shapes(
+    tokens: Tokens,
+) -> None:
+    client = AsyncClient()
+    headers = {"Authorization": f"Bearer {tokens.client_plain}"}
+    response = await client.get("/v1/chat/completions", headers=headers)
+    assert openai_error(response, 405)["code"] == "method_not_allowed"
+    assert response["Allow"] == "POST"
+    openai_error(await client.post("/v1/models", headers=headers), 405)
+    api_error(await client.get("/api/v1/virtual/tasks/x/result", headers=headers), 405)
+    with override_settings(DEBUG=False):
+        openai_error(await client.get("/v1/nothing-here", headers=headers), 404)
+        api_error(await client.get("/api/v1/nothing-here", headers=headers), 404)

@@ -48,6 +48,13 @@ def row_status(name: str) -> str:
     return Llm.objects.get(name=name).status
 
 
+async def bind(session_id: str, token_id: int) -> relay.ControlStream:
+    """Open a control stream for the session, as the SSE view or the socket does."""
+    stream = relay.ControlStream(session_id, token_id)
+    await relay.stream_open(stream)
+    return stream
+
+
 async def next_frame(stream: relay.ControlStream, timeout: float = 5.0) -> dict[str, Any]:
     frame = await asyncio.wait_for(stream.queue.get(), timeout)
     assert frame is not None, "the stream was closed"
@@ -69,7 +76,7 @@ async def enqueue(name: str, body: dict[str, Any] = BODY, streaming: bool = Fals
 
 async def test_enqueue_infer_task_pushes_a_task_frame_to_the_sse_session(hub: relay.Hub) -> None:
     token = await make_row()
-    session = await relay.stream_open("sess", token.pk)
+    session = await bind("sess", token.pk)
     pending = await enqueue("vllm-local")
     frame = await next_frame(session)
     assert frame["kind"] == "infer"
@@ -92,7 +99,7 @@ async def test_enqueue_infer_task_rejects_when_the_publisher_is_offline_no_sessi
 
 async def test_enqueue_infer_task_rejects_when_the_row_is_inactive(hub: relay.Hub) -> None:
     token = await make_row(status="inactive")
-    session = await relay.stream_open("sess", token.pk)
+    session = await bind("sess", token.pk)
     with pytest.raises(ApiError, match=r"inactive|publisher offline") as exc:
         await enqueue("vllm-local")
     assert exc.value.status == 503
@@ -111,7 +118,7 @@ async def test_enqueue_infer_task_rejects_when_the_llm_is_public_not_virtual(
 
 async def test_complete_task_resolves_the_pending_non_streaming_promise(hub: relay.Hub) -> None:
     token = await make_row()
-    await relay.stream_open("sess", token.pk)
+    await bind("sess", token.pk)
     pending = await enqueue("vllm-local")
     assert await relay.post_result(
         token_id=token.pk, task_id=pending.task_id, status=200, body={"ok": True}
@@ -128,7 +135,7 @@ async def test_streaming_push_task_chunk_fans_chunks_to_subscribers_done_resolve
     hub: relay.Hub,
 ) -> None:
     token = await make_row()
-    session = await relay.stream_open("sess", token.pk)
+    session = await bind("sess", token.pk)
     pending = await enqueue("vllm-local", {**BODY, "stream": True}, streaming=True)
     assert (await next_frame(session))["streaming"] is True
     got: list[str] = []
@@ -147,7 +154,7 @@ async def test_streaming_push_task_chunk_fans_chunks_to_subscribers_done_resolve
 
 async def test_fail_task_rejects_the_pending_promise_with_a_clear_error(hub: relay.Hub) -> None:
     token = await make_row()
-    await relay.stream_open("sess", token.pk)
+    await bind("sess", token.pk)
     pending = await enqueue("vllm-local")
     assert await relay.post_error(
         token_id=token.pk, task_id=pending.task_id, message="upstream blew up"
@@ -160,7 +167,7 @@ async def test_fail_task_rejects_the_pending_promise_with_a_clear_error(hub: rel
 
 async def test_unbind_session_rejects_in_flight_tasks_for_that_session(hub: relay.Hub) -> None:
     token = await make_row()
-    session = await relay.stream_open("sess", token.pk)
+    session = await bind("sess", token.pk)
     pending = await enqueue("vllm-local")
     await relay.stream_close(session)
     event = await relay.next_event(pending, 5)
@@ -181,7 +188,7 @@ async def test_hibernating_dispatches_a_wake_task_first_and_waits_for_it_to_comp
     hub: relay.Hub,
 ) -> None:
     token = await make_row("sleeping", status=LlmStatus.HIBERNATING)
-    session = await relay.stream_open("sess", token.pk)
+    session = await bind("sess", token.pk)
     infer = asyncio.create_task(enqueue("sleeping"))
     wake = await next_frame(session)
     assert wake["kind"] == "wake"
@@ -202,7 +209,7 @@ async def test_hibernating_concurrent_infer_requests_share_a_single_wake_task(
     hub: relay.Hub,
 ) -> None:
     token = await make_row("sleeping", status=LlmStatus.HIBERNATING)
-    session = await relay.stream_open("sess", token.pk)
+    session = await bind("sess", token.pk)
     requests = [asyncio.create_task(enqueue("sleeping")) for _ in range(3)]
     wake = await next_frame(session)
     assert wake["kind"] == "wake"
@@ -219,7 +226,7 @@ async def test_hibernating_concurrent_infer_requests_share_a_single_wake_task(
 
 async def test_hibernating_rejects_when_the_wake_task_fails(hub: relay.Hub) -> None:
     token = await make_row("broken", status=LlmStatus.HIBERNATING)
-    session = await relay.stream_open("sess", token.pk)
+    session = await bind("sess", token.pk)
     infer = asyncio.create_task(enqueue("broken"))
     wake = await next_frame(session)
     assert await relay.post_error(
@@ -239,7 +246,7 @@ async def test_inactive_still_rejects_with_503_publisher_offline_wake_path_only_
     hub: relay.Hub,
 ) -> None:
     token = await make_row("gone", status=LlmStatus.INACTIVE)
-    session = await relay.stream_open("sess", token.pk)
+    session = await bind("sess", token.pk)
     with pytest.raises(ApiError, match=r"inactive|publisher offline") as exc:
         await enqueue("gone")
     assert exc.value.status == 503
@@ -252,7 +259,7 @@ async def test_inactive_still_rejects_with_503_publisher_offline_wake_path_only_
 async def test_results_from_another_token_are_refused_and_change_nothing(hub: relay.Hub) -> None:
     token = await make_row()
     other, _ = await sync_to_async(token_create)(role="publisher", label="other")
-    await relay.stream_open("sess", token.pk)
+    await bind("sess", token.pk)
     pending = await enqueue("vllm-local")
     assert not await relay.post_result(
         token_id=other.pk, task_id=pending.task_id, status=200, body={"spoofed": True}
@@ -266,7 +273,7 @@ async def test_results_from_another_token_are_refused_and_change_nothing(hub: re
 
 async def test_abandon_sends_cancel_and_later_results_are_refused(hub: relay.Hub) -> None:
     token = await make_row()
-    session = await relay.stream_open("sess", token.pk)
+    session = await bind("sess", token.pk)
     pending = await enqueue("vllm-local")
     await next_frame(session)
     await relay.abandon(pending)
@@ -279,8 +286,8 @@ async def test_abandon_sends_cancel_and_later_results_are_refused(hub: relay.Hub
 
 async def test_a_second_stream_replaces_the_first_without_unbinding(hub: relay.Hub) -> None:
     token = await make_row()
-    first = await relay.stream_open("sess", token.pk)
-    second = await relay.stream_open("sess", token.pk)
+    first = await bind("sess", token.pk)
+    second = await bind("sess", token.pk)
     assert await asyncio.wait_for(first.queue.get(), 2) is None  # the old one is closed
     await relay.stream_close(first)  # its closing must not unbind the new one
     assert await row_status("vllm-local") == "active"
@@ -290,7 +297,7 @@ async def test_a_second_stream_replaces_the_first_without_unbinding(hub: relay.H
 
 async def test_next_event_times_out_with_504(hub: relay.Hub) -> None:
     token = await make_row()
-    await relay.stream_open("sess", token.pk)
+    await bind("sess", token.pk)
     pending = await enqueue("vllm-local")
     with pytest.raises(ApiError) as exc:
         await relay.next_event(pending, 0.2)
@@ -299,7 +306,7 @@ async def test_next_event_times_out_with_504(hub: relay.Hub) -> None:
 
 async def test_evicting_an_llm_fails_its_tasks_in_flight(hub: relay.Hub) -> None:
     token = await make_row()
-    await relay.stream_open("sess", token.pk)
+    await bind("sess", token.pk)
     pending = await enqueue("vllm-local")
     from virtual_llms import services
 

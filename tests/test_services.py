@@ -139,8 +139,9 @@ def test_unbind_session_flips_all_owned_rows_to_inactive_immediately(tokens: Tok
     make_llm(tokens.publisher, name="a", provider_session_id="sess")
     make_llm(tokens.publisher, name="b", provider_session_id="sess")
     make_llm(tokens.publisher, name="c", provider_session_id="other")
-    assert services.session_unbind(session_id="sess") == 2
+    unbound_at = services.session_unbind(session_id="sess")
     assert Llm.objects.get(name="a").status == "inactive"
+    assert Llm.objects.get(name="a").inactive_since == unbound_at
     assert Llm.objects.get(name="b").status == "inactive"
     assert Llm.objects.get(name="a").inactive_since is not None
     assert Llm.objects.get(name="c").status == "active"
@@ -364,3 +365,21 @@ def test_the_database_refuses_a_name_outside_the_contracts_character_set(name: s
     # PostgreSQL refuses an over-long name as a DataError (varchar(128)), the rest by CHECK.
     with pytest.raises((IntegrityError, DataError)), transaction.atomic():
         Llm.objects.create(name=name, type="openai", model="m", kind="public")
+
+
+def test_session_rebind_undoes_exactly_one_unbind(tokens: Tokens) -> None:
+    """A publisher that reconnects while its old stream is being unbound gets its rows back,
+    but rows made inactive by anything else stay inactive."""
+    make_llm(tokens.publisher, name="a", provider_session_id="sess")
+    make_llm(
+        tokens.publisher,
+        name="left-out",
+        provider_session_id="sess",
+        status=LlmStatus.INACTIVE,
+        inactive_since=timezone.now() - timedelta(minutes=1),
+    )
+    unbound_at = services.session_unbind(session_id="sess")
+    assert services.session_rebind(session_id="sess", unbound_at=unbound_at) == 1
+    assert Llm.objects.get(name="a").status == "active"
+    assert Llm.objects.get(name="a").inactive_since is None
+    assert Llm.objects.get(name="left-out").status == "inactive"

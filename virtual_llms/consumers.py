@@ -34,6 +34,14 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
     session_id = ""
     pump: asyncio.Task[None] | None = None
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Whatever ends the consumer (a disconnect, or an error daphne answers with 1011),
+        # the session is unbound: cleanup must not depend on websocket_disconnect running.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
+
     async def websocket_connect(self, message: dict[str, Any]) -> None:
         self.session_id = self.scope["url_route"]["kwargs"]["session_id"]
         try:
@@ -44,7 +52,8 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_CODES.get(exc.status, 4400))
             return
         await self.accept()
-        self.stream = await relay.stream_open(self.session_id, self.token.pk)
+        self.stream = relay.ControlStream(self.session_id, self.token.pk)
+        await relay.stream_open(self.stream)
         await self.send(json.dumps({"type": "ready", "providerSessionId": self.session_id}))
         self.pump = asyncio.create_task(self._pump(self.stream))
 
@@ -80,6 +89,10 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
         await self.close()
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        await self._cleanup()
+        await super().websocket_disconnect(message)
+
+    async def _cleanup(self) -> None:
         if self.pump is not None:
             self.pump.cancel()
         if self.stream is not None:
@@ -88,13 +101,16 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
                 await asyncio.shield(relay.stream_close(stream))
             except Exception:
                 log.exception("closing the control socket's session failed")
-        await super().websocket_disconnect(message)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
             reply = await self._handle(text_data if text_data is not None else bytes_data)
         except ApiError as exc:
             reply = {"type": "protocol_error", "message": exc.message}
+        except Exception:
+            # A Redis or database hiccup must not kill the socket (and the session with it).
+            log.exception("control socket frame failed")
+            reply = {"type": "protocol_error", "message": "internal error; retry the frame"}
         if reply is not None:
             await self.send(json.dumps(reply))
 

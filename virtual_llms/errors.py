@@ -40,6 +40,9 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+        if status == 503:
+            # A publisher that lost its stream reconnects within seconds.
+            self.headers.setdefault("Retry-After", "5")
 
     def api_body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message}}
@@ -70,5 +73,4 @@ def not_found(message: str, code: str = "not_found") -> ApiError:
 
 
 def offline(message: str) -> ApiError:
-    # Retry-After: a publisher that lost its stream reconnects within seconds.
-    return ApiError(503, "publisher_offline", message, headers={"Retry-After": "5"})
+    return ApiError(503, "publisher_offline", message)

@@ -2,13 +2,74 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+from django.views import defaults
+from django.views.decorators.csrf import csrf_exempt
 
 from .errors import ApiError
+
+log = logging.getLogger("mcpd.http")
+
+AsyncView = Callable[..., Awaitable[HttpResponseBase]]
+
+
+def is_openai_path(request: HttpRequest) -> bool:
+    return request.path.startswith("/v1/")
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "internal_error", "The broker failed on this request; it was logged.")
+
+
+def json_view(*methods: str) -> Callable[[AsyncView], Any]:
+    """An async endpoint that answers in the contract's error shape: a wrong method is a JSON
+    405, an ApiError its own status, and anything unexpected a logged 500 (never HTML)."""
+
+    def decorate(view: AsyncView) -> Any:
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            openai = is_openai_path(request)
+            if request.method not in methods:
+                error = ApiError(
+                    405, "method_not_allowed", f"Use {' or '.join(methods)} on {request.path}."
+                )
+                response = error.response(openai=openai)
+                response["Allow"] = ", ".join(methods)
+                return response
+            try:
+                return await view(request, *args, **kwargs)
+            except ApiError as exc:
+                return exc.response(openai=openai)
+            except Exception:
+                log.exception("%s %s failed", request.method, request.path)
+                return internal_error().response(openai=openai)
+
+        return csrf_exempt(wrapper)  # bearer tokens, no cookies: nothing to forge
+
+    return decorate
+
+
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponseBase:
+    """handler404: JSON in the contract's shapes for the API, Django's page for the admin."""
+    if request.path.startswith(("/api/", "/v1/")):
+        error = ApiError(404, "not_found", f"No route {request.path}.")
+        return error.response(openai=is_openai_path(request))
+    return defaults.page_not_found(request, exception or Exception())
+
+
+def server_error(request: HttpRequest) -> HttpResponseBase:
+    """handler500: likewise."""
+    if request.path.startswith(("/api/", "/v1/")):
+        return internal_error().response(openai=is_openai_path(request))
+    return defaults.server_error(request)
 
 
 def read_json(request: HttpRequest) -> Any:

@@ -34,8 +34,9 @@ log = logging.getLogger("mcpd.relay")
 # A wake lease lives this long unless its leader refreshes it (every WAKE_LEASE_MS / 5):
 # a leader killed with SIGKILL delays the next wake by at most this much.
 WAKE_LEASE_MS = 5000
-# The workers group membership expires in channels-redis after a day; re-join well before.
-REJOIN_SECONDS = 600.0
+# Group membership is re-asserted this often, so a Redis restart or flush loses broadcasts
+# (token revoked, session closed, LLM evicted, wake outcome) for at most this long.
+REJOIN_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Pending:
     session_id: str
     token_id: int
     holder: str
+    epoch: str
     queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     got_data: bool = False
 
@@ -92,8 +94,7 @@ class WakeOutcome:
     message: str = ""
 
     def error(self) -> ApiError:
-        headers = {"Retry-After": "5"} if self.status == 503 else None
-        return ApiError(self.status, self.code, self.message, headers=headers)
+        return ApiError(self.status, self.code, self.message)
 
 
 def _error_event(status: int, code: str, message: str) -> dict[str, Any]:
@@ -110,7 +111,9 @@ class Hub:
     def __init__(self) -> None:
         self.channel = ""
         self.pending: dict[str, Pending] = {}
+        # The newest stream bound here per session, and every open stream by its epoch.
         self.streams: dict[str, ControlStream] = {}
+        self.by_epoch: dict[str, ControlStream] = {}
         self.wake_waiters: dict[str, set[asyncio.Future[WakeOutcome]]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
@@ -123,6 +126,7 @@ class Hub:
         self._loops = [
             asyncio.create_task(self._receive_loop(), name="mcpd-hub-receive"),
             asyncio.create_task(self._beat_loop(), name="mcpd-hub-beat"),
+            asyncio.create_task(self._watch_loop(), name="mcpd-hub-watch"),
         ]
 
     async def stop(self) -> None:
@@ -169,6 +173,7 @@ class Hub:
                 log.exception("hub could not route %s", message.get("type"))
 
     async def _beat_loop(self) -> None:
+        """Keep this worker's liveness key fresh; nothing else may delay it."""
         state = get_state()
         last_join = time.monotonic()
         while True:
@@ -178,13 +183,24 @@ class Hub:
                 if time.monotonic() - last_join > REJOIN_SECONDS:
                     await events.join_workers(self.channel)
                     last_join = time.monotonic()
-                await self._check_holders()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 if self._stopping:
                     return
                 log.exception("hub heartbeat failed")
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(WORKER_BEAT_SECONDS)
+            try:
+                await self._check_holders()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                if self._stopping:
+                    return
+                log.exception("hub could not check the stream holders")
 
     async def _check_holders(self) -> None:
         """Fail the tasks whose stream was held by a worker that died without cleaning up."""
@@ -195,13 +211,12 @@ class Hub:
         for p in list(self.pending.values()):
             if p.holder in remote and p.holder not in alive:
                 if p.got_data:
-                    await self.fail_pending(p, *DISCONNECTED)
+                    self.spawn(self.fail_pending(p, *DISCONNECTED))
                 else:
-                    await self.fail_pending(
-                        p,
-                        503,
-                        "publisher_offline",
-                        "the worker holding the publisher's stream died",
+                    self.spawn(
+                        self.fail_pending(
+                            p, 503, "publisher_offline", "the worker holding the stream died"
+                        )
                     )
 
     # --- routing ---------------------------------------------------------------------------
@@ -213,22 +228,22 @@ class Hub:
             if pending is not None:
                 pending.queue.put_nowait(message["event"])
         elif kind == "task.push":
-            stream = self.streams.get(message["sid"])
-            if stream is not None and not stream.closed:
+            stream = self._open_stream(message["sid"], message["epoch"])
+            if stream is not None:
                 stream.push(message["frame"])
             else:
-                self.spawn(self._undeliverable(message))
+                self.spawn(self._reroute(message))
         elif kind == "task.cancel":
-            stream = self.streams.get(message["sid"])
+            stream = self._open_stream(message["sid"], message["epoch"])
             if stream is not None:
                 stream.push({"kind": "cancel", "taskId": message["taskId"]})
         elif kind == "stream.replace":
-            stream = self.streams.get(message["sid"])
-            if stream is not None and stream.epoch == message["epoch"]:
+            stream = self.by_epoch.get(message["epoch"])
+            if stream is not None:
                 stream.close()
         elif kind == "session.closed":
             for p in list(self.pending.values()):
-                if p.session_id == message["sid"]:
+                if p.session_id == message["sid"] and p.epoch == message["epoch"]:
                     self.spawn(self.fail_pending(p, *DISCONNECTED))
         elif kind == "token.revoked":
             for stream in list(self.streams.values()):
@@ -250,11 +265,24 @@ class Hub:
         else:
             log.warning("hub got an unknown message type %r", kind)
 
-    async def _undeliverable(self, message: dict[str, Any]) -> None:
-        """The stream this task was routed to is gone: fail the task once."""
+    def _open_stream(self, session_id: str, epoch: str) -> ControlStream | None:
+        """The stream a message was routed to, or the session's newer stream held here."""
+        stream = self.by_epoch.get(epoch)
+        if stream is None or stream.closed:
+            stream = self.streams.get(session_id)
+        return stream if stream is not None and not stream.closed else None
+
+    async def _reroute(self, message: dict[str, Any]) -> None:
+        """The stream this task was routed to is gone. If the session is bound elsewhere now
+        (the publisher reconnected), forward the task there; else fail it, once."""
         frame = message["frame"]
-        raw = await get_state().task_take(frame["taskId"], message["tokenId"])
-        if raw is not None:
+        presence = await get_state().lookup_session(message["sid"])
+        if presence is not None and presence.epoch != message["epoch"] and message["hops"] < 2:
+            await _route(
+                presence, {**message, "epoch": presence.epoch, "hops": message["hops"] + 1}
+            )
+            return
+        if await get_state().task_take(frame["taskId"], message["tokenId"]) is not None:
             await deliver_event(
                 message["reply"],
                 frame["taskId"],
@@ -319,13 +347,9 @@ async def stop_hub() -> None:
 
 
 async def deliver_event(reply: str, task_id: str, event: dict[str, Any]) -> None:
-    """Hand a task event to the hub of the request that waits on it."""
-    hub = _hubs.get(asyncio.get_running_loop())
-    if hub is not None and reply == hub.channel:
-        pending = hub.pending.get(task_id)
-        if pending is not None:
-            pending.queue.put_nowait(event)
-        return
+    """Hand a task event to the hub of the request that waits on it. Always through the
+    channel layer, even when that hub is this one: the events of one task keep one path, so
+    a chunk batch POSTed here can never overtake an earlier one POSTed to another worker."""
     await events.send(reply, {"type": "task.event", "taskId": task_id, "event": event})
 
 
@@ -399,16 +423,19 @@ async def dispatch(llm: LlmRef, frame: dict[str, Any]) -> Pending:
         session_id=llm.session_id,
         token_id=llm.token_id,
         holder=presence.channel,
+        epoch=presence.epoch,
     )
     hub.pending[task_id] = pending
     try:
-        record = json.dumps({"reply": hub.channel, "sid": llm.session_id, "kind": frame["kind"]})
-        await state.task_put(task_id, llm.token_id, record)
+        # The record starts with the requester's hub channel (state.py reads it there).
+        await state.task_put(task_id, llm.token_id, f"{hub.channel} {llm.session_id}")
         await _route(
             presence,
             {
                 "type": "task.push",
                 "sid": llm.session_id,
+                "epoch": presence.epoch,
+                "hops": 0,
                 "frame": frame,
                 "reply": hub.channel,
                 "tokenId": llm.token_id,
@@ -457,69 +484,77 @@ async def abandon(p: Pending) -> None:
         return  # it had already ended
     presence = await state.lookup_session(p.session_id)
     if presence is not None:
-        await _route(presence, {"type": "task.cancel", "sid": p.session_id, "taskId": p.task_id})
+        await _route(
+            presence,
+            {
+                "type": "task.cancel",
+                "sid": p.session_id,
+                "epoch": presence.epoch,
+                "taskId": p.task_id,
+            },
+        )
 
 
 # --- the publisher's side: results, chunks, errors (any worker) ----------------------------
 
 
-async def _take_or_get(task_id: str, token_id: int, take: bool) -> dict[str, Any] | None:
+async def _reply_channel(task_id: str, token_id: int, take: bool) -> str | None:
+    """The requester's hub channel of an open task of this token (taking the task if asked),
+    or None: unknown, finished, cancelled, another token's, or its requester died."""
     state = get_state()
-    raw = await (state.task_take if take else state.task_get)(task_id, token_id)
-    return json.loads(raw) if raw is not None else None
+    record = await (state.task_take if take else state.task_get)(task_id, token_id)
+    return record.split(" ", 1)[0] if record is not None else None
 
 
 async def post_result(*, token_id: int, task_id: str, status: int, body: Any) -> bool:
-    record = await _take_or_get(task_id, token_id, take=True)
-    if record is None:
+    reply = await _reply_channel(task_id, token_id, take=True)
+    if reply is None:
         return False
-    await deliver_event(
-        record["reply"], task_id, {"kind": "result", "status": status, "body": body}
-    )
+    await deliver_event(reply, task_id, {"kind": "result", "status": status, "body": body})
     return True
 
 
 async def post_chunks(*, token_id: int, task_id: str, chunks: list[dict[str, Any]]) -> bool:
     done = any(chunk.get("done") for chunk in chunks)
-    record = await _take_or_get(task_id, token_id, take=done)
-    if record is None:
+    reply = await _reply_channel(task_id, token_id, take=done)
+    if reply is None:
         return False
-    await deliver_event(record["reply"], task_id, {"kind": "chunks", "chunks": chunks})
+    await deliver_event(reply, task_id, {"kind": "chunks", "chunks": chunks})
     return True
 
 
 async def post_error(*, token_id: int, task_id: str, message: str) -> bool:
-    record = await _take_or_get(task_id, token_id, take=True)
-    if record is None:
+    reply = await _reply_channel(task_id, token_id, take=True)
+    if reply is None:
         return False
-    await deliver_event(record["reply"], task_id, _error_event(502, "publisher_error", message))
+    await deliver_event(reply, task_id, _error_event(502, "publisher_error", message))
     return True
 
 
 # --- control streams (the holder's side) ----------------------------------------------------
 
 
-async def stream_open(session_id: str, token_id: int) -> ControlStream:
-    """Bind the session to a new stream held here; a previous stream, anywhere, is closed."""
+async def stream_open(stream: ControlStream) -> None:
+    """Bind the stream's session to it, here; the stream it replaces, on whichever worker,
+    is closed (Redis decides which bind came last). Pair with stream_close in a finally:."""
     hub = await get_hub()
-    stream = ControlStream(session_id, token_id)
-    local = hub.streams.get(session_id)
-    hub.streams[session_id] = stream
-    if local is not None:
-        local.close()
+    session_id = stream.session_id
+    hub.by_epoch[stream.epoch] = stream
     previous = await get_state().bind_session(session_id, hub.channel, stream.epoch)
-    if previous is not None and previous.channel != hub.channel:
-        await events.send(
-            previous.channel,
-            {"type": "stream.replace", "sid": session_id, "epoch": previous.epoch},
+    hub.streams[session_id] = stream
+    if previous is not None and previous.epoch != stream.epoch:
+        await _route(
+            previous, {"type": "stream.replace", "sid": session_id, "epoch": previous.epoch}
         )
     log.info("session %s bound (epoch %s)", session_id, stream.epoch)
-    return stream
 
 
 async def stream_refresh(stream: ControlStream) -> bool:
-    """Keep the presence record alive; False once another stream has taken the session."""
+    """Keep the presence record alive. False once another stream has taken the session, or
+    the stream's token was revoked (the check that holds even if a broadcast was lost)."""
     hub = await get_hub()
+    if await sync_to_async(services.token_is_revoked)(token_id=stream.token_id):
+        return False
     return await get_state().refresh_session(stream.session_id, hub.channel, stream.epoch)
 
 
@@ -528,15 +563,22 @@ async def stream_close(stream: ControlStream) -> None:
     inactive and its tasks in flight fail with "publisher disconnected"."""
     hub = await get_hub()
     stream.closed = True
+    hub.by_epoch.pop(stream.epoch, None)
     if hub.streams.get(stream.session_id) is stream:
         del hub.streams[stream.session_id]
-    released = await get_state().release_session(stream.session_id, hub.channel, stream.epoch)
-    if not released:
-        log.info("session %s stream replaced (epoch %s)", stream.session_id, stream.epoch)
+    state = get_state()
+    sid = stream.session_id
+    if not await state.release_session(sid, hub.channel, stream.epoch):
+        log.info("session %s stream replaced (epoch %s)", sid, stream.epoch)
         return
-    await events.broadcast({"type": "session.closed", "sid": stream.session_id})
-    count = await sync_to_async(services.session_unbind)(session_id=stream.session_id)
-    log.info("session %s unbound; %d LLM(s) inactive", stream.session_id, count)
+    await events.broadcast({"type": "session.closed", "sid": sid, "epoch": stream.epoch})
+    unbound_at = await sync_to_async(services.session_unbind)(session_id=sid)
+    if await state.lookup_session(sid) is not None:
+        # The publisher reconnected while we unbound: give the new stream its rows back.
+        await sync_to_async(services.session_rebind)(session_id=sid, unbound_at=unbound_at)
+        log.info("session %s rebound by a newer stream", sid)
+    else:
+        log.info("session %s unbound", sid)
 
 
 # --- wake before infer ----------------------------------------------------------------------

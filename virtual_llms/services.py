@@ -192,19 +192,40 @@ def llm_mark_awake(*, llm_id: uuid.UUID) -> bool:
     return changed == 1
 
 
-def session_unbind(*, session_id: str) -> int:
-    """The session's stream closed: all its rows go inactive at once. Returns how many."""
+def session_unbind(*, session_id: str) -> datetime:
+    """The session's stream closed: all its rows go inactive at once. Returns the moment
+    written to their ``inactive_since`` (session_rebind's key)."""
     now = timezone.now()
-    return (
-        Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)
-        .exclude(status=LlmStatus.INACTIVE)
-        .update(
-            status=LlmStatus.INACTIVE,
-            inactive_since=now,
-            version=F("version") + 1,
-            updated_at=now,
-        )
+    Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL).exclude(
+        status=LlmStatus.INACTIVE
+    ).update(
+        status=LlmStatus.INACTIVE,
+        inactive_since=now,
+        version=F("version") + 1,
+        updated_at=now,
     )
+    return now
+
+
+def session_rebind(*, session_id: str, unbound_at: datetime) -> int:
+    """Undo one session_unbind (a newer stream bound the session meanwhile): the rows it
+    made inactive become active again. Rows made inactive otherwise stay so."""
+    now = timezone.now()
+    return Llm.objects.filter(
+        provider_session_id=session_id,
+        kind=LlmKind.VIRTUAL,
+        status=LlmStatus.INACTIVE,
+        inactive_since=unbound_at,
+    ).update(
+        status=LlmStatus.ACTIVE,
+        inactive_since=None,
+        version=F("version") + 1,
+        updated_at=now,
+    )
+
+
+def token_is_revoked(*, token_id: int) -> bool:
+    return ApiToken.objects.filter(pk=token_id, revoked_at__isnull=False).exists()
 
 
 def llm_mark_inactive(*, names: list[str]) -> int:

@@ -114,7 +114,10 @@ class MemoryState:
         self._set(f"t:{tid}:{token_id}", record, TASK_TTL_SECONDS)
 
     async def task_get(self, tid: str, token_id: int) -> str | None:
-        return self._get(f"t:{tid}:{token_id}")
+        value = self._get(f"t:{tid}:{token_id}")
+        if value is not None:
+            self._set(f"t:{tid}:{token_id}", value, TASK_TTL_SECONDS)
+        return value
 
     async def task_take(self, tid: str, token_id: int) -> str | None:
         value = self._get(f"t:{tid}:{token_id}")
@@ -168,8 +171,23 @@ return 0
 _LEASE_ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return nil end
 local epoch = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], 86400)
 redis.call('SET', KEYS[1], epoch .. ' ' .. ARGV[1], 'PX', ARGV[2])
 return epoch
+"""
+# An open task's record starts with the requester's hub channel. If that worker died, the
+# record is dropped and the publisher's answer refused (404), as for a client that left.
+_TASK_READ = """
+local v
+if ARGV[2] == '1' then v = redis.call('GETDEL', KEYS[1])
+else v = redis.call('GETEX', KEYS[1], 'EX', ARGV[3]) end
+if not v then return nil end
+local reply = string.match(v, '^(%S+)')
+if redis.call('EXISTS', ARGV[1] .. reply) == 0 then
+  redis.call('DEL', KEYS[1])
+  return nil
+end
+return v
 """
 _LEASE_REFRESH = """
 local v = redis.call('GET', KEYS[1])
@@ -209,6 +227,7 @@ class RedisState:
                     "refresh": _REFRESH,
                     "release": _RELEASE,
                     "lease_acquire": _LEASE_ACQUIRE,
+                    "task_read": _TASK_READ,
                     "lease_refresh": _LEASE_REFRESH,
                     "lease_release": _LEASE_RELEASE,
                 }.items()
@@ -258,11 +277,20 @@ class RedisState:
     async def task_put(self, tid: str, token_id: int, record: str) -> None:
         await self._r().set(self._k("t", tid, token_id), record, ex=TASK_TTL_SECONDS)
 
+    async def _task_read(self, tid: str, token_id: int, take: bool) -> str | None:
+        value = await self._script("task_read")(
+            keys=[self._k("t", tid, token_id)],
+            args=[self._k("w", ""), "1" if take else "0", TASK_TTL_SECONDS],
+        )
+        return value if value is None else str(value)
+
     async def task_get(self, tid: str, token_id: int) -> str | None:
-        return await self._r().get(self._k("t", tid, token_id))
+        """The open task's record (its TTL renewed), if its requester is alive."""
+        return await self._task_read(tid, token_id, take=False)
 
     async def task_take(self, tid: str, token_id: int) -> str | None:
-        return await self._r().getdel(self._k("t", tid, token_id))
+        """Take the open task's record: whoever gets it ends the task, once."""
+        return await self._task_read(tid, token_id, take=True)
 
     async def lease_acquire(self, key: str, holder: str, ttl_ms: int) -> int | None:
         epoch = await self._script("lease_acquire")(

@@ -1,7 +1,9 @@
 """Long-lived HTTP: the publisher's SSE control stream and the client's inference calls.
 
 Both are plain Django async views. A streamed body is an async generator; Django (>= 5.0)
-cancels it when the client disconnects, so every ``finally:`` here runs (DESIGN.md pitfall 1).
+cancels it when the client disconnects (DESIGN.md pitfall 1). Each generator is run to its
+first chunk before the response is returned (``prestarted``): a generator that never started
+would never run its ``finally:``, and the cleanup there (unbind, cancel) must always happen.
 """
 
 from __future__ import annotations
@@ -18,13 +20,11 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
 
 from . import proxy, relay, selectors, services
 from .auth import CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate, authenticate
 from .errors import ApiError
-from .http import read_json_object
+from .http import internal_error, json_view, read_json_object
 from .models import Llm, LlmKind, LlmStatus
 
 log = logging.getLogger("mcpd.streams")
@@ -52,6 +52,27 @@ def task_frame_event(frame: dict[str, Any]) -> bytes:
     return _sse("task", frame, frame["taskId"])
 
 
+async def prestarted(agen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Run ``agen`` to its first chunk now and return a generator of all its chunks. Once
+    started, the event loop finalises it (running its ``finally:``) even if the response is
+    dropped before Django iterates it."""
+    head = await anext(agen)
+
+    async def chained() -> AsyncIterator[bytes]:
+        yield head
+        async for chunk in agen:
+            yield chunk
+
+    return chained()
+
+
+def _sse_response(body: AsyncIterator[bytes]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(body, content_type="text/event-stream")
+    for key, value in SSE_HEADERS.items():
+        response[key] = value
+    return response
+
+
 async def _shielded(coro: Any) -> None:
     """Run cleanup to the end even if the caller is being cancelled again."""
     try:
@@ -69,28 +90,18 @@ def _stream_owner(header: str | None, session_id: str) -> int:
     return token.pk
 
 
-@require_GET
+@json_view("GET")
 async def control_stream(request: HttpRequest, session_id: str) -> HttpResponseBase:
-    try:
-        token_id = await sync_to_async(_stream_owner)(
-            request.headers.get("Authorization"), session_id
-        )
-    except ApiError as exc:
-        return exc.response(openai=False)
-    response = StreamingHttpResponse(
-        _control_events(session_id, token_id), content_type="text/event-stream"
-    )
-    for key, value in SSE_HEADERS.items():
-        response[key] = value
-    return response
+    token_id = await sync_to_async(_stream_owner)(request.headers.get("Authorization"), session_id)
+    stream = relay.ControlStream(session_id, token_id)
+    return _sse_response(await prestarted(_control_events(stream)))
 
 
-async def _control_events(session_id: str, token_id: int) -> AsyncIterator[bytes]:
-    # Bound inside the generator: if the client is gone before the first byte, nothing binds.
-    stream = await relay.stream_open(session_id, token_id)
+async def _control_events(stream: relay.ControlStream) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     try:
-        yield _sse("ready", {"providerSessionId": session_id})
+        await relay.stream_open(stream)
+        yield _sse("ready", {"providerSessionId": stream.session_id})
         next_ping = loop.time() + settings.MCPD_PING_SECONDS
         while True:
             wait = next_ping - loop.time()
@@ -114,12 +125,9 @@ async def _control_events(session_id: str, token_id: int) -> AsyncIterator[bytes
 # --- the client API (OpenAI-compatible) -----------------------------------------------------
 
 
-@require_GET
+@json_view("GET")
 async def list_models(request: HttpRequest) -> HttpResponseBase:
-    try:
-        await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
-    except ApiError as exc:
-        return exc.response(openai=True)
+    await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
     rows = await sync_to_async(lambda: list(selectors.llm_list_callable()))()
     data = [
         {
@@ -141,13 +149,9 @@ def _server_timing(broker_s: float, publisher_s: float | None = None) -> str:
 
 
 def _endpoint(path: str) -> Any:
-    @csrf_exempt
-    @require_POST
+    @json_view("POST")
     async def view(request: HttpRequest) -> HttpResponseBase:
-        try:
-            return await _infer(request, path)
-        except ApiError as exc:
-            return exc.response(openai=True)
+        return await _infer(request, path)
 
     return view
 
@@ -245,27 +249,30 @@ async def _stream(
     open. A wake always sends headers first, then pings while the model loads."""
     first: dict[str, Any] | None = None
     pending: relay.Pending | None = None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.MCPD_INFER_TIMEOUT_SECONDS
     if ref.status != LlmStatus.HIBERNATING:
         pending, _ = await relay.enqueue_infer(ref, body, True, endpoint)
         try:
             first = await _next_or_none(
                 pending, min(settings.MCPD_PING_SECONDS, settings.MCPD_INFER_TIMEOUT_SECONDS)
             )
+            if first is not None and first["kind"] in ("result", "error"):
+                await relay.finish(pending)
+                if first["kind"] == "error":
+                    raise ApiError(first["status"], first["code"], first["message"])
+                return HttpResponse(
+                    json.dumps(first["body"]),
+                    status=first["status"],
+                    content_type="application/json",
+                )
+            events = _stream_events(ref, body, endpoint, pending, first, deadline)
         except BaseException:
             await _shielded(relay.abandon(pending))
             raise
-        if first is not None and first["kind"] in ("result", "error"):
-            await relay.finish(pending)
-            if first["kind"] == "error":
-                raise ApiError(first["status"], first["code"], first["message"])
-            return HttpResponse(
-                json.dumps(first["body"]), status=first["status"], content_type="application/json"
-            )
-    response = StreamingHttpResponse(
-        _stream_events(ref, body, endpoint, pending, first), content_type="text/event-stream"
-    )
-    for key, value in SSE_HEADERS.items():
-        response[key] = value
+    else:
+        events = _stream_events(ref, body, endpoint, None, None, deadline)
+    response = _sse_response(await prestarted(events))
     response["Server-Timing"] = _server_timing(time.perf_counter() - started)
     return response
 
@@ -289,10 +296,17 @@ async def _stream_events(
     endpoint: str,
     pending: relay.Pending | None,
     first: dict[str, Any] | None,
+    deadline: float,
 ) -> AsyncIterator[bytes]:
+    """The client's SSE body. Its first chunk comes at once (a wake comment, the first
+    answer, or a ping when the publisher has been quiet for a ping interval already), and it
+    always ends with ``data: [DONE]`` or an error event."""
     loop = asyncio.get_running_loop()
     finished = False
+    timeout = settings.MCPD_INFER_TIMEOUT_SECONDS
     try:
+        if pending is not None and first is None:
+            yield PING
         if pending is None:
             yield f": waking {ref.name}\n\n".encode()
             wake = asyncio.ensure_future(relay.ensure_awake(ref))
@@ -309,8 +323,7 @@ async def _stream_events(
             pending, _ = await relay.enqueue_infer(
                 dataclasses.replace(ref, status=LlmStatus.ACTIVE), body, True, endpoint
             )
-        timeout = settings.MCPD_INFER_TIMEOUT_SECONDS
-        deadline = loop.time() + timeout
+            deadline = loop.time() + timeout
         event = first
         while True:
             if event is None:
@@ -350,6 +363,9 @@ async def _stream_events(
             event = None
     except ApiError as exc:
         yield _error_data(exc)
+    except Exception:
+        log.exception("relaying a stream of %s failed", ref.name)
+        yield _error_data(internal_error())
     finally:
         if pending is not None:
             if finished:

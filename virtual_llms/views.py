@@ -10,9 +10,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404
-from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -20,7 +17,7 @@ from rest_framework.views import APIView
 from . import relay, selectors, services
 from .auth import ADMIN_ROLES, CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate
 from .errors import ApiError
-from .http import read_json_object
+from .http import json_view, read_json_object
 from .models import ApiToken, Llm
 from .serializers import (
     HeartbeatSerializer,
@@ -126,18 +123,12 @@ TaskHandler = Callable[[int, str, dict[str, Any]], Awaitable[bool]]
 
 
 def _task_endpoint(handler: TaskHandler) -> Any:
-    @csrf_exempt
-    @require_POST
+    @json_view("POST")
     async def view(request: HttpRequest, task_id: str) -> HttpResponse:
-        try:
-            token = await aauthenticate(request.headers.get("Authorization"), PUBLISHER_ROLES)
-            body = read_json_object(request)
-            if not await handler(token.pk, task_id, body):
-                raise ApiError(
-                    404, "task_not_found", "No open task with this id for this publisher."
-                )
-        except ApiError as exc:
-            return exc.response(openai=False)
+        token = await aauthenticate(request.headers.get("Authorization"), PUBLISHER_ROLES)
+        body = read_json_object(request)
+        if not await handler(token.pk, task_id, body):
+            raise ApiError(404, "task_not_found", "No open task with this id for this publisher.")
         return HttpResponse(status=204)
 
     return view
@@ -190,7 +181,3 @@ async def _error(token_id: int, task_id: str, body: dict[str, Any]) -> bool:
 task_result = _task_endpoint(_result)
 task_chunks = _task_endpoint(_chunks)
 task_error = _task_endpoint(_error)
-
-
-def llm_detail_or_404(name: str) -> Llm:
-    return get_object_or_404(Llm, name=name)

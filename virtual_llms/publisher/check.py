@@ -1,0 +1,101 @@
+"""``mcpd-publish check``: is the token accepted, is each upstream reachable? One line per
+check; the exit status is non-zero when any check failed."""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+import shutil
+from collections.abc import Callable
+
+import httpx
+
+from .broker import USER_AGENT, error_of
+from .config import Command, Config, LlmConfig
+from .upstream import describe, upstream_headers
+
+Say = Callable[[bool, str], None]
+
+
+async def check(config: Config, say: Say) -> bool:
+    """Run every check, report each with ``say(ok, line)``; True when all passed."""
+    results: list[bool] = []
+
+    def report(ok: bool, line: str) -> None:
+        results.append(ok)
+        say(ok, line)
+
+    async with httpx.AsyncClient(timeout=10.0, headers={"User-Agent": USER_AGENT}) as http:
+        for url in config.brokers:
+            report(*await check_broker(http, url, config.token))
+        for llm in config.llms:
+            report(*await check_upstream(http, llm))
+            if llm.power is not None:
+                for what, command in (
+                    ("wake_command", llm.power.wake_command),
+                    ("sleep_command", llm.power.sleep_command),
+                ):
+                    if command is not None:
+                        report(*check_command(llm, what, command))
+    return all(results)
+
+
+async def check_broker(http: httpx.AsyncClient, url: str, token: str) -> tuple[bool, str]:
+    """A heartbeat for a session nobody has: a publisher token gets the contract's 404."""
+    probe = f"mcpd-publish-check-{secrets.token_hex(8)}"
+    try:
+        response = await http.post(
+            f"{url}/api/v1/virtual/heartbeat",
+            json={"providerSessionId": probe},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    except httpx.HTTPError as exc:
+        return False, f"broker {url}: unreachable: {describe(exc)}"
+    error = error_of(response.status_code, response.content)
+    if response.status_code == 404 and error.code:
+        return True, f"broker {url}: publisher token accepted"
+    if response.status_code == 401:
+        return False, f"broker {url}: the token is refused: {error.message}"
+    if response.status_code == 403:
+        return False, f"broker {url}: not a publisher token: {error.message}"
+    return False, f"broker {url}: unexpected answer {error} (is this an mcpd broker URL?)"
+
+
+async def check_upstream(http: httpx.AsyncClient, llm: LlmConfig) -> tuple[bool, str]:
+    url = f"{llm.upstream}/models"
+    where = f"LLM {llm.name!r}: upstream {url}"
+    try:
+        response = await http.get(url, headers=upstream_headers(llm))
+    except httpx.HTTPError as exc:
+        if llm.power is not None:
+            return True, f"{where}: not answering (asleep? it has a wake_command): {describe(exc)}"
+        return False, f"{where}: unreachable: {describe(exc)}"
+    if response.status_code in (401, 403):
+        return False, f"{where}: refused the API key ({response.status_code})"
+    if not response.is_success:
+        return False, f"{where}: answered {response.status_code}"
+    try:
+        ids = [str(item["id"]) for item in response.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        return True, f"{where}: up (its model list is not OpenAI-shaped)"
+    if llm.model not in ids:
+        listed = ", ".join(ids[:10]) or "none"
+        return True, f"{where}: up, but it lists no model {llm.model!r} (it lists: {listed})"
+    return True, f"{where}: up, serves {llm.model!r}"
+
+
+def check_command(llm: LlmConfig, what: str, command: Command) -> tuple[bool, str]:
+    """The program of an argv command, or of the first word of a shell command, exists."""
+    where = f"LLM {llm.name!r}: {what}"
+    if isinstance(command, tuple):
+        program = command[0]
+    else:
+        try:
+            words = shlex.split(command)
+        except ValueError as exc:
+            return False, f"{where}: cannot be parsed as a shell command ({exc})"
+        # Skip VAR=value assignments; a shell builtin or construct is not checked.
+        program = next((word for word in words if "=" not in word), "")
+    if not program or shutil.which(program):
+        return True, f"{where}: {program or 'shell command'} found"
+    return False, f"{where}: {program!r} not found (not on PATH, or not executable)"
