@@ -8,13 +8,16 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import pytest
 from django.conf import settings
 
 from tests.cluster import Broker
 from tests.services_up import services_up
+
+if TYPE_CHECKING:
+    from virtual_llms.models import ApiToken
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,13 +44,13 @@ def on_postgres() -> bool:
 
 @dataclass
 class Tokens:
-    publisher: object
+    publisher: ApiToken
     publisher_plain: str
-    client: object
+    client: ApiToken
     client_plain: str
-    admin: object
+    admin: ApiToken
     admin_plain: str
-    other_publisher: object
+    other_publisher: ApiToken
     other_publisher_plain: str
 
 

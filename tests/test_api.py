@@ -127,7 +127,7 @@ def test_wrong_role_is_403(client: Client, tokens: Tokens) -> None:
 
 def test_a_revoked_token_is_refused_at_once(client: Client, tokens: Tokens) -> None:
     assert client.get("/api/v1/llms", headers=auth(tokens.client_plain)).status_code == 200
-    token_revoke(token=ApiToken.objects.get(pk=tokens.client.pk))  # type: ignore[attr-defined]
+    token_revoke(token=ApiToken.objects.get(pk=tokens.client.pk))
     api_error(client.get("/api/v1/llms", headers=auth(tokens.client_plain)), 401)
 
 

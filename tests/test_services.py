@@ -203,7 +203,7 @@ def test_a_session_belongs_to_the_token_that_created_it(tokens: Tokens) -> None:
     with pytest.raises(ApiError) as exc:
         services.llm_heartbeat(token=tokens.other_publisher, session_id="mine")
     assert exc.value.status == 403
-    assert ProviderSession.objects.get(pk="mine").token_id == tokens.publisher.pk  # type: ignore[attr-defined]
+    assert ProviderSession.objects.get(pk="mine").token_id == tokens.publisher.pk
 
 
 def test_heartbeat_of_an_unknown_session_is_404(tokens: Tokens) -> None:
@@ -224,7 +224,7 @@ def test_an_inactive_row_of_another_publisher_token_is_never_adopted(tokens: Tok
     assert exc.value.status == 409
     row = Llm.objects.get(name="vllm-local")
     assert row.provider_session_id == "theirs"
-    assert row.publisher_token_id == tokens.other_publisher.pk  # type: ignore[attr-defined]
+    assert row.publisher_token_id == tokens.other_publisher.pk
 
 
 def test_a_hibernating_row_of_another_session_is_not_taken(tokens: Tokens) -> None:
