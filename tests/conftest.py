@@ -25,7 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.MCPD_REDIS_PREFIX = f"mcpdunit{uuid.uuid4().hex[:8]}"
     if settings.REDIS_URL:
         layer_config = cast(dict[str, object], settings.CHANNEL_LAYERS["default"]["CONFIG"])
-        layer_config["prefix"] = f"{settings.MCPD_REDIS_PREFIX}:layer"
+        layer_config["prefix"] = f"{settings.MCPD_REDIS_PREFIX}:layer:"
 
 
 def require_services() -> None:
