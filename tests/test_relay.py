@@ -315,3 +315,23 @@ async def test_evicting_an_llm_fails_its_tasks_in_flight(hub: relay.Hub) -> None
     event = await relay.next_event(pending, 5)
     assert event["code"] == "llm_evicted"
     assert event["status"] == 502
+
+
+async def test_token_revoked_broadcast_closes_its_streams_and_forgets_the_token(
+    hub: relay.Hub,
+) -> None:
+    from virtual_llms import auth, events
+
+    token, plaintext = await sync_to_async(token_create)(role="publisher", label="p")
+    await sync_to_async(ProviderSession.objects.create)(pk="sess", token=token)
+    assert (await auth.aauthenticate(f"Bearer {plaintext}", ["publisher"])).pk == token.pk
+    session = await bind("sess", token.pk)
+    # Revoked behind the cache's back (another worker wrote the row): still cached here ...
+    await sync_to_async(ApiToken.objects.filter(pk=token.pk).update)(revoked_at=timezone.now())
+    assert (await auth.aauthenticate(f"Bearer {plaintext}", ["publisher"])).pk == token.pk
+    # ... until the broadcast arrives, which clears the cache and closes the stream.
+    await events.broadcast({"type": "token.revoked", "tokenId": token.pk})
+    assert await asyncio.wait_for(session.queue.get(), 5) is None
+    with pytest.raises(ApiError) as exc:
+        await auth.aauthenticate(f"Bearer {plaintext}", ["publisher"])
+    assert exc.value.status == 401

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,12 @@ from .models import ApiToken, Role
 
 # last_used_at is written at most this often per token, so auth stays one read per request.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+# A verified token is remembered by this process for this long, so the hot path (inference,
+# result POSTs) skips the database. Revocation clears it on every worker at once through a
+# broadcast (relay.Hub, "token.revoked"); this bound covers a broadcast that was lost.
+AUTH_CACHE_SECONDS = 5.0
+
+_verified: dict[str, tuple[ApiToken, float]] = {}
 
 
 def _hash(token: str) -> str:
@@ -49,7 +56,22 @@ def token_revoke(*, token: ApiToken) -> None:
     if token.revoked_at is None:
         token.revoked_at = timezone.now()
         token.save(update_fields=["revoked_at"])
+    forget_token(token_id=token.pk)
     events.broadcast_sync({"type": "token.revoked", "tokenId": token.pk})
+
+
+def forget_token(*, token_id: int) -> None:
+    """Drop a token from this process's cache of verified tokens."""
+    for digest, (token, _) in list(_verified.items()):
+        if token.pk == token_id:
+            _verified.pop(digest, None)
+
+
+def _cached(plaintext: str) -> ApiToken | None:
+    hit = _verified.get(_hash(plaintext))
+    if hit is None or hit[1] < time.monotonic():
+        return None
+    return hit[0]
 
 
 def parse_bearer(header: str | None) -> str | None:
@@ -68,17 +90,22 @@ def authenticate_token(plaintext: str | None) -> ApiToken:
     parts = plaintext.split("_", 2)
     if len(parts) != 3 or parts[0] != "mcpd":
         raise ApiError(401, "unauthorized", "Unknown or revoked token.")
+    cached = _cached(plaintext)
+    if cached is not None:
+        return cached
+    digest = _hash(plaintext)
     token = ApiToken.objects.filter(prefix=parts[1]).first()
     if (
         token is None
         or token.revoked_at is not None
-        or not hmac.compare_digest(token.token_hash, _hash(plaintext))
+        or not hmac.compare_digest(token.token_hash, digest)
     ):
         raise ApiError(401, "unauthorized", "Unknown or revoked token.")
     now = timezone.now()
     if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
         token.last_used_at = now
+    _verified[digest] = (token, time.monotonic() + AUTH_CACHE_SECONDS)
     return token
 
 
@@ -99,7 +126,13 @@ def authenticate(header: str | None, roles: Iterable[str]) -> ApiToken:
 
 
 async def aauthenticate(header: str | None, roles: Iterable[str]) -> ApiToken:
-    """The same check from async code (one hop to the ORM thread)."""
+    """The same check from async code: no hop to the ORM thread for a token verified in the
+    last AUTH_CACHE_SECONDS."""
+    plaintext = parse_bearer(header)
+    cached = _cached(plaintext) if plaintext else None
+    if cached is not None:
+        require_role(cached, roles)
+        return cached
     return await sync_to_async(authenticate)(header, tuple(roles))
 
 

@@ -25,6 +25,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from . import events, selectors, services
+from .auth import forget_token
 from .errors import ApiError, offline
 from .models import Llm, LlmKind, LlmStatus
 from .state import WORKER_BEAT_SECONDS, Presence, get_state
@@ -246,7 +247,8 @@ class Hub:
                 if p.session_id == message["sid"] and p.epoch == message["epoch"]:
                     self.spawn(self.fail_pending(p, *DISCONNECTED))
         elif kind == "token.revoked":
-            for stream in list(self.streams.values()):
+            forget_token(token_id=message["tokenId"])
+            for stream in list(self.by_epoch.values()):
                 if stream.token_id == message["tokenId"]:
                     stream.close()
         elif kind == "llm.evicted":
