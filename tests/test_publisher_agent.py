@@ -1,0 +1,217 @@
+"""The agent's control loop against a scripted broker (an httpx mock transport): the paths
+the real broker seldom takes — a forgotten session, a session of another token, a refused
+token — plus failover between broker URLs and tasks it cannot serve."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from virtual_llms.publisher.agent import Agent
+from virtual_llms.publisher.backoff import Backoff
+from virtual_llms.publisher.broker import BrokerClient
+from virtual_llms.publisher.config import Config, LlmConfig
+from virtual_llms.publisher.statefile import StateFile
+
+URLS = ("http://broker-a", "http://broker-b")
+
+
+def error(status: int, code: str, message: str) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"code": code, "message": message}})
+
+
+class ScriptedBroker:
+    """Answers the publisher API; each hook may be replaced by a test."""
+
+    def __init__(self) -> None:
+        self.registers: list[tuple[str, str | None, list[dict[str, Any]]]] = []
+        self.heartbeats = 0
+        self.streams: list[str] = []  # the host of each stream opened
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        self.frames: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.on_register: Callable[[str | None], httpx.Response] = self.register_ok
+        self.on_heartbeat: Callable[[], httpx.Response] = lambda: httpx.Response(
+            200, json={"ok": True, "llms": 1}
+        )
+        self.on_stream: Callable[[str], Awaitable[httpx.Response]] = self.stream_ok
+        self.changed = asyncio.Event()
+
+    def register_ok(self, session: str | None) -> httpx.Response:
+        return httpx.Response(200, json={"providerSessionId": session or "new-session", "llms": []})
+
+    async def stream_ok(self, host: str) -> httpx.Response:
+        async def events() -> AsyncIterator[bytes]:
+            yield b'event: ready\ndata: {"providerSessionId": "x"}\n\n'
+            while (frame := await self.frames.get()) is not None:
+                yield f"event: task\nid: {frame['taskId']}\ndata: {json.dumps(frame)}\n\n".encode()
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        body = json.loads(request.content) if request.content else {}
+        try:
+            if path == "/api/v1/virtual/register":
+                self.registers.append(
+                    (request.url.host, body["providerSessionId"], body["providers"])
+                )
+                return self.on_register(body["providerSessionId"])
+            if path == "/api/v1/virtual/heartbeat":
+                self.heartbeats += 1
+                return self.on_heartbeat()
+            if path.endswith("/stream"):
+                self.streams.append(request.url.host)
+                return await self.on_stream(request.url.host)
+            self.posts.append((path, body))
+            return httpx.Response(204)
+        finally:
+            self.changed.set()
+
+    async def live(self, task_id: str) -> None:
+        """Wait until the agent reads the current stream: it answers a wake task on it."""
+        self.frames.put_nowait({"kind": "wake", "taskId": task_id, "llmName": "m"})
+        await self.until(lambda: any(task_id in path for path, _ in self.posts))
+
+    async def until(self, what: Callable[[], bool], timeout: float = 10.0) -> None:
+        async def loop() -> None:
+            while not what():
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(loop(), timeout)
+
+
+def make_config(tmp_path: Path, **kwargs: Any) -> Config:
+    llm = LlmConfig(name="m", model="M", upstream="http://127.0.0.1:9/v1")
+    defaults: dict[str, Any] = {
+        "brokers": URLS,
+        "token": "tok",
+        "llms": (llm,),
+        "state_file": tmp_path / "state.json",
+        "heartbeat_seconds": 30.0,
+        "shutdown_grace_seconds": 1.0,
+    }
+    return Config(**{**defaults, **kwargs})
+
+
+class Running:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.job = asyncio.create_task(agent.run())
+
+    async def stop(self) -> int:
+        self.agent.request_stop("test")
+        return await asyncio.wait_for(self.job, 10)
+
+
+@pytest.fixture
+async def scripted(tmp_path: Path) -> AsyncIterator[tuple[ScriptedBroker, Callable[..., Running]]]:
+    broker = ScriptedBroker()
+    started: list[Running] = []
+
+    def start(**kwargs: Any) -> Running:
+        config = make_config(tmp_path, **kwargs)
+        client = BrokerClient(
+            config.brokers, config.token, transport=httpx.MockTransport(broker.handle)
+        )
+        running = Running(Agent(config, broker=client, backoff=Backoff(base=0.01, cap=0.05)))
+        started.append(running)
+        return running
+
+    yield broker, start
+    broker.frames.put_nowait(None)
+    for running in started:
+        if not running.job.done():
+            await running.stop()
+
+
+async def test_a_forgotten_session_is_registered_again(
+    scripted: tuple[ScriptedBroker, Callable[..., Running]],
+) -> None:
+    broker, start = scripted
+    answers = iter([error(404, "session_not_found", "Unknown session")])
+    broker.on_heartbeat = lambda: next(answers, httpx.Response(200, json={"ok": True, "llms": 1}))
+    running = start(heartbeat_seconds=1.0)
+    await broker.until(lambda: len(broker.registers) >= 2 and len(broker.streams) >= 2)
+    assert [session for _, session, _ in broker.registers[:2]] == [None, "new-session"]
+    await broker.live("sync")  # connected again
+    assert await running.stop() == 0
+    # the last register withdrew the LLMs before the stream closed
+    assert broker.registers[-1][2] == []
+
+
+async def test_a_session_of_another_token_is_replaced(
+    tmp_path: Path, scripted: tuple[ScriptedBroker, Callable[..., Running]]
+) -> None:
+    broker, start = scripted
+    StateFile(tmp_path / "state.json").save_session("old-session")
+    broker.on_register = lambda session: (
+        error(403, "forbidden", "another token's session")
+        if session == "old-session"
+        else broker.register_ok(session)
+    )
+    running = start()
+    await broker.until(lambda: len(broker.streams) >= 1)
+    assert [session for _, session, _ in broker.registers] == ["old-session", None]
+    assert StateFile(tmp_path / "state.json").load_session() == "new-session"
+    assert broker.registers[0][2] == [
+        {"name": "m", "type": "openai", "model": "M", "status": "active"}
+    ]
+    assert await running.stop() == 0
+
+
+async def test_a_refused_token_stops_the_agent_with_status_1(
+    scripted: tuple[ScriptedBroker, Callable[..., Running]],
+) -> None:
+    broker, start = scripted
+    broker.on_register = lambda session: error(401, "unauthorized", "Unknown token.")
+    running = start()
+    assert await asyncio.wait_for(running.job, 10) == 1
+    assert broker.streams == []
+
+
+async def test_a_dropped_stream_moves_to_the_next_broker(
+    scripted: tuple[ScriptedBroker, Callable[..., Running]],
+) -> None:
+    broker, start = scripted
+
+    async def first_drops(host: str) -> httpx.Response:
+        if host == "broker-a":
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=b"")
+        return await broker.stream_ok(host)
+
+    broker.on_stream = first_drops
+    running = start()
+    await broker.until(lambda: "broker-b" in broker.streams)
+    assert broker.streams[:2] == ["broker-a", "broker-b"]
+    assert [host for host, _, _ in broker.registers[:2]] == ["broker-a", "broker-b"]
+    assert [session for _, session, _ in broker.registers[:2]] == [None, "new-session"]
+    assert await running.stop() == 0
+
+
+async def test_tasks_it_cannot_serve_get_an_error(
+    scripted: tuple[ScriptedBroker, Callable[..., Running]],
+) -> None:
+    broker, start = scripted
+    running = start()
+    await broker.until(lambda: len(broker.streams) >= 1)
+    broker.frames.put_nowait(
+        {"kind": "infer", "taskId": "t1", "llmName": "nope", "endpoint": "/v1/completions"}
+    )
+    broker.frames.put_nowait({"kind": "cancel", "taskId": "unknown"})  # ignored
+    broker.frames.put_nowait({"kind": "wake", "taskId": "t2", "llmName": "m"})  # always on
+    await broker.until(lambda: len(broker.posts) >= 2)
+    assert sorted(broker.posts, key=lambda post: post[0]) == [
+        ("/api/v1/virtual/tasks/t1/error", {"error": "this publisher does not serve 'nope'"}),
+        (
+            "/api/v1/virtual/tasks/t2/result",
+            {"status": 200, "body": {"status": "awake", "llmName": "m"}},
+        ),
+    ]
+    assert await running.stop() == 0
