@@ -9,8 +9,6 @@ PORT ?= 8000
 MCPD_TEST_PG_URL ?= postgres://postgres@127.0.0.1:5432/mcpd
 MCPD_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 export MCPD_TEST_PG_URL MCPD_TEST_REDIS_URL
-# WebSocket frames may carry a whole request body (MCPD_MAX_BODY_BYTES, 10 MiB) plus framing.
-DAPHNE_FLAGS ?= --websocket-max-message-size 11534336 --ping-interval 15 --ping-timeout 30
 
 .PHONY: help venv run test lint types migrations-check pytest pytest-embedded pytest-services bench bench-quick clean
 
@@ -30,7 +28,7 @@ venv: $(VENV)/.installed
 run: venv
 	@DJANGO_DEBUG=1 $(PY) manage.py migrate --verbosity 0
 	@DJANGO_DEBUG=1 $(PY) manage.py devtokens
-	DJANGO_DEBUG=1 $(VENV)/bin/daphne -b $(HOST) -p $(PORT) $(DAPHNE_FLAGS) mcpd_site.asgi:application
+	DJANGO_DEBUG=1 $(PY) manage.py serve --bind $(HOST) --port $(PORT)
 
 lint: venv
 	$(VENV)/bin/ruff check .

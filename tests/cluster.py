@@ -20,11 +20,8 @@ import httpx
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 PG_URL = os.environ.get("MCPD_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432/mcpd")
 REDIS_URL = os.environ.get("MCPD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-# Frames may carry a whole 10 MiB body plus JSON framing (DESIGN.md pitfall 5).
-WS_MAX = str(11 * 1024 * 1024)
 
 
 def free_port() -> int:
@@ -82,18 +79,7 @@ class Broker:
     def start_worker(self, i: int) -> None:
         log = open(self.tmp / f"worker{i}.log", "ab")  # noqa: SIM115 - lives with the process
         self.procs[i] = subprocess.Popen(
-            [
-                str(BIN / "daphne"),
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.ports[i]),
-                "--websocket-max-message-size",
-                WS_MAX,
-                "--ping-interval",
-                "15",
-                "mcpd_site.asgi:application",
-            ],
+            [sys.executable, "manage.py", "serve", "--port", str(self.ports[i])],
             cwd=ROOT,
             env=self.env,
             stdout=log,

@@ -383,3 +383,15 @@ def test_session_rebind_undoes_exactly_one_unbind(tokens: Tokens) -> None:
     assert Llm.objects.get(name="a").status == "active"
     assert Llm.objects.get(name="a").inactive_since is None
     assert Llm.objects.get(name="left-out").status == "inactive"
+
+
+def test_a_heartbeat_does_not_revive_rows_a_re_register_left_out(tokens: Tokens) -> None:
+    services.llm_register(token=tokens.publisher, session_id="s", providers=[spec("a"), spec("b")])
+    services.llm_register(token=tokens.publisher, session_id="s", providers=[spec("a")])
+    services.session_unbind(session_id="s")  # the stream closed: both inactive now
+    assert services.llm_heartbeat(token=tokens.publisher, session_id="s") == 2
+    assert Llm.objects.get(name="a").status == "active"  # revived
+    assert Llm.objects.get(name="b").status == "inactive"  # withdrawn: stays out
+    services.llm_register(token=tokens.publisher, session_id="s", providers=[spec("b")])
+    assert Llm.objects.get(name="b").status == "active"
+    assert not Llm.objects.get(name="b").withdrawn

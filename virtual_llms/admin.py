@@ -25,11 +25,12 @@ class LlmAdmin(admin.ModelAdmin[Llm]):
         "last_heartbeat_at",
         "inactive_since",
     ]
-    list_filter = ["kind", "status", "tier"]
+    list_filter = ["kind", "status", "tier", "withdrawn"]
     search_fields = ["name", "model", "provider_session_id"]
     readonly_fields = [
         "id",
         "kind",
+        "withdrawn",
         "provider_session_id",
         "publisher_token",
         "last_heartbeat_at",
@@ -48,6 +49,7 @@ class LlmAdmin(admin.ModelAdmin[Llm]):
         "tier",
         "description",
         "status",
+        "withdrawn",
         "provider_session_id",
         "publisher_token",
         "last_heartbeat_at",

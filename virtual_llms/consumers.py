@@ -103,16 +103,30 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
                 log.exception("closing the control socket's session failed")
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        raw = text_data if text_data is not None else bytes_data
         try:
-            reply = await self._handle(text_data if text_data is not None else bytes_data)
+            reply = await self._handle(raw)
         except ApiError as exc:
-            reply = {"type": "protocol_error", "message": exc.message}
+            reply = self._protocol_error(exc.message, raw)
         except Exception:
             # A Redis or database hiccup must not kill the socket (and the session with it).
             log.exception("control socket frame failed")
-            reply = {"type": "protocol_error", "message": "internal error; retry the frame"}
+            reply = self._protocol_error("internal error; retry the frame", raw)
         if reply is not None:
             await self.send(json.dumps(reply))
+
+    @staticmethod
+    def _protocol_error(message: str, raw: str | bytes | None) -> dict[str, Any]:
+        """A protocol_error, naming the frame's taskId when it had one, so a publisher
+        answering over the socket knows which task was refused."""
+        reply: dict[str, Any] = {"type": "protocol_error", "message": message}
+        try:
+            frame = json.loads(raw) if raw is not None else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            frame = None
+        if isinstance(frame, dict) and isinstance(frame.get("taskId"), str):
+            reply["taskId"] = frame["taskId"]
+        return reply
 
     async def _handle(self, raw: str | bytes | None) -> dict[str, Any] | None:
         if self.token is None or self.stream is None:

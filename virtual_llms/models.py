@@ -130,6 +130,11 @@ class Llm(models.Model):
     # Encrypted with Fernet (virtual_llms.crypto); never rendered anywhere.
     api_key_encrypted = models.TextField(blank=True, default="", editable=False)
     status = models.CharField(max_length=16, choices=LlmStatus.choices, default=LlmStatus.ACTIVE)
+    withdrawn = models.BooleanField(
+        default=False,
+        help_text="Left out of its session's latest register: inactive until registered again; "
+        "a heartbeat does not revive it.",
+    )
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     inactive_since = models.DateTimeField(null=True, blank=True)
     version = models.PositiveIntegerField(default=1)

@@ -398,6 +398,7 @@ async def enqueue_infer(
         raise offline(f"The publisher of '{llm.name}' is inactive (publisher offline).")
     woke = 0.0
     if llm.status == LlmStatus.HIBERNATING:
+        await require_stream(llm)
         woke = await ensure_awake(llm)
     frame = {
         "kind": "infer",
@@ -458,14 +459,27 @@ async def _route(presence: Presence, message: dict[str, Any]) -> None:
         await events.send(presence.channel, message)
 
 
+def silence_error() -> ApiError:
+    timeout = settings.MCPD_INFER_TIMEOUT_SECONDS
+    return ApiError(
+        504, "timeout", f"The publisher sent nothing for {timeout:g} s; the task was cancelled."
+    )
+
+
+async def require_stream(llm: LlmRef) -> None:
+    """503 at once if the LLM's publisher holds no control stream (nothing to wake)."""
+    if await get_state().lookup_session(llm.session_id) is None:
+        raise offline(f"The publisher of '{llm.name}' holds no control stream.")
+
+
 async def next_event(p: Pending, timeout: float) -> dict[str, Any]:
     """The task's next event, or ApiError 504 after ``timeout`` seconds of silence."""
     try:
         event = await asyncio.wait_for(p.queue.get(), timeout)
     except TimeoutError:
-        raise ApiError(
-            504, "timeout", f"The publisher sent nothing for {timeout:g} s; the task was cancelled."
-        ) from None
+        if timeout == settings.MCPD_INFER_TIMEOUT_SECONDS:
+            raise silence_error() from None
+        raise ApiError(504, "timeout", f"No answer within {timeout:g} s.") from None
     p.got_data = True
     return event
 

@@ -118,12 +118,13 @@ def _register_locked(*, token: ApiToken, sid: str, providers: list[ProviderSpec]
             )
         result[spec.name] = row
 
-    # Rows this session owned before and the new list leaves out go inactive.
-    Llm.objects.filter(provider_session_id=sid).exclude(name__in=list(result)).exclude(
-        status=LlmStatus.INACTIVE
-    ).update(
+    # Rows this session owned before and the new list leaves out go inactive, withdrawn: the
+    # publisher no longer serves them, so its heartbeats must not bring them back.
+    left_out = Llm.objects.filter(provider_session_id=sid).exclude(name__in=list(result))
+    left_out.exclude(status=LlmStatus.INACTIVE).update(
         status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
     )
+    left_out.update(withdrawn=True)
     return [result[p.name] for p in providers]
 
 
@@ -137,6 +138,7 @@ def _apply(row: Llm, spec: ProviderSpec, *, sid: str, token: ApiToken, now: date
     row.publisher_token = token
     row.last_heartbeat_at = now
     row.inactive_since = None
+    row.withdrawn = False
     row.version += 1
     row.save()
 
@@ -148,7 +150,7 @@ def llm_heartbeat(*, token: ApiToken, session_id: str) -> int:
         now = timezone.now()
         rows = Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)
         count = rows.count()
-        rows.filter(status=LlmStatus.INACTIVE).update(
+        rows.filter(status=LlmStatus.INACTIVE, withdrawn=False).update(
             status=LlmStatus.ACTIVE,
             inactive_since=None,
             last_heartbeat_at=now,

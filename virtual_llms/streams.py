@@ -59,9 +59,12 @@ async def prestarted(agen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     head = await anext(agen)
 
     async def chained() -> AsyncIterator[bytes]:
-        yield head
-        async for chunk in agen:
-            yield chunk
+        try:
+            yield head
+            async for chunk in agen:
+                yield chunk
+        finally:
+            await agen.aclose()  # type: ignore[attr-defined]  # an async generator
 
     return chained()
 
@@ -244,36 +247,48 @@ async def _unary(
 async def _stream(
     ref: relay.LlmRef, body: dict[str, Any], endpoint: str, started: float
 ) -> HttpResponseBase:
-    """A streamed answer. If the publisher answers (a chunk, or a refusal) within one ping
-    interval the response reflects it; else headers go out at once and pings keep the line
-    open. A wake always sends headers first, then pings while the model loads."""
-    first: dict[str, Any] | None = None
-    pending: relay.Pending | None = None
+    """A streamed answer. The status line is held back while an error can still get its own
+    status (the contract's table), for up to one ping interval; a wait longer than that (a
+    slow wake, a slow first token) commits to ``200 text/event-stream`` and comments keep the
+    line open, so proxies that cut quiet connections never see 15 s of silence."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.MCPD_INFER_TIMEOUT_SECONDS
-    if ref.status != LlmStatus.HIBERNATING:
-        pending, _ = await relay.enqueue_infer(ref, body, True, endpoint)
+    window_end = loop.time() + settings.MCPD_PING_SECONDS
+    headers: dict[str, str] = {}
+    if ref.status == LlmStatus.HIBERNATING:
+        await relay.require_stream(ref)
+        wake = asyncio.ensure_future(relay.ensure_awake(ref))
         try:
-            first = await _next_or_none(
-                pending, min(settings.MCPD_PING_SECONDS, settings.MCPD_INFER_TIMEOUT_SECONDS)
-            )
-            if first is not None and first["kind"] in ("result", "error"):
-                await relay.finish(pending)
-                if first["kind"] == "error":
-                    raise ApiError(first["status"], first["code"], first["message"])
-                return HttpResponse(
-                    json.dumps(first["body"]),
-                    status=first["status"],
-                    content_type="application/json",
-                )
-            events = _stream_events(ref, body, endpoint, pending, first, deadline)
+            await asyncio.wait({wake}, timeout=settings.MCPD_PING_SECONDS)
         except BaseException:
-            await _shielded(relay.abandon(pending))
+            wake.cancel()
             raise
-    else:
-        events = _stream_events(ref, body, endpoint, None, None, deadline)
-    response = _sse_response(await prestarted(events))
+        if not wake.done():
+            return _sse_response(await prestarted(_stream_events(ref, body, endpoint, wake=wake)))
+        headers["X-Mcpd-Wake"] = f"woke;dur={wake.result() * 1000:.0f}"
+        ref = dataclasses.replace(ref, status=LlmStatus.ACTIVE)
+    pending, _ = await relay.enqueue_infer(ref, body, True, endpoint)
+    deadline = loop.time() + settings.MCPD_INFER_TIMEOUT_SECONDS
+    try:
+        first = await _next_or_none(pending, max(0.0, min(window_end, deadline) - loop.time()))
+        if first is None and loop.time() >= deadline:
+            raise relay.silence_error()
+        if first is not None and _refusal(first):
+            await relay.finish(pending)
+            if first["kind"] == "error":
+                raise ApiError(first["status"], first["code"], first["message"])
+            return HttpResponse(
+                json.dumps(first["body"]), status=first["status"], content_type="application/json"
+            )
+        events = _stream_events(
+            ref, body, endpoint, pending=pending, first=first, deadline=deadline
+        )
+        response = _sse_response(await prestarted(events))
+    except BaseException:
+        await _shielded(relay.abandon(pending))
+        raise
     response["Server-Timing"] = _server_timing(time.perf_counter() - started)
+    for key, value in headers.items():
+        response[key] = value
     return response
 
 
@@ -286,6 +301,39 @@ async def _next_or_none(pending: relay.Pending, timeout: float) -> dict[str, Any
     return event
 
 
+def _refusal(event: dict[str, Any]) -> bool:
+    """An error, or an upstream's non-2xx answer: it reaches a streaming client as its own
+    status and body instead of a stream."""
+    return event["kind"] == "error" or (
+        event["kind"] == "result" and not 200 <= event["status"] < 300
+    )
+
+
+def as_stream_chunk(body: Any) -> Any:
+    """A whole chat.completion as one chat.completion.chunk, for a client that asked for a
+    stream from an upstream that answered in one piece. Other bodies (text completions have
+    the same shape either way) pass as they are."""
+    if not isinstance(body, dict) or body.get("object") != "chat.completion":
+        return body
+    choices = []
+    for choice in body.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        delta = (
+            {k: v for k, v in message.items() if v is not None} if isinstance(message, dict) else {}
+        )
+        choices.append(
+            {
+                "index": choice.get("index", 0),
+                "delta": delta,
+                "finish_reason": choice.get("finish_reason"),
+            }
+        )
+    chunk = {k: v for k, v in body.items() if k not in ("choices", "object")}
+    return {**chunk, "object": "chat.completion.chunk", "choices": choices}
+
+
 def _error_data(exc: ApiError) -> bytes:
     return _sse(None, exc.openai_body())
 
@@ -294,22 +342,22 @@ async def _stream_events(
     ref: relay.LlmRef,
     body: dict[str, Any],
     endpoint: str,
-    pending: relay.Pending | None,
-    first: dict[str, Any] | None,
-    deadline: float,
+    *,
+    pending: relay.Pending | None = None,
+    first: dict[str, Any] | None = None,
+    deadline: float = 0.0,
+    wake: asyncio.Future[float] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The client's SSE body. Its first chunk comes at once (a wake comment, the first
-    answer, or a ping when the publisher has been quiet for a ping interval already), and it
-    always ends with ``data: [DONE]`` or an error event."""
+    """The client's SSE body, after a wait outlasted the ping interval: either a wake still
+    under way (``wake``) or a task sent (``pending``, with its ``first`` event if one came).
+    Its first chunk comes at once, and it always ends with ``data: [DONE]`` or an error
+    event."""
     loop = asyncio.get_running_loop()
     finished = False
     timeout = settings.MCPD_INFER_TIMEOUT_SECONDS
     try:
-        if pending is not None and first is None:
-            yield PING
-        if pending is None:
+        if wake is not None:
             yield f": waking {ref.name}\n\n".encode()
-            wake = asyncio.ensure_future(relay.ensure_awake(ref))
             try:
                 while not wake.done():
                     await asyncio.wait({wake}, timeout=settings.MCPD_PING_SECONDS)
@@ -324,12 +372,15 @@ async def _stream_events(
                 dataclasses.replace(ref, status=LlmStatus.ACTIVE), body, True, endpoint
             )
             deadline = loop.time() + timeout
+        elif first is None:
+            yield PING  # a ping interval passed in silence already
+        assert pending is not None
         event = first
         while True:
             if event is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise ApiError(504, "timeout", f"The publisher sent nothing for {timeout:g} s.")
+                    raise relay.silence_error()
                 event = await _next_or_none(pending, min(settings.MCPD_PING_SECONDS, remaining))
                 if event is None:
                     yield PING
@@ -342,7 +393,8 @@ async def _stream_events(
             if kind == "result":
                 finished = True
                 if 200 <= event["status"] < 300:
-                    yield _data(json.dumps(event["body"]))
+                    # An upstream that ignored "stream": one chunk, then [DONE].
+                    yield _data(json.dumps(as_stream_chunk(event["body"])))
                     yield b"data: [DONE]\n\n"
                     return
                 error = event["body"].get("error") if isinstance(event["body"], dict) else None

@@ -1,0 +1,49 @@
+"""``manage.py serve``: run one daphne process with the flags mcpd needs.
+
+WebSocket messages and frames may carry a whole request body (MCPD_MAX_BODY_BYTES) plus
+framing, and daphne caps both at 1 MiB by default; keep-alive pings every 15 s keep proxies
+from cutting idle control sockets (DESIGN.md pitfalls 5 and 6). Anything after ``--`` is
+passed to daphne as it is.
+"""
+
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+# Room for the JSON framing around a body of MCPD_MAX_BODY_BYTES.
+FRAMING_BYTES = 1024 * 1024
+
+
+def daphne_args(bind: str, port: int, extra: list[str]) -> list[str]:
+    limit = str(settings.MCPD_MAX_BODY_BYTES + FRAMING_BYTES)
+    return [
+        "-b",
+        bind,
+        "-p",
+        str(port),
+        "--websocket-max-message-size",
+        limit,
+        "--websocket-max-frame-size",
+        limit,
+        "--ping-interval",
+        str(int(settings.MCPD_PING_SECONDS)),
+        "--ping-timeout",
+        "30",
+        *extra,
+        "mcpd_site.asgi:application",
+    ]
+
+
+class Command(BaseCommand):
+    help = "Serve the broker with daphne (one process; run several behind a load balancer)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--bind", default="127.0.0.1", help="address (default 127.0.0.1)")
+        parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+        parser.add_argument("daphne", nargs="*", help="more daphne options, after --")
+
+    def handle(self, *args: Any, bind: str, port: int, daphne: list[str], **options: Any) -> None:
+        from daphne.cli import CommandLineInterface
+
+        CommandLineInterface().run(daphne_args(bind, port, daphne))
