@@ -20,7 +20,6 @@ from virtual_llms.publisher.batcher import Chunk, ChunkBatcher
 from virtual_llms.publisher.config import LlmConfig, PowerConfig
 from virtual_llms.publisher.logs import human
 from virtual_llms.publisher.power import Power, WakeFailed
-from virtual_llms.publisher.sse import SseDecoder, SseEvent, sse_events
 from virtual_llms.publisher.statefile import StateFile
 
 # --- chunk batching --------------------------------------------------------------------------
@@ -172,36 +171,6 @@ def test_an_unwritable_state_file_is_logged_not_fatal(
     blocker.write_text("")
     StateFile(blocker / "session.json").save_session("x")  # its parent is a file
     assert "could not write the state file" in caplog.text
-
-
-# --- the SSE decoder ---------------------------------------------------------------------------
-
-
-def test_sse_decoder_follows_the_standard() -> None:
-    decoder = SseDecoder()
-    lines = [
-        ": ping",
-        "event: task",
-        "id: t1",
-        'data: {"a":',
-        "data:1}",
-        "",
-        "",  # an empty event is not dispatched
-        "retry: 10",
-        "data:  two spaces",
-        "",
-    ]
-    events = [event for line in lines if (event := decoder.feed(line)) is not None]
-    assert events == [SseEvent('{"a":\n1}', "task", "t1"), SseEvent(" two spaces")]
-    assert decoder.comments == 1
-
-
-async def test_sse_events_keeps_an_unterminated_last_event() -> None:
-    async def lines() -> AsyncIterator[str]:
-        for line in ["data: one", "", "data: two"]:
-            yield line
-
-    assert [event.data async for event in sse_events(lines())] == ["one", "two"]
 
 
 def test_the_agent_imports_nothing_from_django() -> None:

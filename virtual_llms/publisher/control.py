@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 import websockets
+from httpx_sse import EventSource
 
 from .broker import USER_AGENT, BrokerClient, error_of
 from .logs import log
-from .sse import sse_events
 
 Frame = dict[str, Any]
 
@@ -68,7 +68,7 @@ async def _sse_frames(broker: BrokerClient, session_id: str) -> AsyncGenerator[F
                 if response.status_code in (401, 403, 404):
                     raise StreamRefused(error.status, error.message)
                 raise StreamLost(f"the broker answered {error}")
-            async for event in sse_events(response.aiter_lines()):
+            async for event in EventSource(response).aiter_sse():
                 frame = _decode(event.data)
                 if frame is not None and event.event in ("ready", "task"):
                     yield {**frame, "type": event.event}

@@ -15,11 +15,11 @@ import json
 from typing import Any, Protocol
 
 import httpx
+from httpx_sse import EventSource
 
 from .batcher import Chunk, ChunkBatcher
 from .broker import MAX_MESSAGE
 from .config import LlmConfig
-from .sse import sse_events
 
 # The endpoints of PROTOCOL.md; nothing else is ever called on the upstream.
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -136,7 +136,7 @@ async def _relay_stream(llm: LlmConfig, url: str, response: httpx.Response, sink
         async with asyncio.TaskGroup() as group:
             group.create_task(batcher.run())
             try:
-                async for event in sse_events(response.aiter_lines()):
+                async for event in EventSource(response).aiter_sse():
                     if event.data == DONE:
                         break
                     batcher.put(event.data)
