@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.db.models import QuerySet
 
-from .models import Llm, LlmKind
+from .models import Llm
 
 
 def llm_get(*, name: str) -> Llm | None:
@@ -18,7 +18,3 @@ def llm_list() -> QuerySet[Llm]:
 def llm_list_callable() -> QuerySet[Llm]:
     """What ``GET /v1/models`` shows: active and hibernating LLMs."""
     return Llm.objects.listed().only("name", "created_at", "kind")
-
-
-def llm_virtual_for_session(*, session_id: str) -> QuerySet[Llm]:
-    return Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)

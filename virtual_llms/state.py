@@ -45,7 +45,6 @@ class SharedState(Protocol):
     async def lease_acquire(self, key: str, holder: str, ttl_ms: int) -> int | None: ...
     async def lease_refresh(self, key: str, epoch: int, ttl_ms: int) -> bool: ...
     async def lease_release(self, key: str, epoch: int) -> None: ...
-    async def lease_held(self, key: str) -> bool: ...
     async def aclose(self) -> None: ...
 
 
@@ -143,9 +142,6 @@ class MemoryState:
         if self._get(f"l:{key}") == epoch:
             del self._data[f"l:{key}"]
 
-    async def lease_held(self, key: str) -> bool:
-        return self._get(f"l:{key}") is not None
-
     async def aclose(self) -> None:
         return None
 
@@ -202,6 +198,16 @@ if v and string.match(v, '^(%d+)') == ARGV[1] then return redis.call('DEL', KEYS
 return 0
 """
 
+_SCRIPTS = {
+    "lookup": _LOOKUP,
+    "refresh": _REFRESH,
+    "release": _RELEASE,
+    "task_read": _TASK_READ,
+    "lease_acquire": _LEASE_ACQUIRE,
+    "lease_refresh": _LEASE_REFRESH,
+    "lease_release": _LEASE_RELEASE,
+}
+
 
 class RedisState:
     """The shared implementation. One client per event loop (redis-py's are loop-bound)."""
@@ -209,34 +215,27 @@ class RedisState:
     def __init__(self, url: str, prefix: str) -> None:
         self._url = url
         self.prefix = f"{prefix}:"
-        self._clients: dict[asyncio.AbstractEventLoop, Any] = {}
+        # Per event loop: the client and its registered Lua scripts.
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[Any, dict[str, Any]]] = {}
 
-    def _r(self) -> Any:
+    def _conn(self) -> tuple[Any, dict[str, Any]]:
         import redis.asyncio as redis_asyncio
 
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
+        conn = self._clients.get(loop)
+        if conn is None:
             for old in [lp for lp in self._clients if lp.is_closed()]:
                 del self._clients[old]
             client = redis_asyncio.Redis.from_url(self._url, decode_responses=True)
-            client._mcpd_scripts = {  # type: ignore[attr-defined]
-                name: client.register_script(src)
-                for name, src in {
-                    "lookup": _LOOKUP,
-                    "refresh": _REFRESH,
-                    "release": _RELEASE,
-                    "lease_acquire": _LEASE_ACQUIRE,
-                    "task_read": _TASK_READ,
-                    "lease_refresh": _LEASE_REFRESH,
-                    "lease_release": _LEASE_RELEASE,
-                }.items()
-            }
-            self._clients[loop] = client
-        return client
+            scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
+            conn = self._clients[loop] = (client, scripts)
+        return conn
+
+    def _r(self) -> Any:
+        return self._conn()[0]
 
     def _script(self, name: str) -> Any:
-        return self._r()._mcpd_scripts[name]
+        return self._conn()[1][name]
 
     def _k(self, *parts: object) -> str:
         return self.prefix + ":".join(str(p) for p in parts)
@@ -306,14 +305,11 @@ class RedisState:
     async def lease_release(self, key: str, epoch: int) -> None:
         await self._script("lease_release")(keys=[self._k("l", key)], args=[epoch])
 
-    async def lease_held(self, key: str) -> bool:
-        return bool(await self._r().exists(self._k("l", key)))
-
     async def aclose(self) -> None:
         """Close this event loop's client."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        conn = self._clients.pop(asyncio.get_running_loop(), None)
+        if conn is not None:
+            await conn[0].aclose()
 
 
 _state: SharedState | None = None
