@@ -101,6 +101,20 @@ def broker3() -> Iterator[Broker]:
     broker.stop()
 
 
+@pytest.fixture(params=["broker3", "embedded"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    """Each of the two brokers in turn (black-box tests that must hold on both)."""
+    from tests.contract_support import prime
+
+    return prime(cast(Broker, request.getfixturevalue(request.param)))
+
+
+@pytest.fixture(params=["sse", "ws"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each control-stream transport in turn."""
+    return cast(str, request.param)
+
+
 @pytest.fixture(scope="session")
 def embedded() -> Iterator[Broker]:
     """One daphne process on SQLite and the in-memory channel layer."""

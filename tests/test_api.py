@@ -10,6 +10,7 @@ import pytest
 from django.test import AsyncClient, Client, override_settings
 
 from tests.conftest import Tokens
+from tests.contract_support import LLM_KEYS
 from virtual_llms.auth import token_revoke
 from virtual_llms.models import ApiToken, Llm, ProviderSession
 
@@ -66,23 +67,7 @@ def test_register_returns_the_contract_row(client: Client, tokens: Tokens) -> No
     body = response.json()
     assert body["providerSessionId"] == "s1"
     row = body["llms"][0]
-    assert set(row) == {
-        "id",
-        "name",
-        "type",
-        "model",
-        "url",
-        "tier",
-        "description",
-        "kind",
-        "providerSessionId",
-        "status",
-        "lastHeartbeatAt",
-        "inactiveSince",
-        "version",
-        "createdAt",
-        "updatedAt",
-    }
+    assert set(row) == LLM_KEYS
     assert row["kind"] == "virtual"
     assert row["lastHeartbeatAt"].endswith("Z") or "+" in row["lastHeartbeatAt"]
 

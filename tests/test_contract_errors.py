@@ -73,19 +73,9 @@ def short_embedded() -> Iterator[Broker]:
     broker.stop()
 
 
-@pytest.fixture(params=["broker3", "embedded"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    return prime(cast(Broker, request.getfixturevalue(request.param)))
-
-
 @pytest.fixture(params=["short3", "short_embedded"])
 def short(request: pytest.FixtureRequest) -> Broker:
     return prime(cast(Broker, request.getfixturevalue(request.param)))
-
-
-@pytest.fixture(params=["sse", "ws"])
-def transport(request: pytest.FixtureRequest) -> str:
-    return cast(str, request.param)
 
 
 async def roundtrip(pub: ContractPublisher, broker: Broker, name: str) -> None:

@@ -47,16 +47,6 @@ from tests.contract_support import (
 pytestmark = pytest.mark.multiproc
 
 
-@pytest.fixture(params=["broker3", "embedded"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    return prime(cast(Broker, request.getfixturevalue(request.param)))
-
-
-@pytest.fixture(params=["sse", "ws"])
-def transport(request: pytest.FixtureRequest) -> str:
-    return cast(str, request.param)
-
-
 async def create_public(
     broker: Broker, name: str, *, url: str = "https://upstream.example/v1", **extra: Any
 ) -> httpx.Response:

@@ -5,7 +5,7 @@ results", "Client API")."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import Any
 
 import openai
 import pytest
@@ -18,7 +18,6 @@ from tests.contract_support import (
     STREAM_W,
     chat_body,
     post_chat,
-    prime,
     provider,
     publisher,
     sdk,
@@ -26,16 +25,6 @@ from tests.contract_support import (
 )
 
 pytestmark = pytest.mark.multiproc
-
-
-@pytest.fixture(params=["broker3", "embedded"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    return prime(cast(Broker, request.getfixturevalue(request.param)))
-
-
-@pytest.fixture(params=["sse", "ws"])
-def transport(request: pytest.FixtureRequest) -> str:
-    return cast(str, request.param)
 
 
 def assert_task_frame(

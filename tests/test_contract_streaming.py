@@ -20,7 +20,6 @@ from tests.contract_support import (
     chat_body,
     http,
     post_chat,
-    prime,
     provider,
     publisher,
     sdk,
@@ -31,16 +30,6 @@ from tests.contract_support import (
 pytestmark = pytest.mark.multiproc
 
 DONE = {"data": "[DONE]", "done": True}
-
-
-@pytest.fixture(params=["broker3", "embedded"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    return prime(cast(Broker, request.getfixturevalue(request.param)))
-
-
-@pytest.fixture(params=["sse", "ws"])
-def transport(request: pytest.FixtureRequest) -> str:
-    return cast(str, request.param)
 
 
 async def post_chunks(

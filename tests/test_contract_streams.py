@@ -43,16 +43,6 @@ from tests.contract_support import (
 pytestmark = pytest.mark.multiproc
 
 
-@pytest.fixture(params=["broker3", "embedded"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    return prime(cast(Broker, request.getfixturevalue(request.param)))
-
-
-@pytest.fixture(params=["sse", "ws"])
-def transport(request: pytest.FixtureRequest) -> str:
-    return cast(str, request.param)
-
-
 async def roundtrip(pub: ContractPublisher, broker: Broker, name: str, text: str) -> None:
     """One request on worker 0 answered by ``pub`` through worker 2."""
     call = asyncio.create_task(post_chat(broker, chat_body(name, text), worker=CLIENT_W))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import cast
 
 import httpx
 import pytest
@@ -21,7 +20,6 @@ from tests.contract_support import (
     chat_body,
     get_row,
     post_chat,
-    prime,
     provider,
     publisher,
     sse_events,
@@ -29,16 +27,6 @@ from tests.contract_support import (
 )
 
 pytestmark = pytest.mark.multiproc
-
-
-@pytest.fixture(params=["broker3", "embedded"])
-def broker(request: pytest.FixtureRequest) -> Broker:
-    return prime(cast(Broker, request.getfixturevalue(request.param)))
-
-
-@pytest.fixture(params=["sse", "ws"])
-def transport(request: pytest.FixtureRequest) -> str:
-    return cast(str, request.param)
 
 
 def kinds(pub: ContractPublisher, kind: str) -> list[Frame]:

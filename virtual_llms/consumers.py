@@ -10,7 +10,6 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 
 from . import relay, services
 from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
@@ -63,25 +62,11 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
         return token
 
     async def _pump(self, stream: relay.ControlStream) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            next_ping = loop.time() + settings.MCPD_PING_SECONDS
-            while True:
-                wait = next_ping - loop.time()
-                if wait <= 0:
-                    # Keep-alive pings are WebSocket pings (daphne --ping-interval 15); here
-                    # only the presence record is refreshed.
-                    if not await relay.stream_refresh(stream):
-                        break
-                    next_ping = loop.time() + settings.MCPD_PING_SECONDS
-                    continue
-                try:
-                    frame = await asyncio.wait_for(stream.queue.get(), wait)
-                except TimeoutError:
-                    continue
-                if frame is None:
-                    break
-                await self.send(json.dumps({"type": "task", **frame}, separators=(",", ":")))
+            async for frame in relay.stream_frames(stream):
+                # Keep-alives are WebSocket pings (manage.py serve: daphne --ping-interval).
+                if frame is not None:
+                    await self.send(json.dumps({"type": "task", **frame}, separators=(",", ":")))
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -572,6 +572,29 @@ async def stream_refresh(stream: ControlStream) -> bool:
     if await sync_to_async(services.token_is_revoked)(token_id=stream.token_id):
         return False
     return await get_state().refresh_session(stream.session_id, hub.channel, stream.epoch)
+
+
+async def stream_frames(stream: ControlStream) -> AsyncIterator[dict[str, Any] | None]:
+    """What to send down a bound control stream: its task frames in order, and None each
+    time a keep-alive is due (every MCPD_PING_SECONDS, when the presence record is refreshed
+    too). Ends when the stream is closed, replaced, or its token revoked."""
+    loop = asyncio.get_running_loop()
+    next_ping = loop.time() + settings.MCPD_PING_SECONDS
+    while True:
+        wait = next_ping - loop.time()
+        if wait <= 0:
+            if not await stream_refresh(stream):
+                return
+            yield None
+            next_ping = loop.time() + settings.MCPD_PING_SECONDS
+            continue
+        try:
+            frame = await asyncio.wait_for(stream.queue.get(), wait)
+        except TimeoutError:
+            continue
+        if frame is None:
+            return
+        yield frame
 
 
 async def stream_close(stream: ControlStream) -> None:

@@ -101,26 +101,11 @@ async def control_stream(request: HttpRequest, session_id: str) -> HttpResponseB
 
 
 async def _control_events(stream: relay.ControlStream) -> AsyncIterator[bytes]:
-    loop = asyncio.get_running_loop()
     try:
         await relay.stream_open(stream)
         yield _sse("ready", {"providerSessionId": stream.session_id})
-        next_ping = loop.time() + settings.MCPD_PING_SECONDS
-        while True:
-            wait = next_ping - loop.time()
-            if wait <= 0:
-                if not await relay.stream_refresh(stream):
-                    break  # another stream took the session
-                yield PING
-                next_ping = loop.time() + settings.MCPD_PING_SECONDS
-                continue
-            try:
-                frame = await asyncio.wait_for(stream.queue.get(), wait)
-            except TimeoutError:
-                continue
-            if frame is None:
-                break
-            yield task_frame_event(frame)
+        async for frame in relay.stream_frames(stream):
+            yield PING if frame is None else task_frame_event(frame)
     finally:
         await _shielded(relay.stream_close(stream))
 
