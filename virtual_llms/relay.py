@@ -57,7 +57,6 @@ class Pending:
     """A task this process dispatched and waits on."""
 
     task_id: str
-    kind: str
     llm_id: str
     session_id: str
     token_id: int
@@ -421,7 +420,6 @@ async def dispatch(llm: LlmRef, frame: dict[str, Any]) -> Pending:
     frame = {**frame, "taskId": task_id}
     pending = Pending(
         task_id=task_id,
-        kind=frame["kind"],
         llm_id=str(llm.id),
         session_id=llm.session_id,
         token_id=llm.token_id,
@@ -656,9 +654,8 @@ async def ensure_awake(llm: LlmRef) -> float:
                 raise offline(f"The publisher of '{llm.name}' is offline.")
             epoch = await state.lease_acquire(key, hub.channel, WAKE_LEASE_MS)
             if epoch is not None:
-                current = await _reload(
-                    llm.name
-                )  # a wake may have just ended before we took the lease
+                # A wake may have ended just before we took the lease: look again.
+                current = await _reload(llm.name)
                 if current is not None and current.status == "hibernating":
                     outcome = await asyncio.shield(hub.spawn(_lead_wake(current, key, epoch)))
                 else:
