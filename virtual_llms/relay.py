@@ -512,37 +512,37 @@ async def abandon(p: Pending) -> None:
 # --- the publisher's side: results, chunks, errors (any worker) ----------------------------
 
 
-async def _reply_channel(task_id: str, token_id: int, take: bool) -> str | None:
-    """The requester's hub channel of an open task of this token (taking the task if asked),
-    or None: unknown, finished, cancelled, another token's, or its requester died."""
+async def _post(task_id: str, token_id: int, event: dict[str, Any], *, take: bool) -> bool:
+    """Hand a publisher's answer to the request waiting on the task. False when there is no
+    such open task of this token (unknown, finished, cancelled, another token's, or its
+    requester died). ``take`` ends the task: it is taken once, and given back if the hand-over
+    fails, so the publisher's retry finds it and nothing is lost."""
     state = get_state()
     record = await (state.task_take if take else state.task_get)(task_id, token_id)
-    return record.split(" ", 1)[0] if record is not None else None
+    if record is None:
+        return False
+    try:
+        await deliver_event(record.split(" ", 1)[0], task_id, event)
+    except BaseException:
+        if take:
+            await state.task_put(task_id, token_id, record)
+        raise
+    return True
 
 
 async def post_result(*, token_id: int, task_id: str, status: int, body: Any) -> bool:
-    reply = await _reply_channel(task_id, token_id, take=True)
-    if reply is None:
-        return False
-    await deliver_event(reply, task_id, {"kind": "result", "status": status, "body": body})
-    return True
+    event = {"kind": "result", "status": status, "body": body}
+    return await _post(task_id, token_id, event, take=True)
 
 
 async def post_chunks(*, token_id: int, task_id: str, chunks: list[dict[str, Any]]) -> bool:
     done = any(chunk.get("done") for chunk in chunks)
-    reply = await _reply_channel(task_id, token_id, take=done)
-    if reply is None:
-        return False
-    await deliver_event(reply, task_id, {"kind": "chunks", "chunks": chunks})
-    return True
+    return await _post(task_id, token_id, {"kind": "chunks", "chunks": chunks}, take=done)
 
 
 async def post_error(*, token_id: int, task_id: str, message: str) -> bool:
-    reply = await _reply_channel(task_id, token_id, take=True)
-    if reply is None:
-        return False
-    await deliver_event(reply, task_id, _error_event(502, "publisher_error", message))
-    return True
+    event = _error_event(502, "publisher_error", message)
+    return await _post(task_id, token_id, event, take=True)
 
 
 # --- control streams (the holder's side) ----------------------------------------------------

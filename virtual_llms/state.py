@@ -23,6 +23,9 @@ WORKER_TTL_MS = 1500
 PRESENCE_TTL_SECONDS = 60
 # An open task's record lives at most this long; the requester deletes it when it ends.
 TASK_TTL_SECONDS = 3600
+# Redis connections per process for the shared state, and how long a caller waits for one.
+REDIS_POOL_SIZE = 64
+REDIS_POOL_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,15 @@ class RedisState:
         if conn is None:
             for old in [lp for lp in self._clients if lp.is_closed()]:
                 del self._clients[old]
-            client = redis_asyncio.Redis.from_url(self._url, decode_responses=True)
+            # A bounded pool that waits for a free connection: a burst of requests queues
+            # here for a moment instead of failing (redis-py's default pool raises past 100).
+            pool = redis_asyncio.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=REDIS_POOL_SIZE,
+                timeout=REDIS_POOL_WAIT_SECONDS,
+                decode_responses=True,
+            )
+            client = redis_asyncio.Redis(connection_pool=pool)
             scripts = {name: client.register_script(src) for name, src in _SCRIPTS.items()}
             conn = self._clients[loop] = (client, scripts)
         return conn
@@ -309,7 +320,7 @@ class RedisState:
         """Close this event loop's client."""
         conn = self._clients.pop(asyncio.get_running_loop(), None)
         if conn is not None:
-            await conn[0].aclose()
+            await conn[0].aclose(close_connection_pool=True)
 
 
 _state: SharedState | None = None
