@@ -9,8 +9,8 @@ import logging
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
-from channels.utils import get_handler_name
 
 from . import relay, services
 from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
