@@ -65,6 +65,26 @@ def tokens(db: None) -> Tokens:
     return Tokens(pub, pub_plain, cli, cli_plain, adm, adm_plain, other, other_plain)
 
 
+@pytest.fixture
+def virtual_llm(tokens: Tokens) -> None:
+    """An active virtual LLM "m1" (upstream model "up") of session "sess", whose publisher
+    is ``tokens.publisher``. Tests that use it need a transactional database."""
+    from django.utils import timezone
+
+    from virtual_llms.models import Llm, ProviderSession
+
+    ProviderSession.objects.create(pk="sess", token=tokens.publisher)
+    Llm.objects.create(
+        name="m1",
+        type="openai",
+        model="up",
+        kind="virtual",
+        provider_session_id="sess",
+        publisher_token=tokens.publisher,
+        last_heartbeat_at=timezone.now(),
+    )
+
+
 @pytest.fixture(autouse=True)
 def _fresh_loop_state() -> Iterator[None]:
     """Every test runs in a new event loop: drop loop-bound layer and state objects."""

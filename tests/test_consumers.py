@@ -9,28 +9,13 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.utils import timezone
 
 from mcpd_site.asgi import application
 from tests.conftest import Tokens
 from virtual_llms import relay
-from virtual_llms.models import Llm, ProviderSession
+from virtual_llms.models import Llm
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@sync_to_async
-def setup_rows(tokens: Tokens) -> None:
-    ProviderSession.objects.create(pk="sess", token=tokens.publisher)
-    Llm.objects.create(
-        name="m1",
-        type="openai",
-        model="up",
-        kind="virtual",
-        provider_session_id="sess",
-        publisher_token=tokens.publisher,
-        last_heartbeat_at=timezone.now(),
-    )
 
 
 def socket(token: str, session_id: str = "sess") -> WebsocketCommunicator:
@@ -45,8 +30,9 @@ async def receive(ws: WebsocketCommunicator) -> dict[str, Any]:
     return dict(json.loads(await ws.receive_from(timeout=5)))
 
 
-async def test_the_socket_carries_tasks_and_results(tokens: Tokens, hub: relay.Hub) -> None:
-    await setup_rows(tokens)
+async def test_the_socket_carries_tasks_and_results(
+    tokens: Tokens, virtual_llm: None, hub: relay.Hub
+) -> None:
     ws = socket(tokens.publisher_plain)
     connected, _ = await ws.connect()
     assert connected
@@ -88,9 +74,8 @@ async def test_the_socket_carries_tasks_and_results(tokens: Tokens, hub: relay.H
     ],
 )
 async def test_a_malformed_frame_gets_protocol_error_and_the_socket_stays(
-    tokens: Tokens, hub: relay.Hub, raw: str
+    tokens: Tokens, virtual_llm: None, hub: relay.Hub, raw: str
 ) -> None:
-    await setup_rows(tokens)
     ws = socket(tokens.publisher_plain)
     await ws.connect()
     await receive(ws)  # ready
@@ -103,9 +88,8 @@ async def test_a_malformed_frame_gets_protocol_error_and_the_socket_stays(
 
 @pytest.mark.parametrize(("who", "code"), [("other", 4403), ("client", 4403), ("nobody", 4401)])
 async def test_a_refused_handshake_says_why_and_closes(
-    tokens: Tokens, hub: relay.Hub, who: str, code: int
+    tokens: Tokens, virtual_llm: None, hub: relay.Hub, who: str, code: int
 ) -> None:
-    await setup_rows(tokens)
     token = {
         "other": tokens.other_publisher_plain,
         "client": tokens.client_plain,

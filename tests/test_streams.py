@@ -10,34 +10,18 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient, override_settings
-from django.utils import timezone
 
 from tests.conftest import Tokens
 from virtual_llms import relay
-from virtual_llms.models import Llm, ProviderSession
+from virtual_llms.models import Llm
 from virtual_llms.streams import as_stream_chunk
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-async def stream(tokens: Tokens, hub: relay.Hub) -> relay.ControlStream:
+async def stream(tokens: Tokens, virtual_llm: None, hub: relay.Hub) -> relay.ControlStream:
     """The publisher's control stream for session "sess", serving LLM "m1" (model "up")."""
-
-    @sync_to_async
-    def rows() -> None:
-        ProviderSession.objects.create(pk="sess", token=tokens.publisher)
-        Llm.objects.create(
-            name="m1",
-            type="openai",
-            model="up",
-            kind="virtual",
-            provider_session_id="sess",
-            publisher_token=tokens.publisher,
-            last_heartbeat_at=timezone.now(),
-        )
-
-    await rows()
     control = relay.ControlStream("sess", tokens.publisher.pk)
     await relay.stream_open(control)
     return control
