@@ -144,3 +144,15 @@ def test_two_gcsweeps_at_the_same_moment_add_up_to_one() -> None:
     assert deleted == expired
     assert Llm.objects.filter(kind="virtual", status="inactive").count() == stale
     assert Llm.objects.filter(kind="virtual").exclude(status="inactive").count() == 10
+
+
+def test_the_system_check_warns_about_the_in_memory_layer_and_the_dev_key() -> None:
+    from django.core.checks import run_checks
+    from django.test import override_settings
+
+    with override_settings(DEBUG=False, REDIS_URL="", MCPD_SECRET_KEY_FROM_ENV=False):
+        ids = {message.id for message in run_checks()}
+    assert {"mcpd.W001", "mcpd.W002"} <= ids
+    with override_settings(DEBUG=False, REDIS_URL="redis://x", MCPD_SECRET_KEY_FROM_ENV=True):
+        ids = {message.id for message in run_checks()}
+    assert not ids & {"mcpd.W001", "mcpd.W002"}
