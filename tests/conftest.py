@@ -98,18 +98,23 @@ def _fresh_loop_state() -> Iterator[None]:
 
 
 @pytest.fixture
-async def hub() -> AsyncIterator[object]:
-    """This test loop's hub, stopped at the end so no background task outlives the test."""
+async def async_orm() -> AsyncIterator[None]:
+    """For async tests that use the ORM: the async ORM's thread keeps its own connections;
+    close them at the end so the test database can be dropped."""
     from asgiref.sync import sync_to_async
     from django.db import connections
 
+    yield
+    await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture
+async def hub(async_orm: None) -> AsyncIterator[object]:
+    """This test loop's hub, stopped at the end so no background task outlives the test."""
     from virtual_llms import relay
 
     yield await relay.get_hub()
     await relay.stop_hub()
-    # The async ORM's thread keeps its own connections: close them so the test database
-    # can be dropped at the end.
-    await sync_to_async(connections.close_all)()
 
 
 @pytest.fixture(scope="session")

@@ -288,7 +288,7 @@ def test_bad_public_llm_bodies_are_400(
 # --- the client API: bad input ------------------------------------------------------------------
 
 
-async def test_client_bad_input_gets_openai_errors(tokens: Tokens) -> None:
+async def test_client_bad_input_gets_openai_errors(tokens: Tokens, async_orm: None) -> None:
     client = AsyncClient()
     headers = {"Authorization": f"Bearer {tokens.client_plain}"}
 
@@ -345,7 +345,9 @@ async def test_inactive_or_streamless_rows_are_503_with_retry_after(
         ("error", {}),
     ],
 )
-async def test_bad_task_posts_are_400(tokens: Tokens, suffix: str, body: dict[str, Any]) -> None:
+async def test_bad_task_posts_are_400(
+    tokens: Tokens, async_orm: None, suffix: str, body: dict[str, Any]
+) -> None:
     client = AsyncClient()
     response = await client.post(
         f"/api/v1/virtual/tasks/whatever/{suffix}",
@@ -379,7 +381,7 @@ def test_control_stream_of_another_tokens_session_is_403(client: Client, tokens:
 
 
 async def test_wrong_methods_and_unknown_routes_answer_in_the_contracts_shapes(
-    tokens: Tokens,
+    tokens: Tokens, async_orm: None
 ) -> None:
     client = AsyncClient()
     headers = {"Authorization": f"Bearer {tokens.client_plain}"}

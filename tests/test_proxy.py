@@ -17,7 +17,7 @@ from django.test import AsyncClient
 from tests.conftest import Tokens
 from virtual_llms import services
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("async_orm")]
 
 
 class Upstream(BaseHTTPRequestHandler):
