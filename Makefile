@@ -61,9 +61,11 @@ pytest-services: venv
 test: lint types migrations-check pytest
 
 bench: venv
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.run
 
 bench-quick: venv
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.run --quick
 
 clean:
