@@ -6,7 +6,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest
 
 from . import services
 from .auth import token_create, token_revoke
@@ -131,11 +131,6 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
             f"New {token.role} token — copy it now, it is not shown again: {plaintext}",
             messages.WARNING,
         )
-
-    def response_add(
-        self, request: HttpRequest, obj: ApiToken, post_url_continue: str | None = None
-    ) -> HttpResponse:
-        return super().response_add(request, obj, post_url_continue)
 
     @admin.action(description="Revoke selected tokens (refused at once; their streams close)")
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:

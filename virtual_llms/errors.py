@@ -64,13 +64,5 @@ class ApiError(Exception):
         return resp
 
 
-def bad_request(message: str, code: str = "invalid_request") -> ApiError:
-    return ApiError(400, code, message)
-
-
-def not_found(message: str, code: str = "not_found") -> ApiError:
-    return ApiError(404, code, message)
-
-
 def offline(message: str) -> ApiError:
     return ApiError(503, "publisher_offline", message)

@@ -47,10 +47,6 @@ class ApiToken(models.Model):
     def __str__(self) -> str:
         return f"{self.role}:{self.label} ({self.prefix}…)"
 
-    @property
-    def is_revoked(self) -> bool:
-        return self.revoked_at is not None
-
 
 class ProviderSession(models.Model):
     """A publisher's session. It belongs to the token that created it, for good."""
@@ -164,7 +160,3 @@ class Llm(models.Model):
 
     def __str__(self) -> str:
         return self.name
-
-    @property
-    def is_virtual(self) -> bool:
-        return self.kind == LlmKind.VIRTUAL
