@@ -6,12 +6,22 @@ send no Origin header; they authenticate with a bearer token in the handshake
 (DESIGN.md pitfall 8).
 """
 
+import asyncio
+import contextlib
+import logging
 import os
 from typing import Any
 
 import django
-from django.core.handlers.asgi import ASGIHandler
+from asgiref.sync import sync_to_async
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.db import close_old_connections
+from django.urls import set_script_prefix
+
+log = logging.getLogger("mcpd.asgi")
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mcpd_site.settings")
 # Django first: it sets up the app registry the consumers' imports need.
@@ -36,12 +46,21 @@ class BrokerASGIHandler(ASGIHandler):
 
 
 class ApiASGIHandler(BrokerASGIHandler):
-    """The handler of the JSON APIs (/api/, /v1/): no middleware.
+    """The handler of the JSON APIs (/api/, /v1/): no middleware, no thread hop of its own.
 
     Django's stock middleware is sync: under ASGI each hook is a hop to the sync thread, a
     dozen per request, and the APIs need none of it (no cookies, sessions, CSRF or
-    templates; bearer tokens are checked in the views). This is load_middleware with an
+    templates; bearer tokens are checked in the views). load_middleware is Django's with an
     empty MIDDLEWARE list.
+
+    Django's handle() also hops to the sync thread twice per request, to send
+    request_started and request_finished, whose receivers (close_old_connections,
+    reset_queries) look after the calling thread's database connections. Here they are sent
+    on the event loop's thread, which has no connections, so they cost nothing; the
+    connections of the ORM thread, where all the process's sync code runs, get the same
+    check every DB_UPKEEP_SECONDS from a task of this handler instead. A relayed request with
+    its token and row cached then never leaves the event loop. handle() is otherwise
+    Django 5.2's.
     """
 
     def load_middleware(self, is_async: bool = False) -> None:
@@ -55,6 +74,78 @@ class ApiASGIHandler(BrokerASGIHandler):
         )
         handler = convert_exception_to_response(get_response)
         self._middleware_chain = self.adapt_method_mode(is_async, handler, is_async)
+
+    _upkeep: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+
+    def _start_upkeep(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop not in self._upkeep:
+            for old in [lp for lp in self._upkeep if lp.is_closed()]:
+                del self._upkeep[old]
+            self._upkeep[loop] = loop.create_task(_db_upkeep(), name="mcpd-db-upkeep")
+
+    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self._start_upkeep()
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            assert error_response is not None
+            body_file.close()
+            await self.send_response(error_response, send)
+            error_response.close()
+            return
+
+        async def process_request() -> Any:
+            response = await self.run_get_response(request)
+            with contextlib.suppress(asyncio.CancelledError):  # the client left meanwhile
+                await self.send_response(response, send)
+            return response
+
+        # As Django: a client that disconnects cancels the view (and so its cleanup runs).
+        tasks = [
+            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(process_request()),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        try:
+            response = tasks[1].result()
+        except asyncio.CancelledError:
+            signals.request_finished.send(sender=self.__class__)
+        else:
+            response.close()  # sends request_finished, here on the event loop's thread
+        body_file.close()
+
+
+# How often the ORM thread's connections are checked as Django checks them per request:
+# closed past CONN_MAX_AGE or after an error, health-checked again before their next use.
+DB_UPKEEP_SECONDS = 1.0
+
+
+async def _db_upkeep() -> None:
+    while True:
+        await asyncio.sleep(DB_UPKEEP_SECONDS)
+        try:
+            await sync_to_async(close_old_connections)()
+        except Exception:
+            log.exception("checking the database connections failed")
 
 
 api_app = ApiASGIHandler()

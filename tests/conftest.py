@@ -97,6 +97,18 @@ def _fresh_loop_state() -> Iterator[None]:
     state.reset_state()
 
 
+@pytest.fixture(autouse=True)
+async def _close_state_clients(_fresh_loop_state: None) -> AsyncIterator[None]:
+    """Close the Redis client the test's loop made for the shared state, if it made one (any
+    request to the client API makes one: the row lookup reads its stamps there)."""
+    from virtual_llms import state
+
+    yield
+    current = state.current_state()
+    if current is not None:
+        await current.aclose()
+
+
 @pytest.fixture
 async def async_orm() -> AsyncIterator[None]:
     """For async tests that use the ORM: the async ORM's thread keeps its own connections;

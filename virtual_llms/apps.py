@@ -1,3 +1,5 @@
+from typing import Any
+
 from django.apps import AppConfig
 
 
@@ -7,4 +9,16 @@ class VirtualLlmsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from django.db.models.signals import post_delete, post_save
+
         from . import checks  # noqa: F401 - registers the system checks
+        from .models import Llm
+        from .services import llm_saved
+
+        def touch(sender: type[Llm], instance: Llm, **kwargs: Any) -> None:
+            llm_saved(llm=instance)
+
+        # Any save or delete of a row, wherever it comes from (admin, services, deletes of
+        # whole querysets): every worker's cached copy is dropped (relay.llm_lookup).
+        post_save.connect(touch, sender=Llm, weak=False, dispatch_uid="mcpd-llm-saved")
+        post_delete.connect(touch, sender=Llm, weak=False, dispatch_uid="mcpd-llm-deleted")

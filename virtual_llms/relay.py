@@ -35,6 +35,11 @@ log = logging.getLogger("mcpd.relay")
 # A wake lease lives this long unless its leader refreshes it (every WAKE_LEASE_MS / 5):
 # a leader killed with SIGKILL delays the next wake by at most this much.
 WAKE_LEASE_MS = 5000
+# A cached row is re-read at least this often even if no stamp changed: the bound on how long
+# a write made behind mcpd's back (raw SQL, a lost stamp update) can go unseen.
+ROW_CACHE_SECONDS = 10.0
+# Entries for rows this process asked for; past this many the cache starts over.
+ROW_CACHE_SIZE = 10_000
 # Group membership is re-asserted this often, so a Redis restart or flush loses broadcasts
 # (token revoked, session closed, LLM evicted, wake outcome) for at most this long.
 REJOIN_SECONDS = 30.0
@@ -370,6 +375,44 @@ def ref_of(row: Llm) -> LlmRef:
     )
 
 
+@dataclass(frozen=True)
+class _CachedRow:
+    row: Llm
+    stamp: str
+    read_at: float
+
+
+async def llm_lookup(name: str) -> tuple[Llm | None, Presence | None]:
+    """The row called ``name`` and who holds its session's stream, in one round trip to the
+    shared state when the row is cached here: the cached copy is used only while the stamps
+    of its name, its session and "everything" are those it was read under (services touch
+    them on every write, state.py). Otherwise one row read on the ORM thread."""
+    state = get_state()
+    cache: dict[str, _CachedRow] = state.rows
+    cached = cache.get(name)
+    sid = (cached.row.provider_session_id or "") if cached is not None else ""
+    for _ in range(3):
+        stamp, presence = await state.llm_check(name, sid)
+        fresh = cached is not None and time.monotonic() - cached.read_at < ROW_CACHE_SECONDS
+        if cached is not None and fresh and cached.stamp == stamp:
+            return cached.row, presence
+        # Read after the stamps: a write that commits later touches them again.
+        row = await sync_to_async(selectors.llm_get)(name=name)
+        if row is None:
+            cache.pop(name, None)
+            return None, None
+        row_sid = row.provider_session_id or ""
+        if row_sid == sid:
+            if len(cache) >= ROW_CACHE_SIZE:
+                cache.clear()
+            cache[name] = _CachedRow(row, stamp, time.monotonic())
+            return row, presence
+        # The row moved to another session: read that session's stamp, then the row again.
+        cached, sid = None, row_sid
+    # Still moving after three reads: serve the last one uncached.
+    return row, (await state.lookup_session(sid) if sid else None)
+
+
 async def load_virtual(name: str) -> LlmRef:
     """The virtual row called ``name`` (one read), or ApiError 404 / 400 for a public row."""
     row = await sync_to_async(selectors.llm_get)(name=name)
@@ -388,7 +431,11 @@ async def _reload(name: str) -> LlmRef | None:
 
 
 async def enqueue_infer(
-    llm: LlmRef, body: dict[str, Any], streaming: bool, endpoint: str = "/v1/chat/completions"
+    llm: LlmRef,
+    body: dict[str, Any],
+    streaming: bool,
+    endpoint: str = "/v1/chat/completions",
+    presence: Presence | None = None,
 ) -> tuple[Pending, float]:
     """The original service's enqueueInferTask: an inactive row is refused (503), a
     hibernating one is woken first (once across workers), then the infer task goes down the
@@ -399,6 +446,7 @@ async def enqueue_infer(
     if llm.status == LlmStatus.HIBERNATING:
         await require_stream(llm)
         woke = await ensure_awake(llm)
+        presence = None  # looked up again after the wake
     frame = {
         "kind": "infer",
         "llmName": llm.name,
@@ -406,14 +454,16 @@ async def enqueue_infer(
         "endpoint": endpoint,
         "body": {**body, "model": llm.model},
     }
-    return await dispatch(llm, frame), woke
+    return await dispatch(llm, frame, presence), woke
 
 
-async def dispatch(llm: LlmRef, frame: dict[str, Any]) -> Pending:
-    """Send a task frame down the stream of the LLM's session, wherever it is held."""
+async def dispatch(llm: LlmRef, frame: dict[str, Any], presence: Presence | None = None) -> Pending:
+    """Send a task frame down the stream of the LLM's session, wherever it is held (given,
+    when it was just looked up with the row, or looked up now)."""
     hub = await get_hub()
     state = get_state()
-    presence = await state.lookup_session(llm.session_id)
+    if presence is None:
+        presence = await state.lookup_session(llm.session_id)
     if presence is None:
         raise offline(f"The publisher of '{llm.name}' holds no control stream.")
     task_id = secrets.token_urlsafe(18)
@@ -706,7 +756,7 @@ async def _lead_wake(llm: LlmRef, key: str, epoch: int) -> WakeOutcome:
             if lost:
                 outcome = WakeOutcome(False, 502, "wake_failed", "wake lease lost; retry")
             else:
-                await sync_to_async(services.llm_mark_awake)(llm_id=llm.id)
+                await sync_to_async(services.llm_mark_awake)(llm_id=llm.id, name=llm.name)
                 outcome = WakeOutcome(True)
         elif event["kind"] == "result":
             outcome = WakeOutcome(False, 502, "wake_failed", _wake_message(event["body"]))

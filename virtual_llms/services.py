@@ -20,6 +20,7 @@ from django.utils import timezone
 from . import crypto
 from .errors import ApiError
 from .models import ApiToken, Llm, LlmKind, LlmStatus, ProviderSession
+from .state import get_state, name_field, session_field
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,21 @@ class ProviderSpec:
 class GcResult:
     marked_inactive: int
     deleted: int
+
+
+def llm_touch(*fields: str) -> None:
+    """Tell every worker that rows changed (by name, session or all: state.py's fields), so
+    none serves a cached copy. Touched now and again at commit: a worker that reads the row
+    between the two caches it under a stamp the second touch changes."""
+    touched = list(fields)
+    get_state().llm_touch(touched)
+    if transaction.get_connection().in_atomic_block:
+        transaction.on_commit(lambda: get_state().llm_touch(touched))
+
+
+def llm_saved(*, llm: Llm) -> None:
+    """Every save or delete of a row (services, admin, queryset deletes)."""
+    llm_touch(name_field(llm.name))
 
 
 def _conflict(message: str) -> ApiError:
@@ -121,9 +137,10 @@ def _register_locked(*, token: ApiToken, sid: str, providers: list[ProviderSpec]
     # Rows this session owned before and the new list leaves out go inactive, withdrawn: the
     # publisher no longer serves them, so its heartbeats must not bring them back.
     left_out = Llm.objects.filter(provider_session_id=sid).exclude(name__in=list(result))
-    left_out.exclude(status=LlmStatus.INACTIVE).update(
+    if left_out.exclude(status=LlmStatus.INACTIVE).update(
         status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
-    )
+    ):
+        llm_touch(session_field(sid))
     left_out.update(withdrawn=True)
     return [result[p.name] for p in providers]
 
@@ -150,13 +167,14 @@ def llm_heartbeat(*, token: ApiToken, session_id: str) -> int:
         now = timezone.now()
         rows = Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)
         count = rows.count()
-        rows.filter(status=LlmStatus.INACTIVE, withdrawn=False).update(
+        if rows.filter(status=LlmStatus.INACTIVE, withdrawn=False).update(
             status=LlmStatus.ACTIVE,
             inactive_since=None,
             last_heartbeat_at=now,
             version=F("version") + 1,
             updated_at=now,
-        )
+        ):
+            llm_touch(session_field(session_id))
         rows.exclude(status=LlmStatus.INACTIVE).update(last_heartbeat_at=now)
     return count
 
@@ -185,12 +203,14 @@ def llm_set_status(*, token: ApiToken, session_id: str, llm_name: str, status: s
     return row
 
 
-def llm_mark_awake(*, llm_id: uuid.UUID) -> bool:
+def llm_mark_awake(*, llm_id: uuid.UUID, name: str) -> bool:
     """A wake succeeded: hibernating → active, heartbeat bumped. False if the row moved on."""
     now = timezone.now()
     changed = Llm.objects.filter(pk=llm_id, status=LlmStatus.HIBERNATING).update(
         status=LlmStatus.ACTIVE, last_heartbeat_at=now, version=F("version") + 1, updated_at=now
     )
+    if changed:
+        llm_touch(name_field(name))
     return changed == 1
 
 
@@ -198,14 +218,17 @@ def session_unbind(*, session_id: str) -> datetime:
     """The session's stream closed: all its rows go inactive at once. Returns the moment
     written to their ``inactive_since`` (session_rebind's key)."""
     now = timezone.now()
-    Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL).exclude(
-        status=LlmStatus.INACTIVE
-    ).update(
-        status=LlmStatus.INACTIVE,
-        inactive_since=now,
-        version=F("version") + 1,
-        updated_at=now,
-    )
+    if (
+        Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)
+        .exclude(status=LlmStatus.INACTIVE)
+        .update(
+            status=LlmStatus.INACTIVE,
+            inactive_since=now,
+            version=F("version") + 1,
+            updated_at=now,
+        )
+    ):
+        llm_touch(session_field(session_id))
     return now
 
 
@@ -213,7 +236,7 @@ def session_rebind(*, session_id: str, unbound_at: datetime) -> int:
     """Undo one session_unbind (a newer stream bound the session meanwhile): the rows it
     made inactive become active again. Rows made inactive otherwise stay so."""
     now = timezone.now()
-    return Llm.objects.filter(
+    count = Llm.objects.filter(
         provider_session_id=session_id,
         kind=LlmKind.VIRTUAL,
         status=LlmStatus.INACTIVE,
@@ -224,6 +247,9 @@ def session_rebind(*, session_id: str, unbound_at: datetime) -> int:
         version=F("version") + 1,
         updated_at=now,
     )
+    if count:
+        llm_touch(session_field(session_id))
+    return count
 
 
 def token_is_revoked(*, token_id: int) -> bool:
@@ -233,13 +259,16 @@ def token_is_revoked(*, token_id: int) -> bool:
 def llm_mark_inactive(*, names: list[str]) -> int:
     """Operator action: take virtual rows out of service until their publisher heartbeats."""
     now = timezone.now()
-    return (
+    count = (
         Llm.objects.filter(name__in=names, kind=LlmKind.VIRTUAL)
         .exclude(status=LlmStatus.INACTIVE)
         .update(
             status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
         )
     )
+    if count:
+        llm_touch(*[name_field(name) for name in names])
+    return count
 
 
 def llm_create_public(
@@ -295,4 +324,8 @@ def gc_sweep(*, now: datetime | None = None, dry_run: bool = False) -> GcResult:
     marked = stale.update(
         status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
     )
+    # Forget the stamps of rows and sessions that are gone; that touches every row once.
+    live = {name_field(n) for n in Llm.objects.values_list("name", flat=True)}
+    live |= {session_field(s) for s in ProviderSession.objects.values_list("pk", flat=True)}
+    get_state().llm_prune(live)
     return GcResult(marked_inactive=marked, deleted=deleted)

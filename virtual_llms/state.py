@@ -8,6 +8,8 @@ one-process broker). Both implementations have the same semantics and are tested
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,7 +50,27 @@ class SharedState(Protocol):
     async def lease_acquire(self, key: str, holder: str, ttl_ms: int) -> int | None: ...
     async def lease_refresh(self, key: str, epoch: int, ttl_ms: int) -> bool: ...
     async def lease_release(self, key: str, epoch: int) -> None: ...
+    async def llm_check(self, name: str, sid: str) -> tuple[str, Presence | None]: ...
+    def llm_touch(self, fields: list[str]) -> None: ...
+    def llm_prune(self, live: set[str]) -> None: ...
     async def aclose(self) -> None: ...
+
+    # This process's cache of LLM rows, validated against the stamps (relay.llm_lookup).
+    rows: dict[str, Any]
+
+
+# Stamps of the LLM rows. Every write to a row touches the stamp of its name, of its session,
+# or of everything ("*"), with a value never used before; a worker's cached row stays valid
+# while the three stamps it was read under are unchanged (relay.llm_lookup).
+ALL_ROWS = "*"
+
+
+def name_field(name: str) -> str:
+    return f"n:{name}"
+
+
+def session_field(sid: str) -> str:
+    return f"s:{sid}"
 
 
 def _encode(p: Presence) -> str:
@@ -69,6 +91,9 @@ class MemoryState:
     def __init__(self) -> None:
         self._data: dict[str, tuple[Any, float]] = {}
         self._epochs: dict[str, int] = {}
+        self._stamps: dict[str, int] = {}
+        self._seq = itertools.count(1)  # next() is atomic: writers run on other threads
+        self.rows: dict[str, Any] = {}
 
     def _get(self, key: str) -> Any:
         item = self._data.get(key)
@@ -145,6 +170,22 @@ class MemoryState:
         if self._get(f"l:{key}") == epoch:
             del self._data[f"l:{key}"]
 
+    async def llm_check(self, name: str, sid: str) -> tuple[str, Presence | None]:
+        stamps = self._stamps
+        fields = (name_field(name), session_field(sid), ALL_ROWS)
+        stamp = "/".join(str(stamps.get(f, "")) for f in fields)
+        return stamp, (self._get(f"s:{sid}") if sid else None)
+
+    def llm_touch(self, fields: list[str]) -> None:
+        value = next(self._seq)
+        for f in fields:
+            self._stamps[f] = value
+
+    def llm_prune(self, live: set[str]) -> None:
+        for f in [f for f in self._stamps if f not in live and f != ALL_ROWS]:
+            self._stamps.pop(f, None)
+        self.llm_touch([ALL_ROWS])
+
     async def aclose(self) -> None:
         return None
 
@@ -201,6 +242,24 @@ if v and string.match(v, '^(%d+)') == ARGV[1] then return redis.call('DEL', KEYS
 return 0
 """
 
+# A row's three stamps (name, session, everything) and, in the same round trip, who holds
+# the session's stream (as _LOOKUP).
+_LLM_CHECK = """
+local st = redis.call('HMGET', KEYS[1], ARGV[1], ARGV[2], '*')
+local stamp = (st[1] or '') .. '/' .. (st[2] or '') .. '/' .. (st[3] or '')
+local p = false
+if ARGV[4] == '1' then
+  p = redis.call('GET', KEYS[2])
+  if p and redis.call('EXISTS', ARGV[3] .. string.match(p, '^(%S+)')) == 0 then p = false end
+end
+return {stamp, p}
+"""
+_LLM_TOUCH = """
+local s = redis.call('INCR', KEYS[2])
+for i = 1, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], s) end
+return s
+"""
+
 _SCRIPTS = {
     "lookup": _LOOKUP,
     "refresh": _REFRESH,
@@ -209,6 +268,7 @@ _SCRIPTS = {
     "lease_acquire": _LEASE_ACQUIRE,
     "lease_refresh": _LEASE_REFRESH,
     "lease_release": _LEASE_RELEASE,
+    "llm_check": _LLM_CHECK,
 }
 
 
@@ -220,6 +280,11 @@ class RedisState:
         self.prefix = f"{prefix}:"
         # Per event loop: the client and its registered Lua scripts.
         self._clients: dict[asyncio.AbstractEventLoop, tuple[Any, dict[str, Any]]] = {}
+        # Writes to rows are sync code (services on the ORM thread, admin, commands): they
+        # touch stamps with a sync client, made on first use.
+        self._sync: tuple[Any, Any] | None = None
+        self._sync_lock = threading.Lock()
+        self.rows: dict[str, Any] = {}
 
     def _conn(self) -> tuple[Any, dict[str, Any]]:
         import redis.asyncio as redis_asyncio
@@ -316,6 +381,39 @@ class RedisState:
     async def lease_release(self, key: str, epoch: int) -> None:
         await self._script("lease_release")(keys=[self._k("l", key)], args=[epoch])
 
+    async def llm_check(self, name: str, sid: str) -> tuple[str, Presence | None]:
+        stamp, raw = await self._script("llm_check")(
+            keys=[self._k("stamps"), self._k("s", sid)],
+            args=[name_field(name), session_field(sid), self._k("w", ""), "1" if sid else "0"],
+        )
+        return str(stamp), _decode(raw or None)
+
+    def _sync_client(self) -> tuple[Any, Any]:
+        with self._sync_lock:
+            if self._sync is None:
+                import redis
+
+                client = redis.Redis.from_url(self._url, decode_responses=True)
+                self._sync = (client, client.register_script(_LLM_TOUCH))
+            return self._sync
+
+    def llm_touch(self, fields: list[str]) -> None:
+        touch = self._sync_client()[1]
+        touch(keys=[self._k("stamps"), self._k("stamps", "seq")], args=fields)
+
+    def llm_prune(self, live: set[str]) -> None:
+        client = self._sync_client()[0]
+        dead = [f for f in client.hkeys(self._k("stamps")) if f not in live and f != ALL_ROWS]
+        if dead:
+            client.hdel(self._k("stamps"), *dead)
+        self.llm_touch([ALL_ROWS])
+
+    def close_sync(self) -> None:
+        with self._sync_lock:
+            if self._sync is not None:
+                self._sync[0].close()
+                self._sync = None
+
     async def aclose(self) -> None:
         """Close this event loop's client."""
         conn = self._clients.pop(asyncio.get_running_loop(), None)
@@ -337,7 +435,14 @@ def get_state() -> SharedState:
     return _state
 
 
+def current_state() -> SharedState | None:
+    """The process's state object, if one was made."""
+    return _state
+
+
 def reset_state() -> None:
     """Forget the process's state object (tests that switch settings or event loops)."""
     global _state
+    if isinstance(_state, RedisState):
+        _state.close_sync()
     _state = None

@@ -25,7 +25,7 @@ from . import proxy, relay, selectors, services
 from .auth import CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate, authenticate
 from .errors import ApiError
 from .http import internal_error, json_view, read_json_object
-from .models import Llm, LlmKind, LlmStatus
+from .models import LlmKind, LlmStatus
 
 log = logging.getLogger("mcpd.streams")
 
@@ -158,27 +158,14 @@ def _streaming(body: dict[str, Any]) -> bool:
     return bool(flag)
 
 
-def _authenticate_and_read(header: str | None, name: str | None) -> Llm | None:
-    authenticate(header, CLIENT_ROLES)
-    return selectors.llm_get(name=name) if name else None
-
-
 async def _infer(request: HttpRequest, endpoint: str) -> HttpResponseBase:
     started = time.perf_counter()
-    # The body is checked before the database is asked, but a missing token still wins:
-    # one hop to the ORM thread authenticates and reads the row together.
-    body_error: ApiError | None = None
-    name: str | None = None
-    try:
-        body = read_json_object(request)
-        name = _model_name(body)
-        streaming = _streaming(body)
-    except ApiError as exc:
-        body_error = exc
-    row = await sync_to_async(_authenticate_and_read)(request.headers.get("Authorization"), name)
-    if body_error is not None:
-        raise body_error
-    assert name is not None
+    # A missing token wins over a bad body, and a bad body over an unknown model.
+    await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
+    body = read_json_object(request)
+    name = _model_name(body)
+    streaming = _streaming(body)
+    row, presence = await relay.llm_lookup(name)
     if row is None:
         raise ApiError(404, "model_not_found", f"The model '{name}' does not exist.")
     if row.kind == LlmKind.PUBLIC:
@@ -191,15 +178,19 @@ async def _infer(request: HttpRequest, endpoint: str) -> HttpResponseBase:
         )
     ref = relay.ref_of(row)
     if streaming:
-        return await _stream(ref, body, endpoint, started)
-    return await _unary(ref, body, endpoint, started)
+        return await _stream(ref, body, endpoint, started, presence)
+    return await _unary(ref, body, endpoint, started, presence)
 
 
 async def _unary(
-    ref: relay.LlmRef, body: dict[str, Any], endpoint: str, started: float
+    ref: relay.LlmRef,
+    body: dict[str, Any],
+    endpoint: str,
+    started: float,
+    presence: relay.Presence | None,
 ) -> HttpResponseBase:
     headers: dict[str, str] = {}
-    pending, woke = await relay.enqueue_infer(ref, body, False, endpoint)
+    pending, woke = await relay.enqueue_infer(ref, body, False, endpoint, presence)
     if woke:
         headers["X-Mcpd-Wake"] = f"woke;dur={woke * 1000:.0f}"
     sent = time.perf_counter()
@@ -230,7 +221,11 @@ async def _unary(
 
 
 async def _stream(
-    ref: relay.LlmRef, body: dict[str, Any], endpoint: str, started: float
+    ref: relay.LlmRef,
+    body: dict[str, Any],
+    endpoint: str,
+    started: float,
+    presence: relay.Presence | None,
 ) -> HttpResponseBase:
     """A streamed answer. The status line is held back while an error can still get its own
     status (the contract's table), for up to one ping interval; a wait longer than that (a
@@ -251,7 +246,8 @@ async def _stream(
             return _sse_response(await prestarted(_stream_events(ref, body, endpoint, wake=wake)))
         headers["X-Mcpd-Wake"] = f"woke;dur={wake.result() * 1000:.0f}"
         ref = dataclasses.replace(ref, status=LlmStatus.ACTIVE)
-    pending, _ = await relay.enqueue_infer(ref, body, True, endpoint)
+        presence = None  # looked up again after the wake
+    pending, _ = await relay.enqueue_infer(ref, body, True, endpoint, presence)
     deadline = loop.time() + settings.MCPD_INFER_TIMEOUT_SECONDS
     try:
         first = await _next_or_none(pending, max(0.0, min(window_end, deadline) - loop.time()))

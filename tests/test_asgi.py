@@ -1,0 +1,102 @@
+"""The API's ASGI handler: Django's request signals without a thread hop, and the ORM
+thread's connections checked on a timer instead (mcpd_site/asgi.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from asgiref.testing import ApplicationCommunicator
+from django.core import signals
+from django.db import connection
+
+from mcpd_site import asgi
+from virtual_llms.models import Llm
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+def _scope(path: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+
+
+async def _get(path: str) -> tuple[int, bytes]:
+    app = ApplicationCommunicator(asgi.application, _scope(path))
+    await app.send_input({"type": "http.request", "body": b""})
+    start = await app.receive_output(5)
+    body = await app.receive_output(5)
+    await app.wait(5)
+    return start["status"], body["body"]
+
+
+@pytest.fixture
+async def upkeep(async_orm: None) -> Any:
+    """Stop this loop's upkeep task at the end (it runs for the life of a worker)."""
+    yield
+    task = asgi.ApiASGIHandler._upkeep.pop(asyncio.get_running_loop(), None)
+    if task is not None:
+        task.cancel()
+
+
+async def test_request_signals_are_sent_on_the_event_loop_thread(upkeep: None) -> None:
+    threads: list[tuple[str, int]] = []
+
+    def started(**kwargs: Any) -> None:
+        threads.append(("started", threading.get_ident()))
+
+    def finished(**kwargs: Any) -> None:
+        threads.append(("finished", threading.get_ident()))
+
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    try:
+        status, body = await _get("/v1/models")
+    finally:
+        signals.request_started.disconnect(started)
+        signals.request_finished.disconnect(finished)
+    assert status == 401
+    assert json.loads(body)["error"]["code"] == "unauthorized"
+    loop_thread = threading.get_ident()
+    assert threads == [("started", loop_thread), ("finished", loop_thread)]
+
+
+async def test_the_orm_threads_connections_are_checked_on_a_timer(
+    upkeep: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(asgi, "DB_UPKEEP_SECONDS", 0.05)
+    assert (await _get("/api/v1/llms"))[0] == 401  # starts the upkeep task
+
+    def use_connection() -> None:
+        Llm.objects.count()
+        # As after a query under CONN_HEALTH_CHECKS (not in django-stubs, hence setattr).
+        setattr(connection, "health_check_done", True)  # noqa: B010 - see above
+
+    def checked() -> bool:
+        # close_old_connections: closed (past CONN_MAX_AGE, as on SQLite where it is 0), or
+        # to be health-checked before its next use.
+        return connection.connection is None or not getattr(connection, "health_check_done")  # noqa: B009 - not in django-stubs
+
+    await sync_to_async(use_connection)()
+    for _ in range(40):
+        if await sync_to_async(checked)():
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the ORM thread's connection was never checked")

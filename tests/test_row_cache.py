@@ -1,0 +1,247 @@
+"""The per-process cache of LLM rows on the request path (relay.llm_lookup) and the stamps
+that keep it honest (state.py): every way a row can change is seen by the next lookup.
+
+The first run of the suite uses SQLite and the in-memory state; the second PostgreSQL and
+Redis, where the stamps live in a Redis hash that every worker reads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection, transaction
+from django.utils import timezone
+
+from virtual_llms import relay, services, state
+from virtual_llms.auth import token_create
+from virtual_llms.models import ApiToken, Llm, LlmKind, LlmStatus, ProviderSession
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+@sync_to_async
+def make_row(name: str = "m1", sid: str = "sess", status: str = "active") -> ApiToken:
+    token, _ = token_create(role="publisher", label="pub")
+    ProviderSession.objects.create(pk=sid, token=token)
+    Llm.objects.create(
+        name=name,
+        type="openai",
+        model="m",
+        kind=LlmKind.VIRTUAL,
+        provider_session_id=sid,
+        publisher_token=token,
+        status=status,
+        last_heartbeat_at=timezone.now(),
+        inactive_since=timezone.now() if status == "inactive" else None,
+    )
+    return token
+
+
+async def lookup(name: str = "m1") -> Llm | None:
+    row, _ = await relay.llm_lookup(name)
+    return row
+
+
+async def test_a_row_is_read_once_then_served_from_the_cache(async_orm: None) -> None:
+    await make_row()
+    first = await lookup()
+    assert first is not None
+    assert first.status == "active"
+    assert await lookup() is first  # the same object: no second read
+    assert await lookup("nope") is None
+
+
+async def test_the_presence_of_the_session_comes_with_the_row(hub: relay.Hub) -> None:
+    token = await make_row()
+    assert (await relay.llm_lookup("m1"))[1] is None  # no control stream yet
+    stream = relay.ControlStream("sess", token.pk)
+    await relay.stream_open(stream)
+    for _ in range(2):  # read from the database, then from the cache
+        _, presence = await relay.llm_lookup("m1")
+        assert presence is not None
+        assert presence.epoch == stream.epoch
+    await relay.stream_close(stream)
+
+
+def _set_status(token: ApiToken) -> None:
+    services.llm_set_status(token=token, session_id="sess", llm_name="m1", status="hibernating")
+
+
+def _admin_save(token: ApiToken) -> None:
+    row = Llm.objects.get(name="m1")
+    row.status = LlmStatus.HIBERNATING
+    row.save()
+
+
+def _mark_inactive(token: ApiToken) -> None:
+    services.llm_mark_inactive(names=["m1"])
+
+
+def _unbind(token: ApiToken) -> None:
+    services.session_unbind(session_id="sess")
+
+
+def _register_leaving_it_out(token: ApiToken) -> None:
+    spec = services.ProviderSpec(name="other", type="openai", model="m")
+    services.llm_register(token=token, session_id="sess", providers=[spec])
+
+
+def _register_with_new_model(token: ApiToken) -> None:
+    spec = services.ProviderSpec(name="m1", type="openai", model="m2", status="hibernating")
+    services.llm_register(token=token, session_id="sess", providers=[spec])
+
+
+def _gc_stale(token: ApiToken) -> None:
+    services.gc_sweep(now=timezone.now() + timedelta(days=1))
+
+
+WRITES: dict[str, Callable[[ApiToken], None]] = {
+    "set_status": _set_status,
+    "admin_save": _admin_save,
+    "mark_inactive": _mark_inactive,
+    "session_unbind": _unbind,
+    "register_leaves_it_out": _register_leaving_it_out,
+    "register_changes_it": _register_with_new_model,
+    "gc_sweep": _gc_stale,
+}
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+async def test_every_write_is_seen_by_the_next_lookup(write: str, async_orm: None) -> None:
+    token = await make_row()
+    before = await lookup()
+    assert before is not None
+    assert before.status == "active"
+    await sync_to_async(WRITES[write])(token)
+    after = await lookup()
+    assert after is not None
+    assert after is not before
+    assert after.status != "active"
+
+
+async def test_revivals_are_seen(async_orm: None) -> None:
+    """Inactive → active by a heartbeat, by a rebind, and hibernating → active by a wake."""
+    token = await make_row(status="inactive")
+    assert (await lookup()).status == "inactive"  # type: ignore[union-attr]  # the row exists
+    await sync_to_async(services.llm_heartbeat)(token=token, session_id="sess")
+    assert (await lookup()).status == "active"  # type: ignore[union-attr]  # the row exists
+
+    unbound_at = await sync_to_async(services.session_unbind)(session_id="sess")
+    assert (await lookup()).status == "inactive"  # type: ignore[union-attr]  # the row exists
+    await sync_to_async(services.session_rebind)(session_id="sess", unbound_at=unbound_at)
+    assert (await lookup()).status == "active"  # type: ignore[union-attr]  # the row exists
+
+    await sync_to_async(_set_status)(token)
+    row = await lookup()
+    assert row is not None
+    assert row.status == "hibernating"
+    await sync_to_async(services.llm_mark_awake)(llm_id=row.id, name="m1")
+    assert (await lookup()).status == "active"  # type: ignore[union-attr]  # the row exists
+
+
+async def test_an_evicted_row_is_gone_at_once(async_orm: None) -> None:
+    await make_row()
+    row = await lookup()
+    assert row is not None
+    await sync_to_async(services.llm_evict)(llm=row)
+    assert await lookup() is None
+
+
+async def test_a_row_moved_to_another_session_is_read_with_that_session(
+    async_orm: None,
+) -> None:
+    token = await make_row()
+    assert (await lookup()).provider_session_id == "sess"  # type: ignore[union-attr]
+    await sync_to_async(services.session_unbind)(session_id="sess")
+    spec = services.ProviderSpec(name="m1", type="openai", model="m")
+    await sync_to_async(services.llm_register)(token=token, session_id="sess2", providers=[spec])
+    row = await lookup()
+    assert row is not None
+    assert row.provider_session_id == "sess2"
+    assert await lookup() is row
+    # A write by session now reaches the row through its new session's stamp.
+    await sync_to_async(services.session_unbind)(session_id="sess2")
+    assert (await lookup()).status == "inactive"  # type: ignore[union-attr]  # the row exists
+
+
+async def test_a_lookup_during_a_write_is_not_kept_past_its_commit(async_orm: None) -> None:
+    """The writer touches the stamps inside its transaction and again at commit: a reader
+    that read the old row in between keeps it only until the commit."""
+    await make_row()
+    assert (await lookup()).status == "active"  # type: ignore[union-attr]  # the row exists
+    loop = asyncio.get_running_loop()
+    writer = ThreadPoolExecutor(1)  # one thread: the transaction spans several calls
+    in_tx, release = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with transaction.atomic():
+            services.llm_mark_inactive(names=["m1"])
+            in_tx.set()
+            release.wait(10)
+        connection.close()
+
+    done = loop.run_in_executor(writer, write)
+    await loop.run_in_executor(None, in_tx.wait, 10)
+    during = await lookup()  # the stamps changed; the row read still sees the old state
+    assert during is not None
+    assert during.status == "active"
+    release.set()
+    await done
+    writer.shutdown()
+    after = await lookup()
+    assert after is not None
+    assert after.status == "inactive"
+
+
+async def test_a_write_behind_mcpds_back_is_seen_within_the_cache_age(
+    async_orm: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await make_row()
+    assert (await lookup()).status == "active"  # type: ignore[union-attr]  # the row exists
+    # A raw UPDATE touches no stamp: the cached row is served until it ages out.
+    await sync_to_async(Llm.objects.filter(name="m1").update)(status="hibernating")
+    assert (await lookup()).status == "active"  # type: ignore[union-attr]  # the row exists
+    monkeypatch.setattr(relay, "ROW_CACHE_SECONDS", 0.0)
+    assert (await lookup()).status == "hibernating"  # type: ignore[union-attr]  # (aged out)
+
+
+async def test_stamps_change_on_every_touch_and_never_repeat(async_orm: None) -> None:
+    shared = state.get_state()
+    name, sid = state.name_field("a"), state.session_field("s")
+    seen = {(await shared.llm_check("a", "s"))[0]}
+    for fields in ([name], [sid], [state.ALL_ROWS], [name, sid]):
+        await sync_to_async(shared.llm_touch)(fields)
+        seen.add((await shared.llm_check("a", "s"))[0])
+    assert len(seen) == 5
+    # Another name's stamp is untouched by a touch of "a"; "everything" touches it.
+    other = (await shared.llm_check("b", "t"))[0]
+    await sync_to_async(shared.llm_touch)([name])
+    assert (await shared.llm_check("b", "t"))[0] == other
+    # Pruning drops dead fields and touches everything: no old stamp comes back.
+    await sync_to_async(shared.llm_prune)({name})
+    pruned = (await shared.llm_check("a", "s"))[0]
+    assert pruned not in seen
+    assert (await shared.llm_check("b", "t"))[0] != other
+
+
+async def test_gc_sweep_prunes_the_stamps_of_deleted_rows(async_orm: None) -> None:
+    token = await make_row(name="old", status="inactive")
+    await make_row(name="kept", sid="sess2")
+    shared = state.get_state()
+    await sync_to_async(shared.llm_touch)([state.session_field("sess")])
+    before = (await shared.llm_check("old", "sess"))[0].split("/")
+    assert before[0]
+    assert before[1]
+    long_ago = timezone.now() - timedelta(days=30)
+    await sync_to_async(Llm.objects.filter(name="old").update)(inactive_since=long_ago)
+    assert (await sync_to_async(services.gc_sweep)()).deleted == 1
+    after = (await shared.llm_check("old", "sess"))[0].split("/")
+    assert after[0] == ""  # the deleted row's stamp is gone
+    assert after[1] == before[1]  # its session still exists: its stamp is kept
+    assert after[2] != before[2]  # and everything was touched
+    assert token.pk
