@@ -14,7 +14,6 @@ from typing import Any
 
 import django
 from asgiref.sync import sync_to_async
-from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
@@ -53,14 +52,15 @@ class ApiASGIHandler(BrokerASGIHandler):
     templates; bearer tokens are checked in the views). load_middleware is Django's with an
     empty MIDDLEWARE list.
 
-    Django's handle() also hops to the sync thread twice per request, to send
-    request_started and request_finished, whose receivers (close_old_connections,
-    reset_queries) look after the calling thread's database connections. Here they are sent
-    on the event loop's thread, which has no connections, so they cost nothing; the
-    connections of the ORM thread, where all the process's sync code runs, get the same
-    check every DB_UPKEEP_SECONDS from a task of this handler instead. A relayed request with
-    its token and row cached then never leaves the event loop. handle() is otherwise
-    Django 5.2's.
+    Django's handle() also sends request_started and request_finished, each a hop to the
+    sync thread (their receivers, close_old_connections and reset_queries, are sync) and 5 %
+    of a worker's CPU even when run on the loop's thread (bench/profile.py). This handle()
+    sends neither: the connections they look after are the ORM thread's, where all the
+    process's sync code runs, and a task of this handler gives those the same check every
+    DB_UPKEEP_SECONDS. A relayed request with its token and row cached then never leaves the
+    event loop. Nothing else in the API listens to those signals (no cache, no templates),
+    and its responses hold no resources to close (bodies are bytes or async generators,
+    which send_response closes). handle() is otherwise Django 5.2's.
     """
 
     def load_middleware(self, is_async: bool = False) -> None:
@@ -91,13 +91,11 @@ class ApiASGIHandler(BrokerASGIHandler):
         except RequestAborted:
             return
         set_script_prefix(get_script_prefix(scope))
-        signals.request_started.send(sender=self.__class__, scope=scope)
         request, error_response = self.create_request(scope, body_file)
         if request is None:
             assert error_response is not None
             body_file.close()
             await self.send_response(error_response, send)
-            error_response.close()
             return
 
         async def process_request() -> Any:
@@ -125,12 +123,6 @@ class ApiASGIHandler(BrokerASGIHandler):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        try:
-            response = tasks[1].result()
-        except asyncio.CancelledError:
-            signals.request_finished.send(sender=self.__class__)
-        else:
-            response.close()  # sends request_finished, here on the event loop's thread
         body_file.close()
 
 

@@ -8,22 +8,23 @@ from virtual_llms import streams, views
 handler404 = "virtual_llms.http.not_found"
 handler500 = "virtual_llms.http.server_error"
 
+# Matched in order: the per-request routes (inference, task results) come first.
 urlpatterns = [
-    path("admin/", admin.site.urls),
+    # Client API
+    path("v1/chat/completions", streams.chat_completions),
+    path("v1/completions", streams.completions),
+    path("v1/embeddings", streams.embeddings),
+    path("v1/models", streams.list_models),
     # Publisher API
+    path("api/v1/virtual/tasks/<str:task_id>/result", views.task_result),
+    path("api/v1/virtual/tasks/<str:task_id>/chunks", views.task_chunks),
+    path("api/v1/virtual/tasks/<str:task_id>/error", views.task_error),
     path("api/v1/virtual/register", views.RegisterView.as_view()),
     path("api/v1/virtual/heartbeat", views.HeartbeatView.as_view()),
     path("api/v1/virtual/status", views.StatusView.as_view()),
     path("api/v1/virtual/sessions/<str:session_id>/stream", streams.control_stream),
-    path("api/v1/virtual/tasks/<str:task_id>/result", views.task_result),
-    path("api/v1/virtual/tasks/<str:task_id>/chunks", views.task_chunks),
-    path("api/v1/virtual/tasks/<str:task_id>/error", views.task_error),
     # REST API
     path("api/v1/llms", views.LlmListView.as_view()),
     path("api/v1/llms/<path:name>", views.LlmDetailView.as_view()),
-    # Client API
-    path("v1/models", streams.list_models),
-    path("v1/chat/completions", streams.chat_completions),
-    path("v1/completions", streams.completions),
-    path("v1/embeddings", streams.embeddings),
+    path("admin/", admin.site.urls),
 ]

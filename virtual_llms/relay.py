@@ -523,7 +523,8 @@ async def require_stream(llm: LlmRef) -> None:
 async def next_event(p: Pending, timeout: float) -> dict[str, Any]:
     """The task's next event, or ApiError 504 after ``timeout`` seconds of silence."""
     try:
-        event = await asyncio.wait_for(p.queue.get(), timeout)
+        async with asyncio.timeout(timeout):  # cheaper than wait_for: no task per call
+            event = await p.queue.get()
     except TimeoutError:
         if timeout == settings.MCPD_INFER_TIMEOUT_SECONDS:
             raise silence_error() from None
@@ -637,7 +638,8 @@ async def stream_frames(stream: ControlStream) -> AsyncIterator[dict[str, Any] |
             next_ping = loop.time() + settings.MCPD_PING_SECONDS
             continue
         try:
-            frame = await asyncio.wait_for(stream.queue.get(), wait)
+            async with asyncio.timeout(wait):
+                frame = await stream.queue.get()
         except TimeoutError:
             continue
         if frame is None:

@@ -275,7 +275,8 @@ async def _stream(
 
 async def _next_or_none(pending: relay.Pending, timeout: float) -> dict[str, Any] | None:
     try:
-        event = await asyncio.wait_for(pending.queue.get(), timeout)
+        async with asyncio.timeout(timeout):
+            event = await pending.queue.get()
     except TimeoutError:
         return None
     pending.got_data = True
