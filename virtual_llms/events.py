@@ -12,6 +12,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import channel_layers, get_channel_layer
+from django.conf import settings
 
 WORKERS_GROUP = "mcpd.workers"
 
@@ -27,6 +28,23 @@ async def new_channel() -> str:
 
 async def send(channel: str, message: dict[str, Any]) -> None:
     await layer().send(channel, message)
+
+
+def direct_payload(message: dict[str, Any]) -> bytes | None:
+    """What ``send(channel, message)`` would PUBLISH on the Redis pub/sub layer, for a caller
+    that publishes it itself, inside the Redis script that also writes the task's state
+    (state.py): one round trip instead of two, and off the layer's one publishing connection,
+    which sends one message at a time. That layer sends a message by PUBLISHing its
+    serialized bytes to the channel's name on its only host; settings give it REDIS_URL,
+    the state's server. None for any other layer: the caller then uses ``send``."""
+    config: dict[str, Any] = dict(settings.CHANNEL_LAYERS["default"])
+    if config["BACKEND"] != PUBSUB_LAYER or config["CONFIG"]["hosts"] != [settings.REDIS_URL]:
+        return None
+    payload: bytes = layer().serialize(message)
+    return payload
+
+
+PUBSUB_LAYER = "channels_redis.pubsub.RedisPubSubChannelLayer"
 
 
 async def receive(channel: str) -> dict[str, Any]:

@@ -354,8 +354,10 @@ async def stop_hub() -> None:
 
 async def deliver_event(reply: str, task_id: str, event: dict[str, Any]) -> None:
     """Hand a task event to the hub of the request that waits on it. Always through the
-    channel layer, even when that hub is this one: the events of one task keep one path, so
-    a chunk batch POSTed here can never overtake an earlier one POSTed to another worker."""
+    channel layer (or, with Redis, a PUBLISH of its bytes from a script: _post), even when
+    that hub is this one: the events of one task keep one path, Redis's order of
+    execution, so a chunk batch POSTed here can never overtake an earlier one POSTed to
+    another worker."""
     await events.send(reply, {"type": "task.event", "taskId": task_id, "event": event})
 
 
@@ -477,21 +479,24 @@ async def dispatch(llm: LlmRef, frame: dict[str, Any], presence: Presence | None
         epoch=presence.epoch,
     )
     hub.pending[task_id] = pending
+    # The record starts with the requester's hub channel (state.py reads it there).
+    record = f"{hub.channel} {llm.session_id}"
+    message = {
+        "type": "task.push",
+        "sid": llm.session_id,
+        "epoch": presence.epoch,
+        "hops": 0,
+        "frame": frame,
+        "reply": hub.channel,
+        "tokenId": llm.token_id,
+    }
     try:
-        # The record starts with the requester's hub channel (state.py reads it there).
-        await state.task_put(task_id, llm.token_id, f"{hub.channel} {llm.session_id}")
-        await _route(
-            presence,
-            {
-                "type": "task.push",
-                "sid": llm.session_id,
-                "epoch": presence.epoch,
-                "hops": 0,
-                "frame": frame,
-                "reply": hub.channel,
-                "tokenId": llm.token_id,
-            },
-        )
+        payload = events.direct_payload(message) if presence.channel != hub.channel else None
+        if payload is not None:
+            await state.task_open(task_id, llm.token_id, record, presence.channel, payload)
+        else:
+            await state.task_put(task_id, llm.token_id, record)
+            await _route(presence, message)
     except BaseException:
         hub.pending.pop(task_id, None)
         await state.task_take(task_id, llm.token_id)
@@ -569,15 +574,19 @@ async def _post(task_id: str, token_id: int, event: dict[str, Any], *, take: boo
     requester died). ``take`` ends the task: it is taken once, and given back if the hand-over
     fails, so the publisher's retry finds it and nothing is lost."""
     state = get_state()
-    record = await (state.task_take if take else state.task_get)(task_id, token_id)
+    message = {"type": "task.event", "taskId": task_id, "event": event}
+    payload = events.direct_payload(message)
+    # With the Redis layer, the script that reads the record also publishes the event.
+    record = await (state.task_take if take else state.task_get)(task_id, token_id, payload)
     if record is None:
         return False
-    try:
-        await deliver_event(record.split(" ", 1)[0], task_id, event)
-    except BaseException:
-        if take:
-            await state.task_put(task_id, token_id, record)
-        raise
+    if payload is None:
+        try:
+            await events.send(record.split(" ", 1)[0], message)
+        except BaseException:
+            if take:
+                await state.task_put(task_id, token_id, record)
+            raise
     return True
 
 

@@ -45,8 +45,15 @@ class SharedState(Protocol):
     async def worker_gone(self, channel: str) -> None: ...
     async def live_workers(self, channels: list[str]) -> set[str]: ...
     async def task_put(self, tid: str, token_id: int, record: str) -> None: ...
-    async def task_get(self, tid: str, token_id: int) -> str | None: ...
-    async def task_take(self, tid: str, token_id: int) -> str | None: ...
+    async def task_open(
+        self, tid: str, token_id: int, record: str, channel: str, payload: bytes
+    ) -> None: ...
+    async def task_get(
+        self, tid: str, token_id: int, payload: bytes | None = None
+    ) -> str | None: ...
+    async def task_take(
+        self, tid: str, token_id: int, payload: bytes | None = None
+    ) -> str | None: ...
     async def lease_acquire(self, key: str, holder: str, ttl_ms: int) -> int | None: ...
     async def lease_refresh(self, key: str, epoch: int, ttl_ms: int) -> bool: ...
     async def lease_release(self, key: str, epoch: int) -> None: ...
@@ -140,13 +147,20 @@ class MemoryState:
     async def task_put(self, tid: str, token_id: int, record: str) -> None:
         self._set(f"t:{tid}:{token_id}", record, TASK_TTL_SECONDS)
 
-    async def task_get(self, tid: str, token_id: int) -> str | None:
+    async def task_open(
+        self, tid: str, token_id: int, record: str, channel: str, payload: bytes
+    ) -> None:
+        raise NotImplementedError("no Redis to publish to: events.direct_payload is None")
+
+    async def task_get(self, tid: str, token_id: int, payload: bytes | None = None) -> str | None:
+        assert payload is None, "no Redis to publish to"
         value = self._get(f"t:{tid}:{token_id}")
         if value is not None:
             self._set(f"t:{tid}:{token_id}", value, TASK_TTL_SECONDS)
         return value
 
-    async def task_take(self, tid: str, token_id: int) -> str | None:
+    async def task_take(self, tid: str, token_id: int, payload: bytes | None = None) -> str | None:
+        assert payload is None, "no Redis to publish to"
         value = self._get(f"t:{tid}:{token_id}")
         if value is not None:
             del self._data[f"t:{tid}:{token_id}"]
@@ -217,6 +231,8 @@ return epoch
 """
 # An open task's record starts with the requester's hub channel. If that worker died, the
 # record is dropped and the publisher's answer refused (404), as for a client that left.
+# Else the answer (ARGV[4], the channel layer's bytes, events.direct_payload) is published
+# to that channel, in the same round trip.
 _TASK_READ = """
 local v
 if ARGV[2] == '1' then v = redis.call('GETDEL', KEYS[1])
@@ -227,7 +243,14 @@ if redis.call('EXISTS', ARGV[1] .. reply) == 0 then
   redis.call('DEL', KEYS[1])
   return nil
 end
+if ARGV[4] ~= '' then redis.call('PUBLISH', reply, ARGV[4]) end
 return v
+"""
+# A new task's record, and its frame published to the hub holding the stream.
+_TASK_OPEN = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
 """
 _LEASE_REFRESH = """
 local v = redis.call('GET', KEYS[1])
@@ -269,6 +292,7 @@ _SCRIPTS = {
     "lease_refresh": _LEASE_REFRESH,
     "lease_release": _LEASE_RELEASE,
     "llm_check": _LLM_CHECK,
+    "task_open": _TASK_OPEN,
 }
 
 
@@ -352,20 +376,32 @@ class RedisState:
     async def task_put(self, tid: str, token_id: int, record: str) -> None:
         await self._r().set(self._k("t", tid, token_id), record, ex=TASK_TTL_SECONDS)
 
-    async def _task_read(self, tid: str, token_id: int, take: bool) -> str | None:
+    async def task_open(
+        self, tid: str, token_id: int, record: str, channel: str, payload: bytes
+    ) -> None:
+        """task_put, and ``payload`` published to ``channel``, in one round trip."""
+        await self._script("task_open")(
+            keys=[self._k("t", tid, token_id)], args=[record, TASK_TTL_SECONDS, channel, payload]
+        )
+
+    async def _task_read(
+        self, tid: str, token_id: int, take: bool, payload: bytes | None
+    ) -> str | None:
         value = await self._script("task_read")(
             keys=[self._k("t", tid, token_id)],
-            args=[self._k("w", ""), "1" if take else "0", TASK_TTL_SECONDS],
+            args=[self._k("w", ""), "1" if take else "0", TASK_TTL_SECONDS, payload or b""],
         )
         return value if value is None else str(value)
 
-    async def task_get(self, tid: str, token_id: int) -> str | None:
-        """The open task's record (its TTL renewed), if its requester is alive."""
-        return await self._task_read(tid, token_id, take=False)
+    async def task_get(self, tid: str, token_id: int, payload: bytes | None = None) -> str | None:
+        """The open task's record (its TTL renewed), if its requester is alive; ``payload``,
+        if given, is published to the requester's hub."""
+        return await self._task_read(tid, token_id, False, payload)
 
-    async def task_take(self, tid: str, token_id: int) -> str | None:
-        """Take the open task's record: whoever gets it ends the task, once."""
-        return await self._task_read(tid, token_id, take=True)
+    async def task_take(self, tid: str, token_id: int, payload: bytes | None = None) -> str | None:
+        """Take the open task's record: whoever gets it ends the task, once. ``payload``, if
+        given, is published to the requester's hub."""
+        return await self._task_read(tid, token_id, True, payload)
 
     async def lease_acquire(self, key: str, holder: str, ttl_ms: int) -> int | None:
         epoch = await self._script("lease_acquire")(

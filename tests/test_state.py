@@ -1,0 +1,55 @@
+"""The shared state's task records, and (with Redis) the scripts that publish a task's frame or
+event in the same round trip as its record (state.task_open, task_take/task_get with a
+payload from events.direct_payload). The first run of the suite has the in-memory layer,
+where there is nothing to publish to; the second has Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from django.conf import settings
+
+from virtual_llms import events, state
+
+
+async def test_direct_payload_only_with_the_redis_pubsub_layer() -> None:
+    message = {"type": "task.event", "taskId": "t", "event": {"kind": "result"}}
+    payload = events.direct_payload(message)
+    if settings.REDIS_URL:
+        assert payload is not None
+        assert events.layer().deserialize(payload) == message
+    else:
+        assert payload is None
+        with pytest.raises(NotImplementedError):
+            await state.get_state().task_open("t", 1, "r s", "ch", b"x")
+
+
+async def test_a_task_opened_and_taken_publishes_in_the_same_call() -> None:
+    if not settings.REDIS_URL:
+        pytest.skip("the in-memory layer has no Redis channels (the test above checks that)")
+    shared = state.get_state()
+    holder = await events.new_channel()
+    requester = await events.new_channel()
+    await shared.worker_beat(requester)
+    try:
+        push = {"type": "task.push", "sid": "s", "frame": {"taskId": "t1"}}
+        payload = events.direct_payload(push)
+        assert payload is not None
+        await shared.task_open("t1", 7, f"{requester} s", holder, payload)
+        assert await asyncio.wait_for(events.receive(holder), 5) == push
+
+        first = {"type": "task.event", "taskId": "t1", "event": {"kind": "chunks"}}
+        last = {"type": "task.event", "taskId": "t1", "event": {"kind": "result"}}
+        assert await shared.task_get("t1", 8, events.direct_payload(first)) is None  # not its
+        assert await shared.task_get("t1", 7, events.direct_payload(first)) == f"{requester} s"
+        assert await shared.task_take("t1", 7, events.direct_payload(last)) == f"{requester} s"
+        assert await asyncio.wait_for(events.receive(requester), 5) == first
+        assert await asyncio.wait_for(events.receive(requester), 5) == last
+        # Taken once: a late answer finds nothing and publishes nothing.
+        assert await shared.task_take("t1", 7, events.direct_payload(last)) is None
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(events.receive(requester), 0.3)
+    finally:
+        await shared.worker_gone(requester)
+        await events.close_layer()
