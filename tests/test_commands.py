@@ -156,3 +156,18 @@ def test_the_system_check_warns_about_the_in_memory_layer_and_the_dev_key() -> N
     with override_settings(DEBUG=False, REDIS_URL="redis://x", MCPD_SECRET_KEY_FROM_ENV=True):
         ids = {message.id for message in run_checks()}
     assert not ids & {"mcpd.W001", "mcpd.W002"}
+
+
+def test_serve_freezes_the_startup_objects_out_of_the_collectors_sight() -> None:
+    import gc
+
+    from virtual_llms.management.commands.serve import freeze_startup_objects
+
+    before = gc.get_freeze_count()
+    try:
+        freeze_startup_objects()
+        # Django, the URLconf, the views, DRF, admin: tens of thousands of objects.
+        assert gc.get_freeze_count() - before > 10_000
+        assert "mcpd_site.asgi" in sys.modules
+    finally:
+        gc.unfreeze()

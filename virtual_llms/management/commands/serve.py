@@ -6,6 +6,7 @@ from cutting idle control sockets (DESIGN.md pitfalls 5 and 6). Anything after `
 passed to daphne as it is.
 """
 
+import gc
 from typing import Any
 
 from django.conf import settings
@@ -47,7 +48,24 @@ class Command(BaseCommand):
         from daphne.cli import CommandLineInterface
 
         skip_form_parsing()
+        freeze_startup_objects()
         CommandLineInterface().run(daphne_args(bind, port, daphne))
+
+
+def freeze_startup_objects() -> None:
+    """Load everything a worker imports (the ASGI application, the URLconf and its views)
+    now, then move those ~100,000 objects out of the garbage collector's sight
+    (``gc.freeze``). Otherwise every full collection walks them all: 40-55 ms pauses, a
+    dozen per minute under load, which set the p99 of every request they hit (measured
+    with gc.callbacks on one worker at 170 req/s; frozen: 2-3 ms). Startup objects live as
+    long as the process anyway."""
+    from django.urls import get_resolver
+
+    import mcpd_site.asgi  # noqa: F401 - imported for its side effects: the app and handlers
+
+    get_resolver().url_patterns  # noqa: B018 - imports the URLconf
+    gc.collect()
+    gc.freeze()
 
 
 def skip_form_parsing() -> None:
