@@ -291,9 +291,11 @@ class Bench:
             progress(f"  rate {detail} → {'ok' if ok else 'over'}")
             if ok:
                 good = rate
-                if bad < math.inf:
+                if bad < math.inf or rate >= s.rate_cap:
                     break
-                rate = round(rate * (factor or s.rate_factor))
+                # A step past the cap tries the cap itself, so "no limit up to the cap" is
+                # only said of the cap.
+                rate = min(round(rate * (factor or s.rate_factor)), s.rate_cap)
             else:
                 bad, last_fail = rate, detail
                 if good:
@@ -311,7 +313,12 @@ class Bench:
                 good = mid
             else:
                 bad, last_fail = mid, detail
-        note = f"first over: {last_fail}" if last_fail else f"no limit up to {s.rate_cap:g}/s"
+        if last_fail:
+            note = f"first over: {last_fail}"
+        elif good >= s.rate_cap:
+            note = f"no limit up to {s.rate_cap:g}/s (the search's cap)"
+        else:
+            note = f"no rate passed from {start:g}/s"
         return good, note
 
     async def direct_baseline_rate(self) -> None:
