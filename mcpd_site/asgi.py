@@ -110,7 +110,17 @@ class ApiASGIHandler(BrokerASGIHandler):
             asyncio.create_task(self.listen_for_disconnect(receive)),
             asyncio.create_task(process_request()),
         ]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # Unlike Django's: daphne cancelling the application (10 s after a disconnect)
+            # also cancels the view, and both tasks' outcomes are collected, not left to be
+            # logged as "Task exception was never retrieved".
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            body_file.close()
+            raise
         for task in tasks:
             if task.done():
                 try:

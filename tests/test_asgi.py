@@ -103,3 +103,34 @@ async def test_the_orm_threads_connections_are_checked_on_a_timer(
         await asyncio.sleep(0.05)
     else:
         pytest.fail("the ORM thread's connection was never checked")
+
+
+async def test_cancelling_the_application_cancels_the_view_and_the_listener(
+    upkeep: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """daphne cancels an application 10 s after its client left: nothing may outlive it."""
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow_view(self: Any, request: Any) -> Any:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(asgi.ApiASGIHandler, "run_get_response", slow_view)
+    app = ApplicationCommunicator(asgi.application, _scope("/v1/models"))
+    await app.send_input({"type": "http.request", "body": b""})
+    await asyncio.wait_for(started.wait(), 5)
+    app.future.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await app.future
+    assert cancelled.is_set()
+    leftovers = [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and "listen_for_disconnect" in repr(t.get_coro())
+    ]
+    assert leftovers == []
