@@ -196,8 +196,9 @@ class MemoryState:
             self._stamps[f] = value
 
     def llm_prune(self, live: set[str]) -> None:
-        for f in [f for f in self._stamps if f not in live and f != ALL_ROWS]:
-            self._stamps.pop(f, None)
+        for f in list(self._stamps):  # a snapshot: writers on other threads may add stamps
+            if f not in live and f != ALL_ROWS:
+                self._stamps.pop(f, None)
         self.llm_touch([ALL_ROWS])
 
     async def aclose(self) -> None:
