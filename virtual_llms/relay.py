@@ -358,7 +358,11 @@ async def deliver_event(reply: str, task_id: str, event: dict[str, Any]) -> None
     that hub is this one: the events of one task keep one path, Redis's order of
     execution, so a chunk batch POSTed here can never overtake an earlier one POSTed to
     another worker."""
-    await events.send(reply, {"type": "task.event", "taskId": task_id, "event": event})
+    await events.send(reply, _task_event(task_id, event))
+
+
+def _task_event(task_id: str, event: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "task.event", "taskId": task_id, "event": event}
 
 
 # --- the requester's side ------------------------------------------------------------------
@@ -574,15 +578,14 @@ async def _post(task_id: str, token_id: int, event: dict[str, Any], *, take: boo
     requester died). ``take`` ends the task: it is taken once, and given back if the hand-over
     fails, so the publisher's retry finds it and nothing is lost."""
     state = get_state()
-    message = {"type": "task.event", "taskId": task_id, "event": event}
-    payload = events.direct_payload(message)
+    payload = events.direct_payload(_task_event(task_id, event))
     # With the Redis layer, the script that reads the record also publishes the event.
     record = await (state.task_take if take else state.task_get)(task_id, token_id, payload)
     if record is None:
         return False
     if payload is None:
         try:
-            await events.send(record.split(" ", 1)[0], message)
+            await deliver_event(record.split(" ", 1)[0], task_id, event)
         except BaseException:
             if take:
                 await state.task_put(task_id, token_id, record)
