@@ -1,7 +1,9 @@
-"""``python -m bench.run --profile``: py-spy on one daphne worker under relayed load.
+"""``python -m bench.run --profile``: py-spy on one daphne worker (or, with
+``--profile-target agent``, on the ``mcpd-publish`` agent) under relayed load.
 
-Starts a broker, a bench publisher and the upstream, drives open-loop non-streaming requests
-(and 8 streams at a time) at a fixed rate, and records worker 0 with ``py-spy record
+Starts a broker, a publisher (the bench publisher; the agent for ``--profile-target agent``)
+and the upstream, drives open-loop non-streaming requests
+(and 8 streams at a time) at a fixed rate, and records worker 0 (or the agent) with ``py-spy record
 --nonblocking --gil``: samples of whichever thread holds the GIL, i.e. CPU spent in Python,
 not idle threads (py-spy is not a dependency: ``.venv/bin/pip install py-spy``). Prints where
 the samples fall: by package, by leaf function (self), by function on the stack (inclusive),
@@ -18,7 +20,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from .lines import BenchLine
+from .lines import AgentLine, BenchLine, Line
 from .measure import cpu_seconds, settle
 from .rpc import Child
 from .scenarios import QUICK, Bench, progress
@@ -102,8 +104,10 @@ async def run_profile(args: argparse.Namespace) -> int:
     loadgen = await Child.spawn("loadgen", "bench.loadgen", log_dir)
     bench = Bench(QUICK, loadgen, upstream_url, log_dir)
     setup = await start_setup(setup_key)
-    line = BenchLine(log_dir)
-    out = log_dir / "worker0.raw"
+    line: Line = (
+        AgentLine(log_dir, args.agent_cmd) if args.profile_target == "agent" else BenchLine(log_dir)
+    )
+    out = log_dir / f"{args.profile_target}.raw"
     try:
         llm = f"profile-{setup_key}-{transport}"
         await line.start(
@@ -120,15 +124,17 @@ async def run_profile(args: argparse.Namespace) -> int:
         await loadgen.call("open_loop", targets=unary, rate=rate, duration=2.0)  # warm-up
         await settle(setup.pids)
         seconds = args.profile_seconds
+        pid = line.pids()[0] if args.profile_target == "agent" else setup.pids[0]
         progress(
-            f"profiling worker 0 of {SETUPS[setup_key][0]} / {transport}: {rate:g} req/s "
+            f"profiling {args.profile_target} of {SETUPS[setup_key][0]} / {transport}: "
+            f"{rate:g} req/s "
             f"open loop + 8 streams at a time, {seconds:g} s"
         )
         spy_proc = await asyncio.create_subprocess_exec(
             spy,
             "record",
             "--pid",
-            str(setup.pids[0]),
+            str(pid),
             "--duration",
             str(int(seconds)),
             "--rate",
@@ -143,6 +149,7 @@ async def run_profile(args: argparse.Namespace) -> int:
             stderr=asyncio.subprocess.PIPE,
         )
         cpu_before = cpu_seconds(setup.pids)
+        line_cpu_before = cpu_seconds(line.pids())
 
         async def stream_load() -> None:
             loop = asyncio.get_running_loop()
@@ -155,6 +162,7 @@ async def run_profile(args: argparse.Namespace) -> int:
             stream_load(),
         )
         cpu = cpu_seconds(setup.pids) - cpu_before
+        line_cpu = cpu_seconds(line.pids()) - line_cpu_before
         _, err = await spy_proc.communicate()
         if spy_proc.returncode != 0 or not out.exists():
             print(f"py-spy failed: {err.decode(errors='replace')[-2000:]}", file=sys.stderr)
@@ -163,7 +171,9 @@ async def run_profile(args: argparse.Namespace) -> int:
         print(
             f"load: {result['ok']} ok / {result['failed']} failed unary at {rate:g}/s; "
             f"broker CPU {cpu:.1f} s over {seconds:g} s "
-            f"({100 * cpu / seconds / max(1, setup.n):.0f}% of a core per process)"
+            f"({100 * cpu / seconds / max(1, setup.n):.0f}% of a core per process); "
+            f"{line.name} publisher CPU {line_cpu:.1f} s "
+            f"({100 * line_cpu / seconds:.0f}% of a core)"
         )
         print(summarize(out.read_text()))
         print(f"raw stacks: {out}")

@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the table here")
     parser.add_argument("--profile", action="store_true", help="py-spy profile instead")
+    parser.add_argument(
+        "--profile-target",
+        choices=("worker", "agent"),
+        default="worker",
+        help="profile daphne worker 0 under the bench publisher, or the mcpd-publish agent",
+    )
     parser.add_argument("--profile-seconds", type=float, default=20.0)
     parser.add_argument("--profile-rate", type=float, default=40.0, help="requests/s")
     return parser.parse_args(argv)
