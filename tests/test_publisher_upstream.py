@@ -9,6 +9,7 @@ mid-stream. The last user message steers it:
     "slow:<n>:<seconds>[:<tag>]"   stream n chunks, one every <seconds>
     "fail:<status>"        answer <status> with an OpenAI-shaped error
     "nodone:<n>"           stream n chunks and end without [DONE]
+    "linger:<seconds>"     stream, but keep the body open that long after [DONE]
     anything else          echo it ("echo: <text>"), streamed word by word when asked
 """
 
@@ -42,6 +43,7 @@ class Seen:
     path: str
     body: dict[str, Any]
     authorization: str | None
+    peer: int = 0  # the client's port: one per connection
 
 
 class FakeUpstream:
@@ -165,7 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         body = json.loads(self.rfile.read(length) or b"{}")
-        self.owner.record(Seen(self.path, body, self.headers.get("Authorization")))
+        self.owner.record(
+            Seen(self.path, body, self.headers.get("Authorization"), self.client_address[1])
+        )
         if not self.owner.awake():
             self._json(503, {"error": {"message": "the model is asleep"}})
             return
@@ -191,8 +195,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": {"message": f"no route {self.path}"}})
 
     def _stream(self, model: str, prompt: str) -> None:
-        words, delay, done = [f"echo: {prompt}"], 0.0, True
-        if prompt.startswith("slow:"):
+        words, delay, done, linger = [f"echo: {prompt}"], 0.0, True, 0.0
+        if prompt.startswith("linger:"):
+            words, linger = ["w0 "], float(prompt.split(":")[1])
+        elif prompt.startswith("slow:"):
             _, n, seconds, *_ = prompt.split(":")
             words, delay = [f"w{i} " for i in range(int(n))], float(seconds)
         elif prompt.startswith("nodone:"):
@@ -211,6 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._chunk(f"data: {event}\n\n".encode())
                 if delay:
                     self._pause(delay)
+            if linger:
+                self._pause(linger)
             self._chunk(b"")
         except HungUp:
             with self.owner.lock:
@@ -337,6 +345,34 @@ async def test_stream_without_done_gets_one(upstream: FakeUpstream) -> None:
     assert sink.data()[-1] == "[DONE]"
     assert sink.data().count("[DONE]") == 1
     assert len(sink.data()) == 5  # three words, the finish chunk, [DONE]
+
+
+async def test_streams_reuse_the_upstream_connection(upstream: FakeUpstream) -> None:
+    """What follows [DONE] (the end of the body) is read, so the connection goes back to the
+    pool: one connection for two streams and an answer, not one per stream."""
+    async with httpx.AsyncClient() as http:
+        for text, stream in (("a b", True), ("c d", True), ("e", False)):
+            sink = RecordingSink()
+            await forward(http, llm(upstream.url), infer(text, stream=stream), sink)
+            assert (sink.data()[-1] if stream else sink.results[0][0]) in ("[DONE]", 200)
+    assert len(upstream.seen) == 3
+    assert len({seen.peer for seen in upstream.seen}) == 1
+
+
+async def test_a_body_that_stays_open_after_done_is_dropped_after_a_bound(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from virtual_llms.publisher import upstream as module
+
+    monkeypatch.setattr(module, "DRAIN_SECONDS", 0.3)
+    sink = RecordingSink()
+    started = time.monotonic()
+    async with httpx.AsyncClient() as http:
+        await forward(http, llm(upstream.url), infer("linger:5", stream=True), sink)
+    assert time.monotonic() - started < 3.0
+    assert sink.data()[-1] == "[DONE]"
+    assert not sink.errors
+    await asyncio.to_thread(upstream.wait_for, lambda: "linger:5" in upstream.hangups, 5.0)
 
 
 async def test_slow_posts_batch_what_piles_up(upstream: FakeUpstream) -> None:

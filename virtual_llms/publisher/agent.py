@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from .backoff import Backoff
-from .broker import BrokerClient, BrokerError, TaskGone, TaskSink
+from .broker import KEEPALIVE, BrokerClient, BrokerError, TaskGone, TaskSink
 from .config import Config, LlmConfig
 from .control import Frame, StreamLost, StreamRefused, open_stream
 from .logs import human, log
@@ -109,7 +109,9 @@ class Agent:
         self.broker = broker or BrokerClient(config.brokers, config.token)
         total = sum(llm.max_concurrent for llm in config.llms)
         self.upstream = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=total + 16, max_keepalive_connections=total)
+            limits=httpx.Limits(
+                max_connections=total + 16, max_keepalive_connections=min(total, KEEPALIVE)
+            )
         )
         self.served = {
             llm.name: Served(

@@ -11,11 +11,13 @@ or breaks mid-stream gets an ``error`` whose message says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import httpx
-from httpx_sse import EventSource
+from httpx_sse import EventSource, ServerSentEvent
 
 from .batcher import Chunk, ChunkBatcher
 from .broker import MAX_MESSAGE
@@ -24,6 +26,8 @@ from .config import LlmConfig
 # The endpoints of PROTOCOL.md; nothing else is ever called on the upstream.
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 DONE = "[DONE]"
+# How long a streamed answer's body may go on after [DONE] before its connection is dropped.
+DRAIN_SECONDS = 1.0
 
 
 class Sink(Protocol):
@@ -129,14 +133,26 @@ async def forward(
         await response.aclose()
 
 
+async def _drain(events: AsyncIterator[ServerSentEvent]) -> None:
+    """Read what follows ``[DONE]`` (normally just the end of the body), so that the
+    connection goes back to the pool instead of being closed: one TCP connection per stream
+    otherwise. An upstream that keeps the body open after ``[DONE]`` gets
+    :data:`DRAIN_SECONDS`; the client already has its ``[DONE]``."""
+    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in events:
+                pass
+
+
 async def _relay_stream(llm: LlmConfig, url: str, response: httpx.Response, sink: Sink) -> str:
     batcher = ChunkBatcher(sink.chunks)
     failure: str | None = None
     try:
         async with asyncio.TaskGroup() as group:
             group.create_task(batcher.run())
+            events = EventSource(response).aiter_sse()
             try:
-                async for event in EventSource(response).aiter_sse():
+                async for event in events:
                     if event.data == DONE:
                         break
                     batcher.put(event.data)
@@ -144,6 +160,8 @@ async def _relay_stream(llm: LlmConfig, url: str, response: httpx.Response, sink
             except httpx.HTTPError as exc:
                 failure = transport_failure(llm, url, exc, streaming=True)
                 batcher.close()  # what arrived before the failure still goes out, in order
+            if failure is None:
+                await _drain(events)
     except* Exception as group_error:
         raise group_error.exceptions[0] from None
     if failure is not None:
