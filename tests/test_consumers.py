@@ -56,6 +56,7 @@ async def test_the_socket_carries_tasks_and_results(
     refused = await receive(ws)
     assert refused["type"] == "protocol_error"
     assert refused["taskId"] == pending.task_id
+    assert refused["code"] == "task_not_found"
     await ws.send_to(text_data=json.dumps({"type": "heartbeat"}))
     assert await receive(ws) == {"type": "heartbeat", "ok": True, "llms": 1}
     await ws.disconnect()
@@ -64,23 +65,25 @@ async def test_the_socket_carries_tasks_and_results(
 
 
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "code"),
     [
-        "{not json",
-        "[1]",
-        '{"no": "type"}',
-        '{"type": "bogus", "taskId": "t"}',
-        '{"type": "result"}',
+        ("{not json", "invalid_json"),
+        ("[1]", "invalid_request"),
+        ('{"no": "type"}', "invalid_request"),
+        ('{"type": "bogus", "taskId": "t"}', "invalid_request"),
+        ('{"type": "result"}', "invalid_request"),
     ],
 )
 async def test_a_malformed_frame_gets_protocol_error_and_the_socket_stays(
-    tokens: Tokens, virtual_llm: None, hub: relay.Hub, raw: str
+    tokens: Tokens, virtual_llm: None, hub: relay.Hub, raw: str, code: str
 ) -> None:
     ws = socket(tokens.publisher_plain)
     await ws.connect()
     await receive(ws)  # ready
     await ws.send_to(text_data=raw)
-    assert (await receive(ws))["type"] == "protocol_error"
+    refused = await receive(ws)
+    assert refused["type"] == "protocol_error"
+    assert refused["code"] == code
     await ws.send_to(text_data=json.dumps({"type": "heartbeat"}))
     assert (await receive(ws))["type"] == "heartbeat"
     await ws.disconnect()

@@ -103,19 +103,20 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
         try:
             reply = await self._handle(raw)
         except ApiError as exc:
-            reply = self._protocol_error(exc.message, raw)
+            reply = self._protocol_error(exc.message, raw, exc.code)
         except Exception:
             # A Redis or database hiccup must not kill the socket (and the session with it).
             log.exception("control socket frame failed")
-            reply = self._protocol_error("internal error; retry the frame", raw)
+            reply = self._protocol_error("internal error; retry the frame", raw, "internal_error")
         if reply is not None:
             await self.send(json.dumps(reply))
 
     @staticmethod
-    def _protocol_error(message: str, raw: str | bytes | None) -> dict[str, Any]:
+    def _protocol_error(message: str, raw: str | bytes | None, code: str) -> dict[str, Any]:
         """A protocol_error, naming the frame's taskId when it had one, so a publisher
-        answering over the socket knows which task was refused."""
-        reply: dict[str, Any] = {"type": "protocol_error", "message": message}
+        answering over the socket knows which task was refused, and the error's code
+        (``task_not_found``: the task is over; stop working on it)."""
+        reply: dict[str, Any] = {"type": "protocol_error", "message": message, "code": code}
         try:
             frame = json.loads(raw) if raw is not None else None
         except (UnicodeDecodeError, json.JSONDecodeError):

@@ -10,7 +10,9 @@ Life of the agent (PROTOCOL.md "Publisher API")::
 
 Tasks outlive the stream they came on: each is an asyncio task of its own that posts its
 answer to whichever broker URL answers. A task the broker forgot (its client left, the stream
-dropped) answers 404 to the next post, and the task stops at once.
+dropped) answers 404 to the next post, and the task stops at once. Over a WebSocket, infer
+tasks answer on the socket instead (one frame instead of one HTTP request); the broker's
+``protocol_error`` naming a task stops it the same way.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from typing import Any
 import httpx
 
 from .backoff import Backoff
-from .broker import KEEPALIVE, BrokerClient, BrokerError, TaskGone, TaskSink
+from .broker import KEEPALIVE, BrokerClient, BrokerError, TaskGone
 from .config import Config, LlmConfig
-from .control import Frame, StreamLost, StreamRefused, open_stream
+from .control import Frame, StreamLost, StreamRefused, Uplink, open_stream
 from .logs import human, log
 from .power import Power, WakeFailed
+from .sink import TaskSink
 from .statefile import StateFile
 from .upstream import forward
 
@@ -95,6 +98,7 @@ class Running:
     llm_name: str
     job: asyncio.Task[None] | None = None
     shutdown: bool = False  # cancelled by our own shutdown, not by the broker
+    refused: str | None = None  # cancelled because the broker refused an answer on the socket
 
 
 class Agent:
@@ -123,6 +127,8 @@ class Agent:
         self.state = StateFile(config.state_file)
         self.session_id = self.state.load_session()
         self.tasks: dict[str, Running] = {}
+        # Over a WebSocket, infer tasks answer on the socket while it is open.
+        self.uplink = Uplink(self._on_refused) if config.transport == "ws" else None
         self.backoff = backoff or Backoff()
         self.connected = False
         self.stream_url: str | None = None  # where the current stream is (or was) held
@@ -266,7 +272,7 @@ class Agent:
         started = time.monotonic()
         url = self.broker.url
         async with contextlib.aclosing(
-            open_stream(self.broker, session_id, self.config.transport)
+            open_stream(self.broker, session_id, self.config.transport, self.uplink)
         ) as frames:
             async for frame in frames:
                 if frame["type"] == "ready":
@@ -364,8 +370,27 @@ class Agent:
         log.debug("task %s: cancelled by the broker (the client left or timed out)", task_id)
         running.job.cancel()
 
+    def _on_refused(self, task_id: str, code: str, message: str) -> None:
+        """The broker did not take an answer sent on the socket. ``task_not_found``: the task
+        is over (its client left, it timed out); anything else: the answer is lost, so the
+        task stops and posts an error instead, and its client hears of it at once."""
+        running = self.tasks.get(task_id)
+        gone = code == "task_not_found"
+        if running is None or running.job is None:
+            (log.debug if gone else log.warning)(
+                "task %s: the broker refused its answer: %s", task_id, message
+            )
+            return
+        if not gone:
+            log.warning("task %s: the broker refused its answer: %s", task_id, message)
+            running.refused = f"the broker refused the answer: {message}"
+        else:
+            log.debug("task %s: the broker dropped it; stopping", task_id)
+        running.job.cancel()
+
     async def _run_task(self, running: Running, work: Callable[[TaskSink], Awaitable[str]]) -> None:
-        sink = TaskSink(self.broker, running.task_id)
+        uplink = self.uplink if running.kind == "infer" else None
+        sink = TaskSink(self.broker, running.task_id, uplink)
         started = time.monotonic()
         tag = f"task {running.task_id} ({running.kind} {running.llm_name})"
         try:
@@ -377,6 +402,9 @@ class Agent:
             if running.shutdown:
                 log.warning("%s: failed, %s", tag, SHUTTING_DOWN)
                 await self._post_error(sink, tag, SHUTTING_DOWN)
+            elif running.refused is not None:
+                # Over HTTP: the socket's refusal may come again for an error frame.
+                await self._post_error(TaskSink(self.broker, running.task_id), tag, running.refused)
             raise
         except BrokerError as exc:
             log.error("%s: the broker refused the answer: %s", tag, exc)

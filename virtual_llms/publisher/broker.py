@@ -146,20 +146,3 @@ class BrokerClient:
 
     async def error(self, task_id: str, message: str) -> None:
         await self._task_post(task_id, "error", {"error": message[:MAX_MESSAGE] or "failed"})
-
-
-class TaskSink:
-    """Where one task's answer goes."""
-
-    def __init__(self, broker: BrokerClient, task_id: str) -> None:
-        self.broker = broker
-        self.task_id = task_id
-
-    async def result(self, status: int, body: Any) -> None:
-        await self.broker.result(self.task_id, status, body)
-
-    async def chunks(self, chunks: list[Chunk]) -> None:
-        await self.broker.chunks(self.task_id, chunks)
-
-    async def error(self, message: str) -> None:
-        await self.broker.error(self.task_id, message)

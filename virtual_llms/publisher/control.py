@@ -4,17 +4,22 @@ Both transports yield the same frames: ``{"type": "ready", ...}`` first, then
 ``{"type": "task", "kind": ..., "taskId": ..., ...}``. The stream ends with
 :class:`StreamRefused` (the broker said no: bad token, unknown session) or
 :class:`StreamLost` (anything else: it closed, the connection broke, it went quiet).
+
+A WebSocket also carries answers the other way (PROTOCOL.md: the publisher may send
+``result``/``chunks``/``error`` frames on it): while it is open, :class:`Uplink` sends them.
+That saves an HTTP request per answer, on both sides.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import httpx
 import websockets
 from httpx_sse import EventSource
+from websockets.asyncio.client import ClientConnection
 
 from .broker import USER_AGENT, BrokerClient, error_of
 from .logs import log
@@ -28,6 +33,38 @@ WS_PING_INTERVAL = 20.0
 WS_PING_TIMEOUT = 20.0
 # WebSocket close codes of a refused handshake (PROTOCOL.md's 401/403/404, + 4000).
 WS_REFUSED = {4401: 401, 4403: 403, 4404: 404}
+
+
+# A result bigger than this goes over HTTP, where the broker can refuse it (413) without
+# closing the socket that every other task's frames use.
+SOCKET_RESULT_BYTES = 1024 * 1024
+
+
+class Uplink:
+    """Task answers on the WebSocket control stream while it is open.
+
+    ``on_refused(task_id, code, message)`` is called for each ``protocol_error`` that names a
+    task: the broker did not take an answer of that task (``code`` ``task_not_found``: the
+    task is over, e.g. its client left)."""
+
+    def __init__(self, on_refused: Callable[[str, str, str], None]) -> None:
+        self.socket: ClientConnection | None = None
+        self.on_refused = on_refused
+
+    async def send(self, frame: Frame, *, max_bytes: int | None = None) -> bool:
+        """Send one answer frame. False if it was not sent: no socket is open (or it closed
+        under us), or it is bigger than ``max_bytes``; the caller posts it over HTTP then."""
+        socket = self.socket
+        if socket is None:
+            return False
+        text = json.dumps(frame, separators=(",", ":"))
+        if max_bytes is not None and len(text) > max_bytes:
+            return False
+        try:
+            await socket.send(text)
+        except websockets.ConnectionClosed:
+            return False
+        return True
 
 
 class StreamRefused(Exception):
@@ -47,12 +84,13 @@ def stream_path(session_id: str, transport: str) -> str:
 
 
 def open_stream(
-    broker: BrokerClient, session_id: str, transport: str
+    broker: BrokerClient, session_id: str, transport: str, uplink: Uplink | None = None
 ) -> AsyncGenerator[Frame, None]:
     """The frames of one control stream on the broker's current URL, until it ends. An async
-    generator: close it (``contextlib.aclosing``) to hang up."""
+    generator: close it (``contextlib.aclosing``) to hang up. Over a WebSocket, ``uplink``
+    sends on the socket while it is open."""
     if transport == "ws":
-        return _ws_frames(broker, session_id)
+        return _ws_frames(broker, session_id, uplink)
     return _sse_frames(broker, session_id)
 
 
@@ -79,7 +117,9 @@ async def _sse_frames(broker: BrokerClient, session_id: str) -> AsyncGenerator[F
     raise StreamLost("the broker closed the stream")
 
 
-async def _ws_frames(broker: BrokerClient, session_id: str) -> AsyncGenerator[Frame, None]:
+async def _ws_frames(
+    broker: BrokerClient, session_id: str, uplink: Uplink | None
+) -> AsyncGenerator[Frame, None]:
     base = broker.url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
     refusal = ""
     try:
@@ -93,18 +133,24 @@ async def _ws_frames(broker: BrokerClient, session_id: str) -> AsyncGenerator[Fr
             ping_timeout=WS_PING_TIMEOUT,
             close_timeout=5.0,
         ) as socket:
-            async for message in socket:
-                frame = _decode(message)
-                if frame is None:
-                    continue
-                kind = frame.get("type")
-                if kind in ("ready", "task"):
-                    yield frame
-                elif kind == "error":  # sent just before a 44xx close: why we were refused
-                    error = frame.get("error")
-                    refusal = str(error.get("message", "")) if isinstance(error, dict) else ""
-                elif kind == "protocol_error":
-                    log.warning("the broker refused a frame: %s", frame.get("message"))
+            try:
+                async for message in socket:
+                    frame = _decode(message)
+                    if frame is None:
+                        continue
+                    kind = frame.get("type")
+                    if kind == "ready" and uplink is not None:
+                        uplink.socket = socket
+                    if kind in ("ready", "task"):
+                        yield frame
+                    elif kind == "error":  # sent just before a 44xx close: why we were refused
+                        error = frame.get("error")
+                        refusal = str(error.get("message", "")) if isinstance(error, dict) else ""
+                    elif kind == "protocol_error":
+                        _on_protocol_error(frame, uplink)
+            finally:
+                if uplink is not None and uplink.socket is socket:
+                    uplink.socket = None
             _raise_for_close(socket.close_code, socket.close_reason, refusal)
     except websockets.ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd is not None else None
@@ -117,6 +163,15 @@ async def _ws_frames(broker: BrokerClient, session_id: str) -> AsyncGenerator[Fr
         raise StreamLost(f"the broker refused the socket: {error}") from None
     except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
         raise StreamLost(str(exc) or type(exc).__name__) from None
+
+
+def _on_protocol_error(frame: Frame, uplink: Uplink | None) -> None:
+    task_id = frame.get("taskId")
+    message = str(frame.get("message", ""))
+    if uplink is not None and isinstance(task_id, str):
+        uplink.on_refused(task_id, str(frame.get("code", "")), message)
+    else:
+        log.warning("the broker refused a frame: %s", message)
 
 
 def _raise_for_close(code: int | None, reason: str | None, refusal: str) -> None:
