@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,53 @@ async def settle(pids: Sequence[int], *, idle_share: float = 0.05, limit: float 
         await asyncio.sleep(step)
         if (cpu_seconds(pids) - before) / step < idle_share * max(1, len(pids)):
             return
+
+
+def _ping_pong_us(rounds: int) -> float:
+    """Median round trip, in µs, of one byte between this process and a forked child over two
+    pipes: two wake-ups of a sleeping process (usually on the other core). Every hop of a
+    relayed request (client → broker → Redis → publisher → upstream and back) pays one."""
+    r1, w1 = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child echoes until the parent closes its end
+        try:
+            os.close(w1)
+            os.close(r2)
+            while os.read(r1, 1):
+                os.write(w2, b"x")
+        finally:
+            os._exit(0)
+    os.close(r1)
+    os.close(w2)
+    times = []
+    try:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            os.write(w1, b"x")
+            os.read(r2, 1)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(w1)
+        os.close(r2)
+        os.waitpid(pid, 0)
+    return statistics.median(times) * 1e6
+
+
+def calibrate() -> dict[str, str]:
+    """Two figures that tell this host from another, since every other figure depends on
+    them: the cross-process wake-up round trip and a fixed pure-Python loop (best of 3)."""
+    loop_s = []
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        loop_s.append(time.perf_counter() - started)
+    return {
+        "wakeup_rtt_us": f"{_ping_pong_us(2000):.0f}",
+        "python_loop_ms": f"{min(loop_s) * 1000:.0f}",
+    }
 
 
 def machine() -> dict[str, str]:

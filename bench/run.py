@@ -29,7 +29,7 @@ from tests.cluster import Broker, free_port
 from tests.services_up import services_up
 
 from .lines import AgentLine, BenchLine, Line, agent_available
-from .measure import machine, settle
+from .measure import calibrate, machine, settle
 from .report import markdown, summary
 from .rpc import Child, open_log
 from .scenarios import FULL, QUICK, Bench, Setup, progress
@@ -202,7 +202,7 @@ async def main_async(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     log_dir = Path(tempfile.mkdtemp(prefix="mcpd-bench-"))
     started = time.monotonic()
-    host = machine()
+    host = machine() | calibrate()
     notes: list[str] = []
     only = set(args.only.split(","))
     setups = [s for s in args.setups.split(",") if s]
@@ -261,7 +261,9 @@ async def main_async(args: argparse.Namespace) -> int:
         f"mcpd bench ({'quick' if args.quick else 'full'}), "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, {elapsed:.0f} s; "
         f"{host['nproc']} x {host['cpu']}, {host['ram']} RAM; "
-        f"load average {host['loadavg']} at start, {host['loadavg_end']} at end"
+        f"load average {host['loadavg']} at start, {host['loadavg_end']} at end; "
+        f"calibration: process wake-up round trip {host['wakeup_rtt_us']} µs, "
+        f"1e6-step Python loop {host['python_loop_ms']} ms"
     )
     print()
     print(header)
