@@ -3,6 +3,7 @@ ASGI application, hub and channel layer)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -62,6 +63,48 @@ async def test_the_socket_carries_tasks_and_results(
     await ws.disconnect()
     # Closing the socket unbinds the session.
     assert await sync_to_async(lambda: Llm.objects.get(name="m1").status)() == "inactive"
+
+
+async def test_frames_of_different_tasks_are_handled_at_once_and_of_one_task_in_order(
+    tokens: Tokens, virtual_llm: None, hub: relay.Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow hand-over of one task's frame holds back that task's later frames only."""
+    ws = socket(tokens.publisher_plain)
+    await ws.connect()
+    await receive(ws)  # ready
+    llm = await relay.load_virtual("m1")
+    slow, quick = [(await relay.enqueue_infer(llm, {"model": "m1"}, True))[0] for _ in range(2)]
+    for _ in range(2):
+        await receive(ws)  # the two task frames
+    release = asyncio.Event()
+    handled: list[tuple[str, str]] = []
+    post_chunks = relay.post_chunks
+
+    async def held(*, token_id: int, task_id: str, chunks: list[dict[str, Any]]) -> bool:
+        if task_id == slow.task_id and chunks[0]["data"] == "1":
+            await release.wait()
+        handled.append((task_id, chunks[0]["data"]))
+        return await post_chunks(token_id=token_id, task_id=task_id, chunks=chunks)
+
+    monkeypatch.setattr(relay, "post_chunks", held)
+
+    def chunks(task_id: str, data: str, done: bool = False) -> str:
+        chunk: dict[str, Any] = {"data": data, "done": True} if done else {"data": data}
+        return json.dumps({"type": "chunks", "taskId": task_id, "chunks": [chunk]})
+
+    await ws.send_to(text_data=chunks(slow.task_id, "1"))
+    await ws.send_to(text_data=chunks(slow.task_id, "2"))
+    await ws.send_to(text_data=chunks(quick.task_id, "[DONE]", done=True))
+    # The other task's frame goes through while the first one's is held...
+    event = await relay.next_event(quick, 5)
+    assert event["chunks"] == [{"data": "[DONE]", "done": True}]
+    assert handled == [(quick.task_id, "[DONE]")]
+    # ...and the held task's second frame waits for its first.
+    release.set()
+    first, second = await relay.next_event(slow, 5), await relay.next_event(slow, 5)
+    assert (first["chunks"][0]["data"], second["chunks"][0]["data"]) == ("1", "2")
+    assert handled[1:] == [(slow.task_id, "1"), (slow.task_id, "2")]
+    await ws.disconnect()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ results, chunks, errors and heartbeats sent back on the same socket."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
@@ -23,6 +24,8 @@ log = logging.getLogger("mcpd.consumers")
 # WebSocket close codes (RFC 6455 private range) for refused handshakes, after accept so the
 # publisher can read why: 4401 unauthorized, 4403 forbidden, 4404 unknown session.
 CLOSE_CODES = {401: 4401, 403: 4403, 404: 4404}
+# Frames of one socket handled at once; the next frame is read when one finishes.
+MAX_FRAMES_IN_FLIGHT = 64
 
 
 class ControlSocketConsumer(AsyncWebsocketConsumer):
@@ -33,6 +36,16 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
     token: ApiToken | None = None
     session_id = ""
     pump: asyncio.Task[None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Frames being handled: those of one task one after another (each waits for the
+        # task's previous frame), those of different tasks at the same time. Channels hands a
+        # consumer its messages one by one, so handling each frame before reading the next
+        # would put a Redis round trip per frame in series for every task on the socket.
+        self.frames: set[asyncio.Task[None]] = set()
+        self.last_frame: dict[str, asyncio.Task[None]] = {}
+        self.frame_slots = asyncio.Semaphore(MAX_FRAMES_IN_FLIGHT)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         # Whatever ends the consumer (a disconnect, or an error daphne answers with 1011),
@@ -91,6 +104,8 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
     async def _cleanup(self) -> None:
         if self.pump is not None:
             self.pump.cancel()
+        if self.frames:  # answers that arrived before the close are handed over first
+            await asyncio.gather(*self.frames, return_exceptions=True)
         if self.stream is not None:
             stream, self.stream = self.stream, None
             try:
@@ -101,7 +116,34 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         raw = text_data if text_data is not None else bytes_data
         try:
-            reply = await self._handle(raw)
+            frame = self._parse(raw)
+        except ApiError as exc:
+            await self.send(json.dumps(self._protocol_error(exc.message, raw, exc.code)))
+            return
+        if frame is None:
+            return
+        await self.frame_slots.acquire()
+        task_id = frame.get("taskId") if frame["type"] != "heartbeat" else None
+        previous = self.last_frame.get(task_id) if isinstance(task_id, str) else None
+        job = asyncio.create_task(self._answer(frame, raw, previous))
+        self.frames.add(job)
+        if isinstance(task_id, str):
+            self.last_frame[task_id] = job
+        job.add_done_callback(lambda done: self._frame_done(done, task_id))
+
+    def _frame_done(self, job: asyncio.Task[None], task_id: Any) -> None:
+        self.frames.discard(job)
+        if isinstance(task_id, str) and self.last_frame.get(task_id) is job:
+            del self.last_frame[task_id]
+        self.frame_slots.release()
+
+    async def _answer(
+        self, frame: dict[str, Any], raw: str | bytes | None, previous: asyncio.Task[None] | None
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # the task's frames keep their order
+        try:
+            reply = await self._handle(frame)
         except ApiError as exc:
             reply = self._protocol_error(exc.message, raw, exc.code)
         except Exception:
@@ -109,7 +151,8 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
             log.exception("control socket frame failed")
             reply = self._protocol_error("internal error; retry the frame", raw, "internal_error")
         if reply is not None:
-            await self.send(json.dumps(reply))
+            with contextlib.suppress(Exception):  # the socket may be gone by now
+                await self.send(json.dumps(reply))
 
     @staticmethod
     def _protocol_error(message: str, raw: str | bytes | None, code: str) -> dict[str, Any]:
@@ -125,7 +168,8 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
             reply["taskId"] = frame["taskId"]
         return reply
 
-    async def _handle(self, raw: str | bytes | None) -> dict[str, Any] | None:
+    def _parse(self, raw: str | bytes | None) -> dict[str, Any] | None:
+        """The frame as a JSON object with a ``type``; None before the socket is bound."""
         if self.token is None or self.stream is None:
             return None
         try:
@@ -134,6 +178,10 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
             raise ApiError(400, "invalid_json", f"Malformed JSON frame: {exc}") from exc
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             raise ApiError(400, "invalid_request", "A frame is a JSON object with a 'type'.")
+        return frame
+
+    async def _handle(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+        assert self.token is not None
         kind = frame["type"]
         if kind == "heartbeat":
             count = await sync_to_async(services.llm_heartbeat)(
