@@ -6,6 +6,7 @@ where there is nothing to publish to; the second has Redis."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from django.conf import settings
@@ -53,3 +54,35 @@ async def test_a_task_opened_and_taken_publishes_in_the_same_call() -> None:
     finally:
         await shared.worker_gone(requester)
         await events.close_layer()
+
+
+async def test_a_busy_loop_stays_alive_to_other_workers_and_a_stuck_one_is_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The liveness key is refreshed from a thread while the event loop ticks: a loop held up
+    for longer than the key lives (a full machine) is not taken for a dead worker; one that
+    stopped ticking for LOOP_STALL_SECONDS is."""
+    if not settings.REDIS_URL:
+        pytest.skip("liveness keys are shared through Redis; one process needs none")
+    from virtual_llms import relay
+
+    hub = relay.Hub()
+    await hub.start()
+    shared = state.get_state()
+    ttl = state.WORKER_TTL_MS / 1000
+    try:
+        time.sleep(2 * ttl)  # noqa: ASYNC251 - blocks the loop on purpose: nothing on it can beat
+        assert await shared.live_workers([hub.channel]) == {hub.channel}
+
+        monkeypatch.setattr(relay, "LOOP_STALL_SECONDS", 0.5)
+        time.sleep(0.5 + 2 * ttl)  # noqa: ASYNC251 - the same, past LOOP_STALL_SECONDS
+        assert await shared.live_workers([hub.channel]) == set()
+
+        await asyncio.sleep(3 * state.WORKER_BEAT_SECONDS)  # the loop ticks again
+        assert await shared.live_workers([hub.channel]) == {hub.channel}
+    finally:
+        await hub.stop()
+    assert hub._beat_thread is not None
+    assert not hub._beat_thread.is_alive()
+    assert await shared.live_workers([hub.channel]) == set()
+    await shared.aclose()

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -28,7 +29,7 @@ from . import events, selectors, services
 from .auth import forget_token
 from .errors import ApiError, offline
 from .models import Llm, LlmKind, LlmStatus
-from .state import WORKER_BEAT_SECONDS, Presence, get_state
+from .state import LOOP_STALL_SECONDS, WORKER_BEAT_SECONDS, Presence, RedisState, get_state
 
 log = logging.getLogger("mcpd.relay")
 
@@ -123,11 +124,24 @@ class Hub:
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._stopping = False
+        # With Redis, the liveness key is refreshed by a thread while the loop ticks.
+        self.loop_tick = time.monotonic()
+        self._beat_thread: threading.Thread | None = None
+        self._beat_stop = threading.Event()
 
     async def start(self) -> None:
         self.channel = await events.new_channel()
         await events.join_workers(self.channel)
-        await get_state().worker_beat(self.channel)
+        state = get_state()
+        await state.worker_beat(self.channel)
+        if isinstance(state, RedisState):
+            self._beat_thread = threading.Thread(
+                target=self._beat_thread_main,
+                args=(state,),
+                name="mcpd-hub-beat",
+                daemon=True,
+            )
+            self._beat_thread.start()
         self._loops = [
             asyncio.create_task(self._receive_loop(), name="mcpd-hub-receive"),
             asyncio.create_task(self._beat_loop(), name="mcpd-hub-beat"),
@@ -143,6 +157,9 @@ class Hub:
         # _stopping flag ends the loops then, and the wait is bounded either way.
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        self._beat_stop.set()
+        if self._beat_thread is not None:  # before worker_gone: no beat may come after it
+            await asyncio.to_thread(self._beat_thread.join, 5)
         try:
             await events.leave_workers(self.channel)
             await get_state().worker_gone(self.channel)
@@ -177,14 +194,34 @@ class Hub:
             except Exception:
                 log.exception("hub could not route %s", message.get("type"))
 
+    def _beat_thread_main(self, state: RedisState) -> None:
+        """Refresh this worker's liveness key every WORKER_BEAT_SECONDS from a thread, as long
+        as the event loop ticked within LOOP_STALL_SECONDS: a loop that is only slow (a full
+        machine) stays alive to the other workers; one that is stuck, or a process killed
+        with SIGKILL, stops beating and is taken for dead within WORKER_TTL_MS."""
+        failing = False
+        while not self._beat_stop.wait(WORKER_BEAT_SECONDS):
+            if time.monotonic() - self.loop_tick > LOOP_STALL_SECONDS:
+                continue
+            try:
+                state.worker_beat_sync(self.channel)
+                failing = False
+            except Exception:
+                if not failing:  # once per outage, not three times a second
+                    log.exception("hub heartbeat failed")
+                failing = True
+
     async def _beat_loop(self) -> None:
-        """Keep this worker's liveness key fresh; nothing else may delay it."""
+        """Show the beat thread that the loop runs (or, without Redis, beat from here); rejoin
+        the workers' group now and then."""
         state = get_state()
         last_join = time.monotonic()
         while True:
             await asyncio.sleep(WORKER_BEAT_SECONDS)
+            self.loop_tick = time.monotonic()
             try:
-                await state.worker_beat(self.channel)
+                if self._beat_thread is None:
+                    await state.worker_beat(self.channel)
                 if time.monotonic() - last_join > REJOIN_SECONDS:
                     await events.join_workers(self.channel)
                     last_join = time.monotonic()

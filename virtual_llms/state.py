@@ -20,6 +20,10 @@ from django.conf import settings
 # WORKER_TTL_MS is dead (kill -9): requests for its sessions then get 503 within 2 s.
 WORKER_BEAT_SECONDS = 0.3
 WORKER_TTL_MS = 1500
+# The beat comes from a thread, so that a busy event loop (thousands of streams on a full
+# machine fell 1.5-5 s behind) is not taken for a dead worker; but only while the loop
+# shows progress: one stuck for this long is let go.
+LOOP_STALL_SECONDS = 10.0
 # A control stream refreshes its presence record with every ping (15 s); a record outlives
 # a few missed refreshes, and a dead worker's records are ignored via its liveness key.
 PRESENCE_TTL_SECONDS = 60
@@ -364,6 +368,10 @@ class RedisState:
 
     async def worker_beat(self, channel: str) -> None:
         await self._r().set(self._k("w", channel), "1", px=WORKER_TTL_MS)
+
+    def worker_beat_sync(self, channel: str) -> None:
+        """:meth:`worker_beat` from a thread (the hub's beat thread)."""
+        self._sync_client()[0].set(self._k("w", channel), "1", px=WORKER_TTL_MS)
 
     async def worker_gone(self, channel: str) -> None:
         await self._r().delete(self._k("w", channel))
