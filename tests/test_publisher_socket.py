@@ -9,17 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from tests.test_publisher_agent import Running, ScriptedBroker, make_config
+# `scripted`: the agent against test_publisher_agent's scripted HTTP broker (a fixture).
+from tests.test_publisher_agent import Running, ScriptedBroker, scripted  # noqa: F401
 from tests.test_publisher_upstream import FakeUpstream
-from virtual_llms.publisher.agent import Agent
-from virtual_llms.publisher.backoff import Backoff
 from virtual_llms.publisher.broker import BrokerClient
 from virtual_llms.publisher.config import LlmConfig
 from virtual_llms.publisher.control import SOCKET_RESULT_BYTES, StreamLost, Uplink, open_stream
@@ -133,28 +131,6 @@ async def test_answers_go_on_the_socket_while_it_is_open(socket_broker: SocketBr
         await broker.aclose()
 
 
-@pytest.fixture
-def ws_agent(
-    tmp_path: Path, socket_broker: SocketBroker, fake_upstream: FakeUpstream
-) -> Iterator[tuple[ScriptedBroker, Callable[[], Running]]]:
-    http = ScriptedBroker()
-    started: list[Running] = []
-
-    def start() -> Running:
-        llm = LlmConfig(name="m", model="fake-model", upstream=fake_upstream.url)
-        config = make_config(tmp_path, brokers=(socket_broker.url,), llms=(llm,), transport="ws")
-        client = BrokerClient(
-            config.brokers, config.token, transport=httpx.MockTransport(http.handle)
-        )
-        running = Running(Agent(config, broker=client, backoff=Backoff(base=0.01, cap=0.05)))
-        started.append(running)
-        return running
-
-    yield http, start
-    for running in started:
-        assert running.job.done(), "the test stops its agent"
-
-
 def infer(task_id: str, text: str, *, stream: bool) -> Frame:
     body: Frame = {"model": "fake-model", "messages": [{"role": "user", "content": text}]}
     if stream:
@@ -173,10 +149,11 @@ def infer(task_id: str, text: str, *, stream: bool) -> Frame:
 async def test_the_agent_answers_infer_tasks_on_the_socket(
     socket_broker: SocketBroker,
     fake_upstream: FakeUpstream,
-    ws_agent: tuple[ScriptedBroker, Callable[[], Running]],
+    scripted: tuple[ScriptedBroker, Callable[..., Running]],  # noqa: F811 - the fixture
 ) -> None:
-    http, start = ws_agent
-    running = start()
+    http, start = scripted  # the scripted HTTP broker of test_publisher_agent, for HTTP posts
+    llm = LlmConfig(name="m", model="fake-model", upstream=fake_upstream.url)
+    running = start(brokers=(socket_broker.url,), llms=(llm,), transport="ws")
     await asyncio.wait_for(socket_broker.connected.wait(), 10)
     await until(
         lambda: running.agent.uplink is not None and running.agent.uplink.socket is not None
