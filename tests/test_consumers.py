@@ -107,6 +107,39 @@ async def test_frames_of_different_tasks_are_handled_at_once_and_of_one_task_in_
     await ws.disconnect()
 
 
+async def test_frames_received_before_the_close_are_handed_over_within_a_bound(
+    tokens: Tokens, virtual_llm: None, hub: relay.Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket closes while two answers are still being handed over: the one that
+    finishes within FRAME_DRAIN_SECONDS reaches its client; the one that does not is
+    dropped, and its client hears "publisher disconnected" when the session is unbound."""
+    from virtual_llms import consumers
+
+    monkeypatch.setattr(consumers, "FRAME_DRAIN_SECONDS", 0.5)
+    ws = socket(tokens.publisher_plain)
+    await ws.connect()
+    await receive(ws)  # ready
+    llm = await relay.load_virtual("m1")
+    slow, stuck = [(await relay.enqueue_infer(llm, {"model": "m1"}, False))[0] for _ in range(2)]
+    for _ in range(2):
+        await receive(ws)  # the two task frames
+    post_result = relay.post_result
+
+    async def held(*, token_id: int, task_id: str, status: int, body: Any) -> bool:
+        await asyncio.sleep(0.2 if task_id == slow.task_id else 60)
+        return await post_result(token_id=token_id, task_id=task_id, status=status, body=body)
+
+    monkeypatch.setattr(relay, "post_result", held)
+    for pending in (slow, stuck):
+        frame = {"type": "result", "taskId": pending.task_id, "status": 200, "body": {"ok": 1}}
+        await ws.send_to(text_data=json.dumps(frame))
+    await ws.disconnect(timeout=5)
+    assert (await relay.next_event(slow, 5))["body"] == {"ok": 1}
+    failed = await relay.next_event(stuck, 5)
+    assert failed["kind"] == "error"
+    assert failed["code"] == "publisher_disconnected"
+
+
 @pytest.mark.parametrize(
     ("raw", "code"),
     [

@@ -26,6 +26,8 @@ log = logging.getLogger("mcpd.consumers")
 CLOSE_CODES = {401: 4401, 403: 4403, 404: 4404}
 # Frames of one socket handled at once; the next frame is read when one finishes.
 MAX_FRAMES_IN_FLIGHT = 64
+# When the socket closes, frames still being handed over get this long (then are dropped).
+FRAME_DRAIN_SECONDS = 10.0
 
 
 class ControlSocketConsumer(AsyncWebsocketConsumer):
@@ -105,7 +107,9 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
         if self.pump is not None:
             self.pump.cancel()
         if self.frames:  # answers that arrived before the close are handed over first
-            await asyncio.gather(*self.frames, return_exceptions=True)
+            _, late = await asyncio.wait(set(self.frames), timeout=FRAME_DRAIN_SECONDS)
+            for job in late:
+                job.cancel()
         if self.stream is not None:
             stream, self.stream = self.stream, None
             try:
