@@ -208,13 +208,18 @@ class Publisher:
             self.counts["held"] += 1
             await self.released.wait()
 
+    async def _upstream_call(self, frame: Frame) -> tuple[str, bytes]:
+        """The upstream URL and body of an infer task, once ``hold`` lets it go."""
+        await self._wait_release()
+        return self.upstream + frame["endpoint"], json.dumps(
+            frame["body"], separators=(",", ":")
+        ).encode()
+
     async def _infer(self, s: Session, frame: Frame) -> None:
         tid = frame["taskId"]
         try:
-            await self._wait_release()
+            url, body = await self._upstream_call(frame)
             assert self.http is not None
-            body = json.dumps(frame["body"], separators=(",", ":")).encode()
-            url = self.upstream + frame["endpoint"]
             async with self.http.post(url, data=body, headers=JSON) as response:
                 raw = await response.read()
             if raw[:1] not in (b"{", b"["):
@@ -248,10 +253,8 @@ class Publisher:
         sender = asyncio.create_task(pump())
         saw_done = False
         try:
-            await self._wait_release()
+            url, body = await self._upstream_call(frame)
             assert self.http is not None
-            body = json.dumps(frame["body"], separators=(",", ":")).encode()
-            url = self.upstream + frame["endpoint"]
             async with self.http.post(url, data=body, headers=JSON) as response:
                 if response.status != 200:
                     raw = await response.read()
