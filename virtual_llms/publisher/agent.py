@@ -374,18 +374,15 @@ class Agent:
         """The broker did not take an answer sent on the socket. ``task_not_found``: the task
         is over (its client left, it timed out); anything else: the answer is lost, so the
         task stops and posts an error instead, and its client hears of it at once."""
-        running = self.tasks.get(task_id)
         gone = code == "task_not_found"
+        (log.debug if gone else log.warning)(
+            "task %s: the broker refused its answer: %s", task_id, message
+        )
+        running = self.tasks.get(task_id)
         if running is None or running.job is None:
-            (log.debug if gone else log.warning)(
-                "task %s: the broker refused its answer: %s", task_id, message
-            )
-            return
+            return  # it has ended already
         if not gone:
-            log.warning("task %s: the broker refused its answer: %s", task_id, message)
             running.refused = f"the broker refused the answer: {message}"
-        else:
-            log.debug("task %s: the broker dropped it; stopping", task_id)
         running.job.cancel()
 
     async def _run_task(self, running: Running, work: Callable[[TaskSink], Awaitable[str]]) -> None:
