@@ -244,3 +244,72 @@ async def test_gc_sweep_prunes_the_stamps_of_deleted_rows(async_orm: None) -> No
     assert after[0] == ""  # the deleted row's stamp is gone
     assert after[1] == before[1]  # its session still exists: its stamp is kept
     assert after[2] != before[2]  # and everything was touched
+
+
+async def test_a_cached_row_sends_its_task_in_one_round_trip_while_nothing_changed(
+    hub: relay.Hub,
+) -> None:
+    """relay.open_cached, the request path's shortcut: a cached active row whose stream was
+    held at the last lookup gets its task opened and sent by one call to the shared state.
+    A write to the row, or a new stream for the session, since that lookup: nothing is sent,
+    and what the call read takes llm_lookup to the new row without a second check."""
+    token = await make_row()
+    body = {"model": "m1", "messages": []}
+    assert (await relay.open_cached("m1", body, False, "/v1/chat/completions")).pending is None
+    stream = relay.ControlStream("sess", token.pk)
+    await relay.stream_open(stream)
+    try:
+        assert (await relay.open_cached("m1", body, False, "/v1/x")) == relay.Opened()  # unread
+        await relay.llm_lookup("m1")  # read now, with its session's holder
+        opened = await relay.open_cached("m1", body, True, "/v1/chat/completions")
+        assert opened.pending is not None
+        assert opened.row is not None
+        assert opened.row.name == "m1"
+        frame = await asyncio.wait_for(stream.queue.get(), 5)
+        assert frame is not None
+        assert frame["taskId"] == opened.pending.task_id
+        assert frame["streaming"] is True
+        assert frame["body"] == {"model": "m", "messages": []}
+        assert opened.pending.epoch == stream.epoch
+
+        await sync_to_async(_set_status)(token)  # hibernating: not the shortcut's to wake
+        stale = await relay.open_cached("m1", body, False, "/v1/chat/completions")
+        assert stale.pending is None
+        assert stale.checked is not None
+        row, presence = await relay.llm_lookup("m1", stale.checked)
+        assert row is not None
+        assert row.status == "hibernating"
+        assert presence is not None
+        assert (await relay.open_cached("m1", body, False, "/v1/x")) == relay.Opened()
+        assert stream.queue.empty()
+    finally:
+        await relay.stream_close(stream)
+
+
+async def test_a_new_stream_since_the_lookup_sends_nothing_by_the_shortcut(
+    hub: relay.Hub,
+) -> None:
+    token = await make_row()
+    first = relay.ControlStream("sess", token.pk)
+    await relay.stream_open(first)
+    await relay.llm_lookup("m1")
+    second = relay.ControlStream("sess", token.pk)
+    await relay.stream_open(second)  # the publisher reconnected: the first is replaced
+    try:
+        body = {"model": "m1", "messages": []}
+        stale = await relay.open_cached("m1", body, False, "/v1/chat/completions")
+        assert stale.pending is None
+        assert stale.checked is not None
+        assert stale.checked[1] is not None
+        assert stale.checked[1].epoch == second.epoch
+        _, presence = await relay.llm_lookup("m1", stale.checked)
+        assert presence is not None
+        assert presence.epoch == second.epoch
+        opened = await relay.open_cached("m1", body, False, "/v1/chat/completions")
+        assert opened.pending is not None
+        frame = await asyncio.wait_for(second.queue.get(), 5)
+        assert frame is not None
+        assert frame["taskId"] == opened.pending.task_id
+    finally:
+        await relay.stream_close(second)
+        await relay.stream_close(first)

@@ -86,3 +86,73 @@ async def test_a_busy_loop_stays_alive_to_other_workers_and_a_stuck_one_is_let_g
     assert not hub._beat_thread.is_alive()
     assert await shared.live_workers([hub.channel]) == set()
     await shared.aclose()
+
+
+async def test_a_checked_open_opens_only_while_the_stamps_and_the_holder_are_unchanged() -> None:
+    """state.task_open_checked: the task is opened (and, with Redis, its frame published to
+    the holder) only if llm_check would still answer what the cached row was read under;
+    either way the call returns what llm_check would."""
+    shared = state.get_state()
+    holder = await events.new_channel() if settings.REDIS_URL else "hub-a"
+    await shared.worker_beat(holder)
+    push = {"type": "task.push", "sid": "s1", "frame": {"taskId": "t"}}
+    payload = events.direct_payload(push)
+    record = f"{holder} s1"  # the requester's hub: here the holder's, alive
+    try:
+        await shared.bind_session("s1", holder, "e1")
+        stamp, presence = await shared.llm_check("m1", "s1")
+        assert presence == state.Presence(holder, "e1")
+        check = state.CheckedOpen("m1", "s1", stamp, presence)
+
+        assert await shared.task_open_checked(check, "t1", 7, record, payload) == (
+            stamp,
+            presence,
+            True,
+        )
+        assert await shared.task_take("t1", 7) == record
+        if payload is not None:
+            assert await asyncio.wait_for(events.receive(holder), 5) == push
+
+        # A write to the row (its name's stamp), then a new stream for the session: each
+        # refuses the open, writes no record, publishes nothing, and says what changed.
+        shared.llm_touch([state.name_field("m1")])
+        touched, same, opened = await shared.task_open_checked(check, "t2", 7, record, payload)
+        assert not opened
+        assert touched != stamp
+        assert same == presence
+        await shared.bind_session("s1", holder, "e2")
+        check = state.CheckedOpen("m1", "s1", touched, presence)
+        now_stamp, moved, opened = await shared.task_open_checked(check, "t3", 7, record, payload)
+        assert (now_stamp, moved, opened) == (touched, state.Presence(holder, "e2"), False)
+        assert await shared.task_take("t2", 7) is None
+        assert await shared.task_take("t3", 7) is None
+        if payload is not None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(events.receive(holder), 0.3)
+    finally:
+        await shared.worker_gone(holder)
+        await shared.release_session("s1", holder, "e2")
+        await events.close_layer()
+
+
+async def test_a_checked_open_is_refused_when_the_holder_died() -> None:
+    if not settings.REDIS_URL:
+        pytest.skip("liveness keys are shared through Redis; one process needs none")
+    shared = state.get_state()
+    holder = await events.new_channel()
+    await shared.worker_beat(holder)
+    try:
+        await shared.bind_session("s2", holder, "e1")
+        stamp, presence = await shared.llm_check("m2", "s2")
+        assert presence is not None
+        await shared.worker_gone(holder)  # kill -9: its liveness key is gone
+        check = state.CheckedOpen("m2", "s2", stamp, presence)
+        assert await shared.task_open_checked(check, "t1", 7, f"{holder} s2", b"x") == (
+            stamp,
+            None,
+            False,
+        )
+        assert await shared.task_take("t1", 7) is None
+    finally:
+        await shared.release_session("s2", holder, "e1")
+        await events.close_layer()

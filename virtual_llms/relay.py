@@ -12,6 +12,7 @@ land on a different worker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -29,7 +30,14 @@ from . import events, selectors, services
 from .auth import forget_token
 from .errors import ApiError, offline
 from .models import Llm, LlmKind, LlmStatus
-from .state import LOOP_STALL_SECONDS, WORKER_BEAT_SECONDS, Presence, RedisState, get_state
+from .state import (
+    LOOP_STALL_SECONDS,
+    WORKER_BEAT_SECONDS,
+    CheckedOpen,
+    Presence,
+    RedisState,
+    get_state,
+)
 
 log = logging.getLogger("mcpd.relay")
 
@@ -423,21 +431,30 @@ class _CachedRow:
     row: Llm
     stamp: str
     read_at: float
+    # Who held the row's session stream at the last lookup (open_cached's expectation).
+    presence: Presence | None = None
 
 
-async def llm_lookup(name: str) -> tuple[Llm | None, Presence | None]:
+async def llm_lookup(
+    name: str, checked: tuple[str, Presence | None] | None = None
+) -> tuple[Llm | None, Presence | None]:
     """The row called ``name`` and who holds its session's stream, in one round trip to the
     shared state when the row is cached here: the cached copy is used only while the stamps
     of its name, its session and "everything" are those it was read under (services touch
-    them on every write, state.py). Otherwise one row read on the ORM thread."""
+    them on every write, state.py). Otherwise one row read on the ORM thread. ``checked``:
+    the stamps and holder open_cached just read for the cached row's session (no second
+    round trip for them)."""
     state = get_state()
     cache: dict[str, _CachedRow] = state.rows
     cached = cache.get(name)
     sid = (cached.row.provider_session_id or "") if cached is not None else ""
     for _ in range(3):
-        stamp, presence = await state.llm_check(name, sid)
+        stamp, presence = checked or await state.llm_check(name, sid)
+        checked = None
         fresh = cached is not None and time.monotonic() - cached.read_at < ROW_CACHE_SECONDS
         if cached is not None and fresh and cached.stamp == stamp:
+            if cached.presence != presence:
+                cache[name] = dataclasses.replace(cached, presence=presence)
             return cached.row, presence
         # Read after the stamps: a write that commits later touches them again.
         row = await sync_to_async(selectors.llm_get)(name=name)
@@ -448,12 +465,66 @@ async def llm_lookup(name: str) -> tuple[Llm | None, Presence | None]:
         if row_sid == sid:
             if len(cache) >= ROW_CACHE_SIZE:
                 cache.clear()
-            cache[name] = _CachedRow(row, stamp, time.monotonic())
+            cache[name] = _CachedRow(row, stamp, time.monotonic(), presence)
             return row, presence
         # The row moved to another session: read that session's stamp, then the row again.
         cached, sid = None, row_sid
     # Still moving after three reads: serve the last one uncached.
     return row, (await state.lookup_session(sid) if sid else None)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """open_cached's answer: the task sent (``pending``, for ``row``), or else what its
+    round trip read for llm_lookup (``checked``), or nothing to go on."""
+
+    row: Llm | None = None
+    pending: Pending | None = None
+    checked: tuple[str, Presence | None] | None = None
+
+
+async def open_cached(name: str, body: dict[str, Any], streaming: bool, endpoint: str) -> Opened:
+    """The common request in one round trip to the shared state: a virtual, active row cached
+    here whose session's stream was held at the last lookup. The infer task is opened and
+    sent to that stream's hub by one script, only if the row's stamps and the stream's holder
+    are still those (state.task_open_checked); otherwise nothing is sent, and the caller goes
+    the long way (llm_lookup with ``checked``, then enqueue_infer)."""
+    state = get_state()
+    cached: _CachedRow | None = state.rows.get(name)
+    if (
+        cached is None
+        or cached.presence is None
+        or time.monotonic() - cached.read_at >= ROW_CACHE_SECONDS
+        or cached.row.kind != LlmKind.VIRTUAL
+        or cached.row.status != LlmStatus.ACTIVE
+    ):
+        return Opened()
+    llm = ref_of(cached.row)
+    hub = await get_hub()
+    presence = cached.presence
+    pending, message, record = _new_task(
+        hub, llm, _infer_frame(llm, body, streaming, endpoint), presence
+    )
+    local = presence.channel == hub.channel
+    payload = None if local else events.direct_payload(message)
+    if payload is None and not local:
+        return Opened()  # not the Redis pub/sub layer: nothing can be published from a script
+    check = CheckedOpen(name, llm.session_id, cached.stamp, presence)
+    hub.pending[pending.task_id] = pending
+    try:
+        stamp, now, opened = await state.task_open_checked(
+            check, pending.task_id, llm.token_id, record, payload
+        )
+    except BaseException:
+        hub.pending.pop(pending.task_id, None)
+        await state.task_take(pending.task_id, llm.token_id)
+        raise
+    if not opened:
+        hub.pending.pop(pending.task_id, None)
+        return Opened(checked=(stamp, now))
+    if local:
+        hub._on_message(message)
+    return Opened(row=cached.row, pending=pending)
 
 
 async def load_virtual(name: str) -> LlmRef:
@@ -490,14 +561,46 @@ async def enqueue_infer(
         await require_stream(llm)
         woke = await ensure_awake(llm)
         presence = None  # looked up again after the wake
-    frame = {
+    return await dispatch(llm, _infer_frame(llm, body, streaming, endpoint), presence), woke
+
+
+def _infer_frame(
+    llm: LlmRef, body: dict[str, Any], streaming: bool, endpoint: str
+) -> dict[str, Any]:
+    return {
         "kind": "infer",
         "llmName": llm.name,
         "streaming": streaming,
         "endpoint": endpoint,
         "body": {**body, "model": llm.model},
     }
-    return await dispatch(llm, frame, presence), woke
+
+
+def _new_task(
+    hub: Hub, llm: LlmRef, frame: dict[str, Any], presence: Presence
+) -> tuple[Pending, dict[str, Any], str]:
+    """A new task of ``llm`` for the stream ``presence`` names: what this hub waits on, the
+    channel-layer message that carries its frame, and its record in the shared state (which
+    starts with the requester's hub channel: state.py reads it there)."""
+    task_id = secrets.token_urlsafe(18)
+    pending = Pending(
+        task_id=task_id,
+        llm_id=str(llm.id),
+        session_id=llm.session_id,
+        token_id=llm.token_id,
+        holder=presence.channel,
+        epoch=presence.epoch,
+    )
+    message = {
+        "type": "task.push",
+        "sid": llm.session_id,
+        "epoch": presence.epoch,
+        "hops": 0,
+        "frame": {**frame, "taskId": task_id},
+        "reply": hub.channel,
+        "tokenId": llm.token_id,
+    }
+    return pending, message, f"{hub.channel} {llm.session_id}"
 
 
 async def dispatch(llm: LlmRef, frame: dict[str, Any], presence: Presence | None = None) -> Pending:
@@ -509,28 +612,9 @@ async def dispatch(llm: LlmRef, frame: dict[str, Any], presence: Presence | None
         presence = await state.lookup_session(llm.session_id)
     if presence is None:
         raise offline(f"The publisher of '{llm.name}' holds no control stream.")
-    task_id = secrets.token_urlsafe(18)
-    frame = {**frame, "taskId": task_id}
-    pending = Pending(
-        task_id=task_id,
-        llm_id=str(llm.id),
-        session_id=llm.session_id,
-        token_id=llm.token_id,
-        holder=presence.channel,
-        epoch=presence.epoch,
-    )
+    pending, message, record = _new_task(hub, llm, frame, presence)
+    task_id = pending.task_id
     hub.pending[task_id] = pending
-    # The record starts with the requester's hub channel (state.py reads it there).
-    record = f"{hub.channel} {llm.session_id}"
-    message = {
-        "type": "task.push",
-        "sid": llm.session_id,
-        "epoch": presence.epoch,
-        "hops": 0,
-        "frame": frame,
-        "reply": hub.channel,
-        "tokenId": llm.token_id,
-    }
     try:
         payload = events.direct_payload(message) if presence.channel != hub.channel else None
         if payload is not None:

@@ -40,6 +40,17 @@ class Presence:
     epoch: str
 
 
+@dataclass(frozen=True)
+class CheckedOpen:
+    """What a cached row was read under (state.task_open_checked): its name and session,
+    the stamp of both, and who held the session's stream."""
+
+    name: str
+    sid: str
+    stamp: str
+    presence: Presence
+
+
 class SharedState(Protocol):
     async def bind_session(self, sid: str, channel: str, epoch: str) -> Presence | None: ...
     async def refresh_session(self, sid: str, channel: str, epoch: str) -> bool: ...
@@ -62,6 +73,9 @@ class SharedState(Protocol):
     async def lease_refresh(self, key: str, epoch: int, ttl_ms: int) -> bool: ...
     async def lease_release(self, key: str, epoch: int) -> None: ...
     async def llm_check(self, name: str, sid: str) -> tuple[str, Presence | None]: ...
+    async def task_open_checked(
+        self, check: CheckedOpen, tid: str, token_id: int, record: str, payload: bytes | None
+    ) -> tuple[str, Presence | None, bool]: ...
     def llm_touch(self, fields: list[str]) -> None: ...
     def llm_prune(self, live: set[str]) -> None: ...
     async def aclose(self) -> None: ...
@@ -194,6 +208,16 @@ class MemoryState:
         stamp = "/".join(str(stamps.get(f, "")) for f in fields)
         return stamp, (self._get(f"s:{sid}") if sid else None)
 
+    async def task_open_checked(
+        self, check: CheckedOpen, tid: str, token_id: int, record: str, payload: bytes | None
+    ) -> tuple[str, Presence | None, bool]:
+        assert payload is None, "no Redis to publish to"
+        stamp, presence = await self.llm_check(check.name, check.sid)
+        if stamp != check.stamp or presence != check.presence:
+            return stamp, presence, False
+        await self.task_put(tid, token_id, record)
+        return stamp, presence, True
+
     def llm_touch(self, fields: list[str]) -> None:
         value = next(self._seq)
         for f in fields:
@@ -282,6 +306,21 @@ if ARGV[4] == '1' then
 end
 return {stamp, p}
 """
+# _LLM_CHECK and _TASK_OPEN in one round trip, for a row cached here: the task is opened
+# (and, unless the stream is held by the requester's own hub, its frame published to the
+# holder) only while the row's stamps and the session's live holder are those the cached
+# copy was read under (ARGV[4], ARGV[5]). Either way the stamps and the holder come back.
+_TASK_OPEN_CHECKED = """
+local st = redis.call('HMGET', KEYS[1], ARGV[1], ARGV[2], '*')
+local stamp = (st[1] or '') .. '/' .. (st[2] or '') .. '/' .. (st[3] or '')
+local p = redis.call('GET', KEYS[2])
+local ch = p and string.match(p, '^(%S+)')
+if p and redis.call('EXISTS', ARGV[3] .. ch) == 0 then p = false end
+if stamp ~= ARGV[4] or p ~= ARGV[5] then return {stamp, p, 0} end
+redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7])
+if ARGV[8] ~= '' then redis.call('PUBLISH', ch, ARGV[8]) end
+return {stamp, p, 1}
+"""
 _LLM_TOUCH = """
 local s = redis.call('INCR', KEYS[2])
 for i = 1, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], s) end
@@ -298,6 +337,7 @@ _SCRIPTS = {
     "lease_release": _LEASE_RELEASE,
     "llm_check": _LLM_CHECK,
     "task_open": _TASK_OPEN,
+    "task_open_checked": _TASK_OPEN_CHECKED,
 }
 
 
@@ -432,6 +472,26 @@ class RedisState:
             args=[name_field(name), session_field(sid), self._k("w", ""), "1" if sid else "0"],
         )
         return str(stamp), _decode(raw or None)
+
+    async def task_open_checked(
+        self, check: CheckedOpen, tid: str, token_id: int, record: str, payload: bytes | None
+    ) -> tuple[str, Presence | None, bool]:
+        """task_open (task_put when ``payload`` is None), only if llm_check would still give
+        what ``check`` holds; and what it gives, in the same round trip."""
+        stamp, raw, opened = await self._script("task_open_checked")(
+            keys=[self._k("stamps"), self._k("s", check.sid), self._k("t", tid, token_id)],
+            args=[
+                name_field(check.name),
+                session_field(check.sid),
+                self._k("w", ""),
+                check.stamp,
+                _encode(check.presence),
+                record,
+                TASK_TTL_SECONDS,
+                payload or b"",
+            ],
+        )
+        return str(stamp), _decode(raw or None), bool(opened)
 
     def _sync_client(self) -> tuple[Any, Any]:
         with self._sync_lock:

@@ -165,7 +165,14 @@ async def _infer(request: HttpRequest, endpoint: str) -> HttpResponseBase:
     body = read_json_object(request)
     name = _model_name(body)
     streaming = _streaming(body)
-    row, presence = await relay.llm_lookup(name)
+    opened = await relay.open_cached(name, body, streaming, endpoint)
+    if opened.pending is not None:
+        assert opened.row is not None
+        ref = relay.ref_of(opened.row)
+        if streaming:
+            return await _stream(ref, body, endpoint, started, None, opened.pending)
+        return await _unary(ref, body, endpoint, started, None, opened.pending)
+    row, presence = await relay.llm_lookup(name, opened.checked)
     if row is None:
         raise ApiError(404, "model_not_found", f"The model '{name}' does not exist.")
     if row.kind == LlmKind.PUBLIC:
@@ -188,9 +195,13 @@ async def _unary(
     endpoint: str,
     started: float,
     presence: relay.Presence | None,
+    pending: relay.Pending | None = None,
 ) -> HttpResponseBase:
+    """A non-streamed answer; ``pending``: the task, if it was sent already (open_cached)."""
     headers: dict[str, str] = {}
-    pending, woke = await relay.enqueue_infer(ref, body, False, endpoint, presence)
+    woke = 0.0
+    if pending is None:
+        pending, woke = await relay.enqueue_infer(ref, body, False, endpoint, presence)
     if woke:
         headers["X-Mcpd-Wake"] = f"woke;dur={woke * 1000:.0f}"
     sent = time.perf_counter()
@@ -226,11 +237,13 @@ async def _stream(
     endpoint: str,
     started: float,
     presence: relay.Presence | None,
+    pending: relay.Pending | None = None,
 ) -> HttpResponseBase:
     """A streamed answer. The status line is held back while an error can still get its own
     status (the contract's table), for up to one ping interval; a wait longer than that (a
     slow wake, a slow first token) commits to ``200 text/event-stream`` and comments keep the
-    line open, so proxies that cut quiet connections never see 15 s of silence."""
+    line open, so proxies that cut quiet connections never see 15 s of silence. ``pending``:
+    the task, if it was sent already (open_cached)."""
     loop = asyncio.get_running_loop()
     window_end = loop.time() + settings.MCPD_PING_SECONDS
     headers: dict[str, str] = {}
@@ -247,7 +260,8 @@ async def _stream(
         headers["X-Mcpd-Wake"] = f"woke;dur={wake.result() * 1000:.0f}"
         ref = dataclasses.replace(ref, status=LlmStatus.ACTIVE)
         presence = None  # looked up again after the wake
-    pending, _ = await relay.enqueue_infer(ref, body, True, endpoint, presence)
+    if pending is None:
+        pending, _ = await relay.enqueue_infer(ref, body, True, endpoint, presence)
     deadline = loop.time() + settings.MCPD_INFER_TIMEOUT_SECONDS
     try:
         first = await _next_or_none(pending, max(0.0, min(window_end, deadline) - loop.time()))
