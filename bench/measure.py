@@ -66,10 +66,12 @@ async def settle(pids: Sequence[int], *, idle_share: float = 0.05, limit: float 
             return
 
 
-def _ping_pong_us(rounds: int) -> float:
+def _ping_pong_us(rounds: int, idle_s: float = 0.0) -> float:
     """Median round trip, in µs, of one byte between this process and a forked child over two
     pipes: two wake-ups of a sleeping process (usually on the other core). Every hop of a
-    relayed request (client → broker → Redis → publisher → upstream and back) pays one."""
+    relayed request (client → broker → Redis → publisher → upstream and back) pays one.
+    ``idle_s``: a pause before each round, as between requests at concurrency 1 (a VM's
+    cores that went idle take longer to wake)."""
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
     pid = os.fork()
@@ -86,6 +88,8 @@ def _ping_pong_us(rounds: int) -> float:
     times = []
     try:
         for _ in range(rounds):
+            if idle_s:
+                time.sleep(idle_s)
             started = time.perf_counter()
             os.write(w1, b"x")
             os.read(r2, 1)
@@ -97,9 +101,15 @@ def _ping_pong_us(rounds: int) -> float:
     return statistics.median(times) * 1e6
 
 
+# The pause before each round of the "after idle" wake-up figure: about the gap between two
+# hops of one relayed request at concurrency 1.
+IDLE_GAP_S = 0.002
+
+
 def calibrate() -> dict[str, str]:
-    """Two figures that tell this host from another, since every other figure depends on
-    them: the cross-process wake-up round trip and a fixed pure-Python loop (best of 3)."""
+    """Figures that tell this host from another, since every other figure depends on them:
+    the cross-process wake-up round trip, back to back and after a short idle gap, and a
+    fixed pure-Python loop (best of 3)."""
     loop_s = []
     for _ in range(3):
         started = time.perf_counter()
@@ -109,6 +119,7 @@ def calibrate() -> dict[str, str]:
         loop_s.append(time.perf_counter() - started)
     return {
         "wakeup_rtt_us": f"{_ping_pong_us(2000):.0f}",
+        "wakeup_idle_rtt_us": f"{_ping_pong_us(500, IDLE_GAP_S):.0f}",
         "python_loop_ms": f"{min(loop_s) * 1000:.0f}",
     }
 

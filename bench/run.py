@@ -262,7 +262,8 @@ async def main_async(args: argparse.Namespace) -> int:
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, {elapsed:.0f} s; "
         f"{host['nproc']} x {host['cpu']}, {host['ram']} RAM; "
         f"load average {host['loadavg']} at start, {host['loadavg_end']} at end; "
-        f"calibration: process wake-up round trip {host['wakeup_rtt_us']} µs, "
+        f"calibration: process wake-up round trip {host['wakeup_rtt_us']} µs "
+        f"({host['wakeup_idle_rtt_us']} µs after 2 ms idle), "
         f"1e6-step Python loop {host['python_loop_ms']} ms"
     )
     print()
