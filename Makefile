@@ -60,12 +60,15 @@ pytest-services: venv
 
 test: lint types migrations-check pytest
 
-bench: venv
+# The bench's optional dependencies, installed once per change of pyproject.toml (as venv).
+$(VENV)/.installed-bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+bench: $(VENV)/.installed-bench
 	$(PY) -m bench.run
 
-bench-quick: venv
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+bench-quick: $(VENV)/.installed-bench
 	$(PY) -m bench.run --quick
 
 clean:

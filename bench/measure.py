@@ -119,7 +119,7 @@ def calibrate() -> dict[str, str]:
         loop_s.append(time.perf_counter() - started)
     return {
         "wakeup_rtt_us": f"{_ping_pong_us(2000):.0f}",
-        "wakeup_idle_rtt_us": f"{_ping_pong_us(500, IDLE_GAP_S):.0f}",
+        "wakeup_idle_rtt_us": f"{_ping_pong_us(200, IDLE_GAP_S):.0f}",
         "python_loop_ms": f"{min(loop_s) * 1000:.0f}",
     }
 

@@ -1,6 +1,6 @@
 """``make bench`` / ``make bench-quick``: start everything, measure, print the table.
 
-    python -m bench.run            # full run (about 15 minutes on 2 cores)
+    python -m bench.run            # full run (about 10 minutes on 2 cores)
     python -m bench.run --quick    # regression guard: the same rows at small counts (< 1 min)
     python -m bench.run --profile  # py-spy on one worker under load (needs py-spy)
 
@@ -92,8 +92,10 @@ async def start_setup(key: str) -> Setup:
     label, services, n = SETUPS[key]
     broker = Broker(n, services=services, env=BROKER_ENV)
     await asyncio.to_thread(broker.start)
-    client_token = await asyncio.to_thread(broker.new_token, "client")
-    publisher_token = await asyncio.to_thread(broker.new_token, "publisher")
+    client_token, publisher_token = await asyncio.gather(
+        asyncio.to_thread(broker.new_token, "client"),
+        asyncio.to_thread(broker.new_token, "publisher"),
+    )
     return Setup(key, label, broker, client_token, publisher_token)
 
 

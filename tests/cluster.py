@@ -72,11 +72,18 @@ class Broker:
             with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self.db_name}"')
         self.manage("migrate", "--verbosity", "0")
+        # All workers boot at once (on two cores, a third of the time one after another).
         for i in range(self.n):
-            self.start_worker(i)
+            self._spawn_worker(i)
+        for i in range(self.n):
+            self.wait_ready(i)
         return self
 
     def start_worker(self, i: int) -> None:
+        self._spawn_worker(i)
+        self.wait_ready(i)
+
+    def _spawn_worker(self, i: int) -> None:
         log = open(self.tmp / f"worker{i}.log", "ab")  # noqa: SIM115 - lives with the process
         self.procs[i] = subprocess.Popen(
             [sys.executable, "manage.py", "serve", "--port", str(self.ports[i])],
@@ -86,7 +93,6 @@ class Broker:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        self.wait_ready(i)
 
     def wait_ready(self, i: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
