@@ -65,17 +65,27 @@ async def test_the_socket_carries_tasks_and_results(
     assert await sync_to_async(lambda: Llm.objects.get(name="m1").status)() == "inactive"
 
 
-async def test_frames_of_different_tasks_are_handled_at_once_and_of_one_task_in_order(
-    tokens: Tokens, virtual_llm: None, hub: relay.Hub, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A slow hand-over of one task's frame holds back that task's later frames only."""
+async def bound_with_two_tasks(
+    tokens: Tokens, *, streaming: bool
+) -> tuple[WebsocketCommunicator, relay.Pending, relay.Pending]:
+    """A publisher socket bound to the session, and two tasks of m1 whose frames it has read."""
     ws = socket(tokens.publisher_plain)
     await ws.connect()
     await receive(ws)  # ready
     llm = await relay.load_virtual("m1")
-    slow, quick = [(await relay.enqueue_infer(llm, {"model": "m1"}, True))[0] for _ in range(2)]
+    first, second = [
+        (await relay.enqueue_infer(llm, {"model": "m1"}, streaming))[0] for _ in range(2)
+    ]
     for _ in range(2):
         await receive(ws)  # the two task frames
+    return ws, first, second
+
+
+async def test_frames_of_different_tasks_are_handled_at_once_and_of_one_task_in_order(
+    tokens: Tokens, virtual_llm: None, hub: relay.Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow hand-over of one task's frame holds back that task's later frames only."""
+    ws, slow, quick = await bound_with_two_tasks(tokens, streaming=True)
     release = asyncio.Event()
     handled: list[tuple[str, str]] = []
     post_chunks = relay.post_chunks
@@ -116,13 +126,7 @@ async def test_frames_received_before_the_close_are_handed_over_within_a_bound(
     from virtual_llms import consumers
 
     monkeypatch.setattr(consumers, "FRAME_DRAIN_SECONDS", 0.5)
-    ws = socket(tokens.publisher_plain)
-    await ws.connect()
-    await receive(ws)  # ready
-    llm = await relay.load_virtual("m1")
-    slow, stuck = [(await relay.enqueue_infer(llm, {"model": "m1"}, False))[0] for _ in range(2)]
-    for _ in range(2):
-        await receive(ws)  # the two task frames
+    ws, slow, stuck = await bound_with_two_tasks(tokens, streaming=False)
     post_result = relay.post_result
 
     async def held(*, token_id: int, task_id: str, status: int, body: Any) -> bool:
