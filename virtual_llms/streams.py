@@ -165,14 +165,11 @@ async def _infer(request: HttpRequest, endpoint: str) -> HttpResponseBase:
     body = read_json_object(request)
     name = _model_name(body)
     streaming = _streaming(body)
+    # The common request is sent right here; anything else is looked up the long way.
     opened = await relay.open_cached(name, body, streaming, endpoint)
-    if opened.pending is not None:
-        assert opened.row is not None
-        ref = relay.ref_of(opened.row)
-        if streaming:
-            return await _stream(ref, body, endpoint, started, None, opened.pending)
-        return await _unary(ref, body, endpoint, started, None, opened.pending)
-    row, presence = await relay.llm_lookup(name, opened.checked)
+    row, presence = opened.row, None
+    if opened.pending is None:
+        row, presence = await relay.llm_lookup(name, opened.checked)
     if row is None:
         raise ApiError(404, "model_not_found", f"The model '{name}' does not exist.")
     if row.kind == LlmKind.PUBLIC:
@@ -184,9 +181,8 @@ async def _infer(request: HttpRequest, endpoint: str) -> HttpResponseBase:
             {"Server-Timing": _server_timing(time.perf_counter() - started)},
         )
     ref = relay.ref_of(row)
-    if streaming:
-        return await _stream(ref, body, endpoint, started, presence)
-    return await _unary(ref, body, endpoint, started, presence)
+    answer = _stream if streaming else _unary
+    return await answer(ref, body, endpoint, started, presence, opened.pending)
 
 
 async def _unary(
