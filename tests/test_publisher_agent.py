@@ -1,6 +1,7 @@
 """The agent's control loop against a scripted broker (an httpx mock transport): the paths
 the real broker seldom takes — a forgotten session, a session of another token, a refused
-token — plus failover between broker URLs and tasks it cannot serve."""
+token, a connection that breaks under an answer — plus failover between broker URLs and
+tasks it cannot serve."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from typing import Any
 import httpx
 import pytest
 
+from virtual_llms.publisher import broker as broker_module
 from virtual_llms.publisher.agent import Agent
 from virtual_llms.publisher.backoff import Backoff
-from virtual_llms.publisher.broker import BrokerClient
+from virtual_llms.publisher.broker import BrokerClient, TaskGone
 from virtual_llms.publisher.config import Config, LlmConfig
+from virtual_llms.publisher.control import StreamLost, open_stream
 from virtual_llms.publisher.statefile import StateFile
 
 URLS = ("http://broker-a", "http://broker-b")
@@ -40,6 +43,8 @@ class ScriptedBroker:
             200, json={"ok": True, "llms": 1}
         )
         self.on_stream: Callable[[str], Awaitable[httpx.Response]] = self.stream_ok
+        # A task answer's path -> its response (raise to break the connection under it).
+        self.on_post: Callable[[str], httpx.Response] = lambda path: httpx.Response(204)
         self.changed = asyncio.Event()
 
     def register_ok(self, session: str | None) -> httpx.Response:
@@ -69,7 +74,7 @@ class ScriptedBroker:
                 self.streams.append(request.url.host)
                 return await self.on_stream(request.url.host)
             self.posts.append((path, body))
-            return httpx.Response(204)
+            return self.on_post(path)
         finally:
             self.changed.set()
 
@@ -215,3 +220,121 @@ async def test_tasks_it_cannot_serve_get_an_error(
         ),
     ]
     assert await running.stop() == 0
+
+
+def broken(request: httpx.Request | None = None) -> httpx.ReadError:
+    """What a connection reset by the broker looks like to httpx (an empty message)."""
+    return httpx.ReadError("", request=request)
+
+
+def failing_first(times: int, then: int = 204) -> tuple[list[str], Callable[[str], httpx.Response]]:
+    """An on_post that breaks the connection under the first ``times`` posts."""
+    seen: list[str] = []
+
+    def on_post(path: str) -> httpx.Response:
+        seen.append(path)
+        if len(seen) <= times:
+            raise broken()
+        return httpx.Response(then)
+
+    return seen, on_post
+
+
+@pytest.fixture
+def no_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker_module, "FINAL_RETRY_PAUSES", (0.0, 0.0, 0.0))
+
+
+@pytest.mark.usefixtures("no_pauses")
+async def test_a_last_answer_is_sent_again_when_the_connection_breaks() -> None:
+    broker = ScriptedBroker()
+    client = BrokerClient(["http://b"], "tok", transport=httpx.MockTransport(broker.handle))
+    seen, broker.on_post = failing_first(2)
+    await client.result("t1", 200, {"ok": True})
+    assert seen == ["/api/v1/virtual/tasks/t1/result"] * 3
+    # The batch that ends a stream is a last answer too; an error is.
+    seen, broker.on_post = failing_first(1)
+    await client.chunks("t2", [{"data": "a"}, {"data": "[DONE]", "done": True}])
+    await client.error("t3", "boom")
+    assert seen == [
+        "/api/v1/virtual/tasks/t2/chunks",
+        "/api/v1/virtual/tasks/t2/chunks",
+        "/api/v1/virtual/tasks/t3/error",
+    ]
+    # A repeat of an answer that did arrive finds the task taken: 404, the task is over.
+    seen, broker.on_post = failing_first(1, then=404)
+    with pytest.raises(TaskGone):
+        await client.result("t4", 200, {})
+    assert len(seen) == 2
+    # Four breaks in a row: it gives up.
+    seen, broker.on_post = failing_first(4)
+    with pytest.raises(httpx.ReadError):
+        await client.result("t5", 200, {})
+    assert len(seen) == 4
+    await client.aclose()
+
+
+@pytest.mark.usefixtures("no_pauses")
+async def test_an_earlier_chunk_batch_is_not_sent_twice() -> None:
+    broker = ScriptedBroker()
+    client = BrokerClient(["http://b"], "tok", transport=httpx.MockTransport(broker.handle))
+    seen, broker.on_post = failing_first(1)
+    with pytest.raises(httpx.ReadError):
+        await client.chunks("t1", [{"data": "a"}])
+    assert seen == ["/api/v1/virtual/tasks/t1/chunks"]
+    await client.aclose()
+
+
+@pytest.mark.usefixtures("no_pauses")
+async def test_an_answer_that_cannot_be_delivered_becomes_an_error_for_the_client(
+    scripted: tuple[ScriptedBroker, Callable[..., Running]],
+) -> None:
+    broker, start = scripted
+
+    def on_post(path: str) -> httpx.Response:
+        if path.endswith("/result"):
+            raise broken()
+        return httpx.Response(204)
+
+    broker.on_post = on_post
+    running = start()
+    await broker.until(lambda: len(broker.streams) >= 1)
+    broker.frames.put_nowait({"kind": "wake", "taskId": "t1", "llmName": "m"})  # always on
+    await broker.until(lambda: any(path.endswith("/error") for path, _ in broker.posts))
+    paths = [path for path, _ in broker.posts]
+    assert paths == ["/api/v1/virtual/tasks/t1/result"] * 4 + ["/api/v1/virtual/tasks/t1/error"]
+    assert "could not deliver the answer" in broker.posts[-1][1]["error"]
+    assert await running.stop() == 0
+
+
+async def test_keep_alive_comments_after_a_task_are_not_frames(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handle(request: httpx.Request) -> httpx.Response:
+        async def events() -> AsyncIterator[bytes]:
+            yield b'event: ready\ndata: {"providerSessionId": "s"}\n\n'
+            yield b'event: task\nid: t1\ndata: {"kind": "wake", "taskId": "t1"}\n\n'
+            yield b": ping\n\n"
+            yield b'event: task\nid: t2\ndata: {"kind": "wake", "taskId": "t2"}\n\n'
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+
+    client = BrokerClient(["http://b"], "tok", transport=httpx.MockTransport(handle))
+    frames: list[dict[str, Any]] = []
+
+    async def read_all() -> None:
+        async for frame in open_stream(client, "s", "sse"):
+            frames.append(frame)
+
+    with (
+        caplog.at_level("WARNING", logger="mcpd.publish"),
+        pytest.raises(StreamLost, match="closed the stream"),
+    ):
+        await read_all()
+    assert [(f["type"], f.get("taskId")) for f in frames] == [
+        ("ready", None),
+        ("task", "t1"),
+        ("task", "t2"),
+    ]
+    assert caplog.records == []
+    await client.aclose()

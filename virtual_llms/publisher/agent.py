@@ -407,7 +407,11 @@ class Agent:
             log.error("%s: the broker refused the answer: %s", tag, exc)
             await self._post_error(sink, tag, f"the broker refused the answer: {exc}")
         except httpx.HTTPError as exc:
-            log.error("%s: could not deliver the answer to the broker: %s", tag, exc)
+            # Its client would wait for the broker's timeout: tell it now, if the broker hears.
+            log.error("%s: could not deliver the answer to the broker: %r", tag, exc)
+            await self._post_error(
+                sink, tag, f"the publisher could not deliver the answer: {exc!r}"
+            )
         except Exception as exc:
             log.exception("%s: failed", tag)
             await self._post_error(sink, tag, f"publisher error: {exc}")

@@ -7,6 +7,7 @@ answered becomes the current one.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,13 @@ NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 KEEPALIVE = 16
 # The broker keeps at most this much of an error message.
 MAX_MESSAGE = 4000
+# A task's last answer (its result, its error, the chunk batch that ends its stream) is sent
+# again after these pauses when the connection fails under it (reset, closed unanswered,
+# timed out). The broker takes a task's last answer once, so a repeat of one that did arrive
+# gets 404 and nothing is relayed twice. Earlier chunk batches are not repeated: one that did
+# arrive would reach the client twice.
+FINAL_RETRY_PAUSES = (0.05, 0.25, 1.0)
+RETRIED = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
 
 
 class BrokerError(Exception):
@@ -130,19 +138,30 @@ class BrokerClient:
 
     # --- task results ----------------------------------------------------------------------
 
-    async def _task_post(self, task_id: str, what: str, body: dict[str, Any]) -> None:
-        try:
-            await self._call(f"/api/v1/virtual/tasks/{task_id}/{what}", body, ok=204)
-        except BrokerError as exc:
-            if exc.status == 404:
-                raise TaskGone(task_id) from None
-            raise
+    async def _task_post(
+        self, task_id: str, what: str, body: dict[str, Any], *, final: bool = True
+    ) -> None:
+        path = f"/api/v1/virtual/tasks/{task_id}/{what}"
+        for pause in (*FINAL_RETRY_PAUSES, None) if final else (None,):
+            try:
+                await self._call(path, body, ok=204)
+                return
+            except BrokerError as exc:
+                if exc.status == 404:
+                    raise TaskGone(task_id) from None
+                raise
+            except RETRIED as exc:
+                if pause is None:
+                    raise
+                log.debug("task %s: %s failed (%r); sending it again", task_id, what, exc)
+                await asyncio.sleep(pause)
 
     async def result(self, task_id: str, status: int, body: Any) -> None:
         await self._task_post(task_id, "result", {"status": status, "body": body})
 
     async def chunks(self, task_id: str, chunks: list[Chunk]) -> None:
-        await self._task_post(task_id, "chunks", {"chunks": chunks})
+        final = any(chunk.get("done") for chunk in chunks)
+        await self._task_post(task_id, "chunks", {"chunks": chunks}, final=final)
 
     async def error(self, task_id: str, message: str) -> None:
         await self._task_post(task_id, "error", {"error": message[:MAX_MESSAGE] or "failed"})

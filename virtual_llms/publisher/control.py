@@ -107,8 +107,12 @@ async def _sse_frames(broker: BrokerClient, session_id: str) -> AsyncGenerator[F
                     raise StreamRefused(error.status, error.message)
                 raise StreamLost(f"the broker answered {error}")
             async for event in EventSource(response).aiter_sse():
+                # Other events are skipped unread: once a task event set the last event id,
+                # the SSE decoder reports every keep-alive comment as an empty event.
+                if event.event not in ("ready", "task"):
+                    continue
                 frame = _decode(event.data)
-                if frame is not None and event.event in ("ready", "task"):
+                if frame is not None:
                     yield {**frame, "type": event.event}
     except httpx.TimeoutException:
         raise StreamLost(f"no data for {SSE_READ_TIMEOUT:g} s") from None
