@@ -217,3 +217,16 @@ def test_serve_turns_off_twisted_request_work_daphne_never_uses() -> None:
         assert len(written) == 1
     finally:
         http_protocol.WebRequest, server.HTTPFactory = form_parsing, factory
+
+
+def test_serve_listens_with_a_backlog_and_refuses_a_bad_one() -> None:
+    from django.core.management.base import CommandError
+
+    from virtual_llms.management.commands.serve import daphne_args
+
+    args = daphne_args("::1", 8001, ["--verbosity", "0"], backlog=100)
+    assert args[:2] == ["-e", r"tcp:port=8001:interface=\:\:1:backlog=100"]
+    assert args[-3:] == ["--verbosity", "0", "mcpd_site.asgi:application"]
+    assert daphne_args("127.0.0.1", 8000, [])[1].endswith(":backlog=2048")
+    with pytest.raises(CommandError, match="--backlog must be at least 1"):
+        call_command("serve", "--backlog", "0")
