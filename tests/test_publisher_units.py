@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.test_publisher_upstream import FakeUpstream
+from virtual_llms.publisher import transport
 from virtual_llms.publisher.backoff import Backoff
 from virtual_llms.publisher.batcher import Chunk, ChunkBatcher
 from virtual_llms.publisher.config import LlmConfig, PowerConfig
@@ -259,7 +260,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[PowerRig]:
 
 
 async def test_wake_runs_once_then_idle_sleep(rig: PowerRig) -> None:
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         power = rig.power(http, idle=0.5)
         await power.start()
         assert power.status == "hibernating"
@@ -284,7 +285,7 @@ async def test_wake_runs_once_then_idle_sleep(rig: PowerRig) -> None:
 
 
 async def test_a_failing_wake_command_says_why(rig: PowerRig) -> None:
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         power = rig.power(http, wake="fail")
         with pytest.raises(WakeFailed, match=r"exit 4\): out of memory loading weights"):
             await power.wake()
@@ -293,7 +294,7 @@ async def test_a_failing_wake_command_says_why(rig: PowerRig) -> None:
 
 
 async def test_a_wake_that_never_gets_ready_times_out(rig: PowerRig) -> None:
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         power = rig.power(http, wake="nothing", ready_timeout=1.0)
         with pytest.raises(WakeFailed, match=r"was not ready at \S+ 1 s after its wake command"):
             await power.wake()
@@ -301,7 +302,7 @@ async def test_a_wake_that_never_gets_ready_times_out(rig: PowerRig) -> None:
 
 
 async def test_a_wake_command_that_is_the_server_is_stopped_on_sleep(rig: PowerRig) -> None:
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         power = rig.power(http, wake="serve", sleep=None, idle=0.3)
         await power.start()
         await power.wake()

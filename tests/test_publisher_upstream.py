@@ -28,9 +28,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
+from virtual_llms.publisher import transport
 from virtual_llms.publisher.batcher import Chunk
 from virtual_llms.publisher.config import LlmConfig
 from virtual_llms.publisher.upstream import forward
@@ -311,7 +311,7 @@ def infer(text: str, *, stream: bool = False, endpoint: str = "/v1/chat/completi
 
 async def test_non_streaming_answer_passes_through(upstream: FakeUpstream) -> None:
     sink = RecordingSink()
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         await forward(http, llm(upstream.url, api_key="sekrit"), infer("hello"), sink)
     assert sink.results == [(200, chat_body("fake-model", "echo: hello"))]
     assert upstream.seen[0].path == "/v1/chat/completions"
@@ -321,7 +321,7 @@ async def test_non_streaming_answer_passes_through(upstream: FakeUpstream) -> No
 async def test_upstream_refusal_keeps_status_and_body(upstream: FakeUpstream) -> None:
     for stream in (False, True):
         sink = RecordingSink()
-        async with httpx.AsyncClient() as http:
+        async with transport.client() as http:
             await forward(http, llm(upstream.url), infer("fail:400", stream=stream), sink)
         assert sink.results == [(400, {"error": {"message": "upstream says 400", "type": "x"}})]
         assert not sink.posts
@@ -329,7 +329,7 @@ async def test_upstream_refusal_keeps_status_and_body(upstream: FakeUpstream) ->
 
 async def test_stream_is_relayed_in_order_and_ends_with_done(upstream: FakeUpstream) -> None:
     sink = RecordingSink()
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         await forward(http, llm(upstream.url), infer("slow:5:0.01", stream=True), sink)
     data = sink.data()
     assert data[-1] == "[DONE]"
@@ -340,7 +340,7 @@ async def test_stream_is_relayed_in_order_and_ends_with_done(upstream: FakeUpstr
 
 async def test_stream_without_done_gets_one(upstream: FakeUpstream) -> None:
     sink = RecordingSink()
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         await forward(http, llm(upstream.url), infer("nodone:3", stream=True), sink)
     assert sink.data()[-1] == "[DONE]"
     assert sink.data().count("[DONE]") == 1
@@ -350,7 +350,7 @@ async def test_stream_without_done_gets_one(upstream: FakeUpstream) -> None:
 async def test_streams_reuse_the_upstream_connection(upstream: FakeUpstream) -> None:
     """What follows [DONE] (the end of the body) is read, so the connection goes back to the
     pool: one connection for two streams and an answer, not one per stream."""
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         for text, stream in (("a b", True), ("c d", True), ("e", False)):
             sink = RecordingSink()
             await forward(http, llm(upstream.url), infer(text, stream=stream), sink)
@@ -367,7 +367,7 @@ async def test_a_body_that_stays_open_after_done_is_dropped_after_a_bound(
     monkeypatch.setattr(module, "DRAIN_SECONDS", 0.3)
     sink = RecordingSink()
     started = time.monotonic()
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         await forward(http, llm(upstream.url), infer("linger:5", stream=True), sink)
     assert time.monotonic() - started < 3.0
     assert sink.data()[-1] == "[DONE]"
@@ -377,7 +377,7 @@ async def test_a_body_that_stays_open_after_done_is_dropped_after_a_bound(
 
 async def test_slow_posts_batch_what_piles_up(upstream: FakeUpstream) -> None:
     sink = RecordingSink(slow=0.3)
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         await forward(http, llm(upstream.url), infer("slow:30:0", stream=True), sink)
     assert len(sink.data()) == 32
     assert sink.max_in_flight == 1
@@ -392,7 +392,7 @@ async def test_unreachable_upstream_is_an_error_naming_it() -> None:
         port = sock.getsockname()[1]
     sink = RecordingSink()
     url = f"http://127.0.0.1:{port}/v1"
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         await forward(http, llm(url), infer("hi"), sink)
     assert len(sink.errors) == 1
     assert "unreachable" in sink.errors[0]
@@ -403,7 +403,7 @@ async def test_task_gone_at_the_broker_hangs_up_on_the_upstream(upstream: FakeUp
     from virtual_llms.publisher.broker import TaskGone
 
     sink = RecordingSink(gone_after=1)
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         with pytest.raises(TaskGone):
             await forward(http, llm(upstream.url), infer("slow:50:0.1", stream=True), sink)
     await asyncio.to_thread(upstream.wait_for, lambda: "slow:50:0.1" in upstream.hangups, 5.0)
@@ -411,7 +411,7 @@ async def test_task_gone_at_the_broker_hangs_up_on_the_upstream(upstream: FakeUp
 
 async def test_cancel_hangs_up_on_the_upstream_at_once(upstream: FakeUpstream) -> None:
     sink = RecordingSink()
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         job = asyncio.create_task(
             forward(http, llm(upstream.url), infer("slow:100:0.1", stream=True), sink)
         )
@@ -432,7 +432,7 @@ async def test_embeddings_and_refused_endpoint(upstream: FakeUpstream) -> None:
         "endpoint": "/v1/embeddings",
         "body": {"model": "fake-model", "input": ["a", "b"]},
     }
-    async with httpx.AsyncClient() as http:
+    async with transport.client() as http:
         await forward(http, llm(upstream.url), frame, sink)
         await forward(http, llm(upstream.url), {**frame, "endpoint": "/v1/files"}, sink)
     assert sink.results[0][0] == 200

@@ -27,8 +27,9 @@ from typing import Any
 
 import httpx
 
+from . import transport
 from .backoff import Backoff
-from .broker import KEEPALIVE, BrokerClient, BrokerError, TaskGone
+from .broker import BrokerClient, BrokerError, TaskGone
 from .config import Config, LlmConfig
 from .control import Frame, StreamLost, StreamRefused, Uplink, open_stream
 from .logs import human, log
@@ -112,11 +113,7 @@ class Agent:
         self.config = config
         self.broker = broker or BrokerClient(config.brokers, config.token)
         total = sum(llm.max_concurrent for llm in config.llms)
-        self.upstream = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=total + 16, max_keepalive_connections=min(total, KEEPALIVE)
-            )
-        )
+        self.upstream = transport.client(max_connections=total + 16)
         self.served = {
             llm.name: Served(
                 llm,

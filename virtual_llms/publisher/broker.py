@@ -17,17 +17,13 @@ import httpx
 from . import __version__
 from .batcher import Chunk
 from .logs import log
+from .transport import Transport
 
 USER_AGENT = f"mcpd-publish/{__version__}"
 # The request failed before the broker could act on it: safe to send again, elsewhere.
 # (httpcore drops a pooled connection the peer closed before reusing it, so a dead worker
 # shows up here as a connect error.)
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-# Idle connections an httpx pool keeps. httpcore looks at every pooled connection (and polls
-# each idle one's socket) whenever a request starts or ends, so the cost of a request grows
-# with the pool; a burst of 256 streams left 50-256 idle connections that then cost more CPU
-# per request than the request itself. Bursts above this open fresh connections.
-KEEPALIVE = 16
 # The broker keeps at most this much of an error message.
 MAX_MESSAGE = 4000
 # A task's last answer (its result, its error, the chunk batch that ends its stream) is sent
@@ -78,8 +74,7 @@ class BrokerClient:
         self.http = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT},
             timeout=httpx.Timeout(30.0, connect=10.0),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=KEEPALIVE),
-            transport=transport,
+            transport=transport or Transport(limits=httpx.Limits(max_connections=200)),
         )
 
     @property

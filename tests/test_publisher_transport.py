@@ -1,0 +1,151 @@
+"""The agent's HTTP transport (virtual_llms/publisher/transport.py) against raw TCP servers
+that fail in each way a connection can: the errors are httpx's, and only a connection that
+was never made counts as "not sent" (broker.NOT_SENT, where a request goes again to the
+next broker URL)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from virtual_llms.publisher import transport
+from virtual_llms.publisher.broker import NOT_SENT
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_request(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":", 1)[1]))
+
+
+async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.close()
+
+
+async def resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"this is not HTTP\r\n\r\n")
+    await writer.drain()
+    writer.close()
+
+
+async def short_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
+    await writer.drain()
+    writer.close()
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    await asyncio.sleep(10)
+
+
+async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        try:
+            await read_request(reader)
+        except asyncio.IncompleteReadError:
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
+    servers: list[asyncio.Server] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(handler: Handler) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            await handler(reader, writer)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x"
+
+    yield start
+    for server in servers:
+        server.close()
+    for writer in writers:
+        writer.close()
+    for server in servers:
+        await server.wait_closed()
+
+
+async def post(url: str, **kwargs: float) -> httpx.Response:
+    async with transport.client() as http:
+        response = await http.post(url, json={"a": 1}, timeout=httpx.Timeout(5.0, **kwargs))
+        await response.aread()
+        return response
+
+
+async def test_a_refused_connection_is_not_sent() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(httpx.ConnectError) as caught:
+        await post(f"http://127.0.0.1:{port}/x")
+    assert isinstance(caught.value, NOT_SENT)
+
+
+@pytest.mark.parametrize(
+    ("handler", "error"),
+    [
+        (closes, httpx.RemoteProtocolError),
+        (resets, httpx.ReadError),
+        (garbage, httpx.RemoteProtocolError),
+        (short_body, httpx.ReadError),
+    ],
+)
+async def test_a_connection_that_breaks_after_the_request_went_out_may_have_been_sent(
+    serve: Callable[[Handler], Awaitable[str]], handler: Handler, error: type[httpx.HTTPError]
+) -> None:
+    url = await serve(handler)
+    with pytest.raises(httpx.HTTPError) as caught:
+        await post(url)
+    assert type(caught.value) is error
+    assert not isinstance(caught.value, NOT_SENT)
+    assert caught.value.request.url == url
+
+
+async def test_a_silent_server_is_a_read_timeout(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    url = await serve(silent)
+    with pytest.raises(httpx.ReadTimeout):
+        await post(url, read=0.2)
+
+
+async def test_answers_come_back_on_one_kept_connection(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    peers: list[object] = []
+
+    async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername"))
+        await answers(reader, writer)
+
+    url = await serve(counting)
+    async with transport.client() as http:
+        for _ in range(3):
+            response = await http.post(url, json={"a": 1})
+            assert (response.status_code, response.text) == (200, "ok")
+    assert len(peers) == 1

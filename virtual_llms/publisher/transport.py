@@ -1,0 +1,83 @@
+"""The agent's HTTP client: httpx's API over aiohttp's connections (the httpx-aiohttp
+transport, the one the openai SDK offers as its aiohttp option).
+
+Why: every relayed request costs the agent one upstream call, and over SSE one answer POST
+to the broker. httpx's own transport (httpcore, h11) spends 0.6-0.8 ms of CPU per request
+on this project's bench host, the aiohttp transport 0.25-0.4 ms (/tmp probe: 3,000 small
+JSON POSTs to a local server, 1 and 8 at a time). On the bench's 3-worker agent line that
+took the SSE chunks/s per process at 256 streams from 4,242 to 7,300 and the max rate from
+268 to 482 req/s (docs/benchmarks.md).
+
+httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` to ``httpx.ConnectTimeout``: a
+refused connection, but also one the server reset or closed after the request went out,
+and it lets other aiohttp errors (a malformed response) through unmapped. The agent reads
+``ConnectTimeout`` as "never sent" (broker.NOT_SENT: sent again to the next broker URL),
+which would repeat a chunk batch that may have arrived. :class:`Transport` gives those the
+httpx errors httpx's own transport raises: ``ConnectError`` when the connection could not be
+made, ``ReadError`` when it broke, ``RemoteProtocolError`` for the rest. Timeouts keep
+httpx-aiohttp's mapping (``ConnectTimeout``, ``ReadTimeout``, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+
+def remapped(exc: BaseException, request: httpx.Request) -> httpx.HTTPError | None:
+    """The httpx error for an aiohttp failure httpx-aiohttp maps wrongly or not at all, or
+    None to keep ``exc``."""
+    cause = exc.__cause__ if isinstance(exc, httpx.HTTPError) else exc
+    if not isinstance(cause, aiohttp.ClientError) or isinstance(cause, asyncio.TimeoutError):
+        return None
+    message = str(cause) or type(cause).__name__
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(message, request=request)
+    if isinstance(cause, aiohttp.ClientOSError | aiohttp.ClientPayloadError):
+        return httpx.ReadError(message, request=request)
+    return httpx.RemoteProtocolError(message, request=request)
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, request: httpx.Request) -> None:
+        self.inner = inner
+        self.request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self.inner:
+                yield chunk
+        except Exception as exc:
+            error = remapped(exc, self.request)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class Transport(AiohttpTransport):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            response = await super().handle_async_request(request)
+        except Exception as exc:
+            error = remapped(exc, request)
+            if error is None:
+                raise
+            raise error from exc
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _Body(response.stream, request)
+        return response
+
+
+def client(max_connections: int = 100, **kwargs: Any) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` on :class:`Transport`, with at most ``max_connections`` open
+    (aiohttp closes idle ones after httpx's keep-alive expiry, 5 s)."""
+    limits = httpx.Limits(max_connections=max_connections)
+    return httpx.AsyncClient(transport=Transport(limits=limits), **kwargs)
