@@ -21,8 +21,9 @@ from .transport import Transport
 
 USER_AGENT = f"mcpd-publish/{__version__}"
 # The request failed before the broker could act on it: safe to send again, elsewhere.
-# (httpcore drops a pooled connection the peer closed before reusing it, so a dead worker
-# shows up here as a connect error.)
+# (The pool drops a kept connection the peer closed before reusing it, so a dead worker
+# shows up here as a connect error; transport.py keeps a connection that broke after the
+# request went out out of these.)
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # The broker keeps at most this much of an error message.
 MAX_MESSAGE = 4000
