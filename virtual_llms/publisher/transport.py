@@ -2,11 +2,12 @@
 transport, the one the openai SDK offers as its aiohttp option).
 
 Why: every relayed request costs the agent one upstream call, and over SSE one answer POST
-to the broker. httpx's own transport (httpcore, h11) spends 0.6-0.8 ms of CPU per request
-on this project's bench host, the aiohttp transport 0.25-0.4 ms (/tmp probe: 3,000 small
-JSON POSTs to a local server, 1 and 8 at a time). On the bench's 3-worker agent line that
-took the SSE chunks/s per process at 256 streams from 4,242 to 7,300 and the max rate from
-268 to 482 req/s (docs/benchmarks.md).
+to the broker. With httpx's own transport (httpcore, h11) a request cost 0.61-0.83 ms of
+CPU on this project's bench host, with the aiohttp transport 0.25-0.43 ms (a probe: 3,000
+small JSON POSTs, 1 and 8 at a time, to a local aiohttp server in the same process, whose
+share is included). On the bench's 3-worker agent line that took the SSE chunks/s per
+process at 256 streams from 4,242 to 7,300 and the max rate from 268 to 482 req/s
+(docs/benchmarks.md).
 
 httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` to ``httpx.ConnectTimeout``: a
 refused connection, but also one the server reset or closed after the request went out,
