@@ -149,3 +149,37 @@ async def test_answers_come_back_on_one_kept_connection(
             response = await http.post(url, json={"a": 1})
             assert (response.status_code, response.text) == (200, "ok")
     assert len(peers) == 1
+
+
+async def test_a_control_stream_that_goes_silent_is_lost(
+    serve: Callable[[Handler], Awaitable[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SSE control stream's read timeout holds on this transport: a broker that stops
+    sending (no task, no keep-alive comment) is left, and the agent reconnects."""
+    from virtual_llms.publisher import control
+    from virtual_llms.publisher.broker import BrokerClient
+
+    async def ready_then_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        event = b'event: ready\ndata: {"providerSessionId": "s"}\n\n'
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    monkeypatch.setattr(control, "SSE_READ_TIMEOUT", 0.3)
+    url = (await serve(ready_then_silent)).removesuffix("/x")
+    broker = BrokerClient([url], "tok")
+    frames: list[dict[str, object]] = []
+
+    async def read_all() -> None:
+        async for frame in control.open_stream(broker, "s", "sse"):
+            frames.append(frame)
+
+    with pytest.raises(control.StreamLost, match=r"no data for 0\.3 s"):
+        await asyncio.wait_for(read_all(), 5)
+    assert [frame["type"] for frame in frames] == ["ready"]
+    await broker.aclose()
