@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -246,6 +247,9 @@ def test_a_burst_of_connections_to_a_busy_worker_waits_in_the_queue(embedded: Br
     worker cannot accept (stopped here, busy in life) all get in, and all get an answer once
     it runs again. Twisted's default backlog of 50 drops the SYNs past the first ~51 (their
     connects time out here) or, with SYN cookies, resets them."""
+    somaxconn = Path("/proc/sys/net/core/somaxconn")
+    if not somaxconn.exists() or int(somaxconn.read_text()) <= 300:
+        pytest.skip("needs Linux with net.core.somaxconn above 300 (the kernel caps backlogs)")
     proc = embedded.procs[0]
     assert proc is not None
     port = embedded.ports[0]
