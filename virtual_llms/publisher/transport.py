@@ -22,7 +22,8 @@ httpx-aiohttp's mapping (``ConnectTimeout``, ``ReadTimeout``, ...).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -44,20 +45,26 @@ def remapped(exc: BaseException, request: httpx.Request) -> httpx.HTTPError | No
     return httpx.RemoteProtocolError(message, request=request)
 
 
+@contextlib.contextmanager
+def _httpx_errors(request: httpx.Request) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        error = remapped(exc, request)
+        if error is None:
+            raise
+        raise error from exc
+
+
 class _Body(httpx.AsyncByteStream):
     def __init__(self, inner: httpx.AsyncByteStream, request: httpx.Request) -> None:
         self.inner = inner
         self.request = request
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
+        with _httpx_errors(self.request):
             async for chunk in self.inner:
                 yield chunk
-        except Exception as exc:
-            error = remapped(exc, self.request)
-            if error is None:
-                raise
-            raise error from exc
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -65,13 +72,8 @@ class _Body(httpx.AsyncByteStream):
 
 class Transport(AiohttpTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        try:
+        with _httpx_errors(request):
             response = await super().handle_async_request(request)
-        except Exception as exc:
-            error = remapped(exc, request)
-            if error is None:
-                raise
-            raise error from exc
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.stream = _Body(response.stream, request)
         return response

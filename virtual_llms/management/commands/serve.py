@@ -10,6 +10,7 @@ is passed to daphne as it is.
 import gc
 from typing import Any
 
+from daphne.endpoints import build_endpoint_description_strings
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -24,9 +25,9 @@ BACKLOG = 2048
 
 
 def endpoint(bind: str, port: int, backlog: int) -> str:
-    """daphne's TCP endpoint for ``-b bind -p port`` (daphne.endpoints), with a backlog."""
-    interface = bind.strip("[]").replace(":", r"\:")
-    return f"tcp:port={port}:interface={interface}:backlog={backlog}"
+    """The TCP endpoint daphne builds for ``-b bind -p port``, with a backlog."""
+    (tcp,) = build_endpoint_description_strings(host=bind, port=port)
+    return f"{tcp}:backlog={backlog}"
 
 
 def daphne_args(bind: str, port: int, extra: list[str], backlog: int = BACKLOG) -> list[str]:
