@@ -90,14 +90,33 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
         await server.wait_closed()
 
 
-async def post(url: str, **kwargs: float) -> httpx.Response:
-    async with transport.client() as http:
-        response = await http.post(url, json={"a": 1}, timeout=httpx.Timeout(5.0, **kwargs))
-        await response.aread()
-        return response
+Post = Callable[..., Awaitable[httpx.Response]]
 
 
-async def test_a_refused_connection_is_not_sent() -> None:
+@pytest.fixture(params=["direct", "send"])
+def post(request: pytest.FixtureRequest) -> Post:
+    """A JSON POST read to its end, by ``Client.direct`` (the agent's calls) or by httpx's
+    own ``send`` (``AsyncClient.post``)."""
+
+    async def call(url: str, **kwargs: float) -> httpx.Response:
+        timeout = httpx.Timeout(5.0, **kwargs)
+        async with transport.client() as http:
+            if request.param == "direct":
+                response = await http.direct(
+                    "POST", url, headers={}, json={"a": 1}, timeout=timeout
+                )
+            else:
+                response = await http.post(url, json={"a": 1}, timeout=timeout)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            return response
+
+    return call
+
+
+async def test_a_refused_connection_is_not_sent(post: Post) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -116,7 +135,10 @@ async def test_a_refused_connection_is_not_sent() -> None:
     ],
 )
 async def test_a_connection_that_breaks_after_the_request_went_out_may_have_been_sent(
-    serve: Callable[[Handler], Awaitable[str]], handler: Handler, error: type[httpx.HTTPError]
+    serve: Callable[[Handler], Awaitable[str]],
+    post: Post,
+    handler: Handler,
+    error: type[httpx.HTTPError],
 ) -> None:
     url = await serve(handler)
     with pytest.raises(httpx.HTTPError) as caught:
@@ -127,11 +149,56 @@ async def test_a_connection_that_breaks_after_the_request_went_out_may_have_been
 
 
 async def test_a_silent_server_is_a_read_timeout(
-    serve: Callable[[Handler], Awaitable[str]],
+    serve: Callable[[Handler], Awaitable[str]], post: Post
 ) -> None:
     url = await serve(silent)
     with pytest.raises(httpx.ReadTimeout):
         await post(url, read=0.2)
+
+
+async def test_a_direct_request_carries_its_headers_and_json(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """``Client.direct`` skips the client's layers, not what a request needs: Host, the
+    caller's headers, the JSON body and its length and type (and not the client's default
+    headers, which the agent's calls never rely on)."""
+    heads: list[bytes] = []
+    bodies: list[bytes] = []
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head.lower())
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        bodies.append(await reader.readexactly(length))
+        writer.write(b'HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\n{"a":2}')
+        await writer.drain()
+
+    url = await serve(recording)
+    async with transport.client(headers={"X-Default": "client"}) as http:
+        response = await http.direct(
+            "POST",
+            url,
+            headers={"Authorization": "Bearer t"},
+            json={"é": [1]},
+            timeout=httpx.Timeout(5.0),
+        )
+        await response.aread()
+        await response.aclose()
+    assert (response.status_code, response.json()) == (201, {"a": 2})
+    port = url.split(":")[2].split("/")[0]
+    assert heads[0].startswith(b"post /x http/1.1\r\n")
+    for header in (
+        b"host: 127.0.0.1:" + port.encode(),
+        b"authorization: bearer t",
+        b"content-type: application/json",
+    ):
+        assert header in heads[0].split(b"\r\n")
+    assert b"x-default" not in heads[0]
+    assert bodies == ['{"é":[1]}'.encode()]
 
 
 async def test_answers_come_back_on_one_kept_connection(

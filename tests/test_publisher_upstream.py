@@ -386,6 +386,20 @@ async def test_slow_posts_batch_what_piles_up(upstream: FakeUpstream) -> None:
     assert max(len(batch) for batch in sink.posts) > 1
 
 
+async def test_an_upstream_silent_past_its_timeout_is_an_error(upstream: FakeUpstream) -> None:
+    """The LLM's timeout_seconds reaches the upstream call (a read timeout between chunks)."""
+    sink = RecordingSink()
+    started = time.monotonic()
+    async with transport.client() as http:
+        await forward(
+            http, llm(upstream.url, timeout_seconds=0.3), infer("slow:3:2", stream=True), sink
+        )
+    assert time.monotonic() - started < 1.5
+    assert sink.errors == [
+        f"upstream of 'fake' sent nothing for 0.3 s ({upstream.url}/chat/completions)"
+    ]
+
+
 async def test_unreachable_upstream_is_an_error_naming_it() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

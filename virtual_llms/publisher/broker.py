@@ -17,7 +17,7 @@ import httpx
 from . import __version__
 from .batcher import Chunk
 from .logs import log
-from .transport import Transport
+from .transport import Client, Transport
 
 USER_AGENT = f"mcpd-publish/{__version__}"
 # The request failed before the broker could act on it: safe to send again, elsewhere.
@@ -72,9 +72,11 @@ class BrokerClient:
         self.urls = list(urls)
         self._index = 0
         self.token = token
-        self.http = httpx.AsyncClient(
-            headers={"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT},
-            timeout=httpx.Timeout(30.0, connect=10.0),
+        self.headers = {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT}
+        self.timeout = httpx.Timeout(30.0, connect=10.0)
+        self.http = Client(
+            headers=self.headers,
+            timeout=self.timeout,
             transport=transport or Transport(limits=httpx.Limits(max_connections=200)),
         )
 
@@ -97,7 +99,14 @@ class BrokerClient:
         for _ in self.urls:
             url = self.url
             try:
-                return await self.http.post(f"{url}{path}", json=body)
+                response = await self.http.direct(
+                    "POST", f"{url}{path}", headers=self.headers, json=body, timeout=self.timeout
+                )
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+                return response
             except NOT_SENT as exc:
                 log.debug("broker %s unreachable (%s); trying the next one", url, exc)
                 error = exc

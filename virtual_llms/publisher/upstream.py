@@ -22,6 +22,7 @@ from httpx_sse import EventSource, ServerSentEvent
 from .batcher import Chunk, ChunkBatcher
 from .broker import MAX_MESSAGE
 from .config import LlmConfig
+from .transport import Client
 
 # The endpoints of PROTOCOL.md; nothing else is ever called on the upstream.
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -80,9 +81,7 @@ def _is_event_stream(response: httpx.Response) -> bool:
     return response.headers.get("content-type", "").startswith("text/event-stream")
 
 
-async def forward(
-    http: httpx.AsyncClient, llm: LlmConfig, frame: dict[str, Any], sink: Sink
-) -> str:
+async def forward(http: Client, llm: LlmConfig, frame: dict[str, Any], sink: Sink) -> str:
     """Run one infer task to its end; returns a short summary for the log. Raises what the
     sink raises (a task the broker forgot: stop at once)."""
     endpoint = frame.get("endpoint")
@@ -93,15 +92,14 @@ async def forward(
         await sink.error(message)
         return message
     url = upstream_url(llm, str(endpoint))
-    request = http.build_request(
-        "POST",
-        url,
-        json=body,
-        headers=upstream_headers(llm),
-        timeout=httpx.Timeout(llm.timeout_seconds, connect=10.0),
-    )
     try:
-        response = await http.send(request, stream=True)
+        response = await http.direct(
+            "POST",
+            url,
+            headers=upstream_headers(llm),
+            json=body,
+            timeout=httpx.Timeout(llm.timeout_seconds, connect=10.0),
+        )
     except httpx.HTTPError as exc:
         message = transport_failure(llm, url, exc, streaming=streaming)
         await sink.error(message)
