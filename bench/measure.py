@@ -6,7 +6,10 @@ import asyncio
 import math
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -106,10 +109,60 @@ def _ping_pong_us(rounds: int, idle_s: float = 0.0) -> float:
 IDLE_GAP_S = 0.002
 
 
+# A child process serving one TCP connection with asyncio, echoing each byte; at the end it
+# prints its CPU time (user + sys) per echo.
+_ECHO_SERVER = """
+import asyncio, resource, sys
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+async def main():
+    done = asyncio.Event()
+    async def serve(reader, writer):
+        n, start = 0, None
+        while data := await reader.read(16):
+            if start is None:
+                start = cpu()
+            else:
+                n += 1
+            writer.write(data)
+        print((cpu() - start) / max(n, 1) * 1e6, flush=True)
+        done.set()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await done.wait()
+asyncio.run(main())
+"""
+
+
+def _echo_cpu_us(rounds: int, idle_s: float) -> float:
+    """CPU time, in µs, that an asyncio process spends per request-and-answer on a kept TCP
+    connection (read one byte, write it back), with ``idle_s`` between requests: what each
+    process on a relayed request's path pays per hop in the event loop, the socket calls and
+    being woken from idle, before doing any work of its own. On a VM this moves with how
+    costly the host makes a switch between processes; a faster Python loop does not imply a
+    lower figure."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(rounds + 1):
+                time.sleep(idle_s)
+                sock.sendall(b"x")
+                sock.recv(16)
+        return float(child.stdout.readline())
+    finally:
+        child.wait(timeout=10)
+
+
 def calibrate() -> dict[str, str]:
     """Figures that tell this host from another, since every other figure depends on them:
-    the cross-process wake-up round trip, back to back and after a short idle gap, and a
-    fixed pure-Python loop (best of 3)."""
+    the cross-process wake-up round trip, back to back and after a short idle gap, the CPU
+    an asyncio process spends per echo, and a fixed pure-Python loop (best of 3)."""
     loop_s = []
     for _ in range(3):
         started = time.perf_counter()
@@ -120,6 +173,7 @@ def calibrate() -> dict[str, str]:
     return {
         "wakeup_rtt_us": f"{_ping_pong_us(2000):.0f}",
         "wakeup_idle_rtt_us": f"{_ping_pong_us(200, IDLE_GAP_S):.0f}",
+        "echo_cpu_us": f"{_echo_cpu_us(400, IDLE_GAP_S):.0f}",
         "python_loop_ms": f"{min(loop_s) * 1000:.0f}",
     }
 

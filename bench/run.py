@@ -266,6 +266,7 @@ async def main_async(args: argparse.Namespace) -> int:
         f"load average {host['loadavg']} at start, {host['loadavg_end']} at end; "
         f"calibration: process wake-up round trip {host['wakeup_rtt_us']} µs "
         f"({host['wakeup_idle_rtt_us']} µs after 2 ms idle), "
+        f"asyncio echo {host['echo_cpu_us']} µs CPU, "
         f"1e6-step Python loop {host['python_loop_ms']} ms"
     )
     print()
