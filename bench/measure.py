@@ -173,7 +173,7 @@ def calibrate() -> dict[str, str]:
     return {
         "wakeup_rtt_us": f"{_ping_pong_us(2000):.0f}",
         "wakeup_idle_rtt_us": f"{_ping_pong_us(200, IDLE_GAP_S):.0f}",
-        "echo_cpu_us": f"{_echo_cpu_us(400, IDLE_GAP_S):.0f}",
+        "echo_cpu_us": f"{_echo_cpu_us(200, IDLE_GAP_S):.0f}",
         "python_loop_ms": f"{min(loop_s) * 1000:.0f}",
     }
 
