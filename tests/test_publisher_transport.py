@@ -160,8 +160,8 @@ async def test_a_direct_request_carries_its_headers_and_json(
     serve: Callable[[Handler], Awaitable[str]],
 ) -> None:
     """``Client.direct`` skips the client's layers, not what a request needs: Host, the
-    caller's headers, the JSON body and its length and type (and not the client's default
-    headers, which the agent's calls never rely on)."""
+    client's headers (httpx's Accept-Encoding: what the response will be decoded with)
+    under the caller's, whatever their case, the JSON body and its length and type."""
     heads: list[bytes] = []
     bodies: list[bytes] = []
 
@@ -178,26 +178,32 @@ async def test_a_direct_request_carries_its_headers_and_json(
         await writer.drain()
 
     url = await serve(recording)
-    async with transport.client(headers={"X-Default": "client"}) as http:
+    client_headers = {"X-Default": "client", "User-Agent": "client-agent"}
+    async with transport.client(headers=client_headers) as http:
         response = await http.direct(
             "POST",
             url,
-            headers={"Authorization": "Bearer t"},
+            headers={"Authorization": "Bearer t", "user-agent": "caller-agent"},
             json={"é": [1]},
             timeout=httpx.Timeout(5.0),
         )
         await response.aread()
         await response.aclose()
+        accept_encoding = http.headers["Accept-Encoding"].encode()
     assert (response.status_code, response.json()) == (201, {"a": 2})
     port = url.split(":")[2].split("/")[0]
     assert heads[0].startswith(b"post /x http/1.1\r\n")
+    lines = heads[0].split(b"\r\n")
     for header in (
         b"host: 127.0.0.1:" + port.encode(),
         b"authorization: bearer t",
         b"content-type: application/json",
+        b"x-default: client",
+        b"accept-encoding: " + accept_encoding,
+        b"user-agent: caller-agent",
     ):
-        assert header in heads[0].split(b"\r\n")
-    assert b"x-default" not in heads[0]
+        assert header in lines
+    assert sum(line.startswith(b"user-agent:") for line in lines) == 1
     assert bodies == ['{"é":[1]}'.encode()]
 
 
