@@ -155,6 +155,9 @@ def _echo_cpu_us(rounds: int, idle_s: float) -> float:
                 sock.sendall(b"x")
                 sock.recv(16)
         return float(child.stdout.readline())
+    except BaseException:
+        child.kill()  # it would wait for a connection that is not coming
+        raise
     finally:
         child.wait(timeout=10)
 

@@ -274,6 +274,24 @@ async def test_a_last_answer_is_sent_again_when_the_connection_breaks() -> None:
     await client.aclose()
 
 
+async def test_broker_posts_carry_the_token_and_the_json_body() -> None:
+    requests: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(204)
+
+    client = BrokerClient(["http://b:9"], "tok", transport=httpx.MockTransport(handle))
+    await client.result("t1", 200, {"é": 1})
+    await client.aclose()
+    [request] = requests
+    assert str(request.url) == "http://b:9/api/v1/virtual/tasks/t1/result"
+    assert request.headers["Authorization"] == "Bearer tok"
+    assert request.headers["User-Agent"].startswith("mcpd-publish/")
+    assert request.headers["Content-Type"] == "application/json"
+    assert json.loads(request.content) == {"status": 200, "body": {"é": 1}}
+
+
 @pytest.mark.usefixtures("no_pauses")
 async def test_an_earlier_chunk_batch_is_not_sent_twice() -> None:
     broker = ScriptedBroker()

@@ -72,10 +72,9 @@ class BrokerClient:
         self.urls = list(urls)
         self._index = 0
         self.token = token
-        self.headers = {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT}
         self.timeout = httpx.Timeout(30.0, connect=10.0)
         self.http = Client(
-            headers=self.headers,
+            headers={"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT},
             timeout=self.timeout,
             transport=transport or Transport(limits=httpx.Limits(max_connections=200)),
         )
@@ -99,8 +98,9 @@ class BrokerClient:
         for _ in self.urls:
             url = self.url
             try:
+                # The client's headers (the token) go with every request.
                 response = await self.http.direct(
-                    "POST", f"{url}{path}", headers=self.headers, json=body, timeout=self.timeout
+                    "POST", f"{url}{path}", headers={}, json=body, timeout=self.timeout
                 )
                 try:
                     await response.aread()
