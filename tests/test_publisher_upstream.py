@@ -389,12 +389,11 @@ async def test_slow_posts_batch_what_piles_up(upstream: FakeUpstream) -> None:
 async def test_an_upstream_silent_past_its_timeout_is_an_error(upstream: FakeUpstream) -> None:
     """The LLM's timeout_seconds reaches the upstream call (a read timeout between chunks)."""
     sink = RecordingSink()
-    started = time.monotonic()
     async with transport.client() as http:
         await forward(
             http, llm(upstream.url, timeout_seconds=0.3), infer("slow:3:2", stream=True), sink
         )
-    assert time.monotonic() - started < 1.5
+    # Without the timeout the stream would end normally after ~6 s, with no error.
     assert sink.errors == [
         f"upstream of 'fake' sent nothing for 0.3 s ({upstream.url}/chat/completions)"
     ]
