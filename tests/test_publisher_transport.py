@@ -10,6 +10,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import httpx
 import pytest
 
@@ -146,6 +147,27 @@ async def test_a_connection_that_breaks_after_the_request_went_out_may_have_been
     assert type(caught.value) is error
     assert not isinstance(caught.value, NOT_SENT)
     assert caught.value.request.url == url
+
+
+async def test_a_connection_that_breaks_while_the_response_closes_may_have_been_sent() -> None:
+    """Closing a response waits for its request body's writer; httpx-aiohttp maps a broken
+    pipe there to ConnectTimeout, which would read as "never sent"."""
+
+    class BreaksOnClose(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b"ok"
+
+        async def aclose(self) -> None:
+            try:
+                raise aiohttp.ClientOSError(32, "Broken pipe")
+            except aiohttp.ClientOSError as exc:
+                raise httpx.ConnectTimeout("Broken pipe") from exc  # as httpx-aiohttp maps it
+
+    request = httpx.Request("POST", "http://b/x")
+    body = transport._Body(BreaksOnClose(), request)
+    with pytest.raises(httpx.ReadError) as caught:
+        await body.aclose()
+    assert not isinstance(caught.value, NOT_SENT)
 
 
 async def test_a_silent_server_is_a_read_timeout(

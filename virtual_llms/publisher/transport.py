@@ -67,7 +67,10 @@ class _Body(httpx.AsyncByteStream):
                 yield chunk
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        # Closing waits for the request's body to finish going out: a connection that broke
+        # there was used, so it must not read as "never sent" either.
+        with _httpx_errors(self.request):
+            await self.inner.aclose()
 
 
 class Transport(AiohttpTransport):
