@@ -92,9 +92,8 @@ async def start_setup(key: str) -> Setup:
     label, services, n = SETUPS[key]
     broker = Broker(n, services=services, env=BROKER_ENV)
     await asyncio.to_thread(broker.start)
-    client_token, publisher_token = await asyncio.gather(
-        asyncio.to_thread(broker.new_token, "client"),
-        asyncio.to_thread(broker.new_token, "publisher"),
+    client_token, publisher_token = await asyncio.to_thread(
+        broker.new_tokens, "client", "publisher"
     )
     return Setup(key, label, broker, client_token, publisher_token)
 

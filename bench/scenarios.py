@@ -92,7 +92,7 @@ QUICK = Sizes(
     wake_requests=30,
     wake_windows=2,
     wake_delay_s=0.2,
-    memory_settle_s=0.3,
+    memory_settle_s=0.1,
     direct_rate_start=800,
 )
 
