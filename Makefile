@@ -10,12 +10,12 @@ MCPD_TEST_PG_URL ?= postgres://postgres@127.0.0.1:5432/mcpd
 MCPD_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 export MCPD_TEST_PG_URL MCPD_TEST_REDIS_URL
 
-.PHONY: help venv run test lint types migrations-check pytest pytest-embedded pytest-services bench bench-quick clean
+.PHONY: help venv run test lint types migrations-check pytest pytest-embedded pytest-services bench bench-quick soak clean
 
 help:
 	@echo "make run    - install, migrate, print dev tokens, serve on http://$(HOST):$(PORT)"
 	@echo "make test   - lint, types, migrations check and the whole test suite"
-	@echo "make bench  - benchmarks (not part of make test)"
+	@echo "make bench  - benchmarks (not part of make test); make bench-quick, make soak"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ bench: $(VENV)/.installed-bench
 
 bench-quick: $(VENV)/.installed-bench
 	$(PY) -m bench.run --quick
+
+# Sustained load, then: nothing failed, nothing left behind, RSS and threads flat (~15 min).
+soak: $(VENV)/.installed-bench
+	$(PY) -m bench.run --soak
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .test-db.sqlite3*

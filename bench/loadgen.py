@@ -135,7 +135,10 @@ async def _stream(
     stall_s: float,
     errors: _Errors,
     check_order: bool = True,
+    leave_after: int = 0,
 ) -> StreamResult:
+    """One streamed request. ``leave_after`` > 0: the client leaves (closes the connection)
+    once that many chunks have arrived, and the stream counts as ok."""
     result = StreamResult()
     started = time.perf_counter()
     last = started
@@ -178,6 +181,9 @@ async def _stream(
                                 errors.add(f"chunk {result.chunks} out of order or lost")
                                 return result
                             result.chunks += 1
+                    if leave_after and result.chunks >= leave_after:
+                        result.ok = True
+                        return result  # leaving the block closes the unread response
     except aiohttp.ClientError as exc:
         errors.add(f"http: {exc!r}")
         return result
@@ -278,6 +284,7 @@ async def streams(
     ramp_s: float = 0.0,
     stall_s: float = 10.0,
     expect: int = 0,
+    leave_after: int = 0,
 ) -> dict[str, Any]:
     t = _Targets(targets)
     errors = _Errors()
@@ -287,7 +294,9 @@ async def streams(
         delay = at - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
-        return await _stream(t.next(), expect=expect, stall_s=stall_s, errors=errors)
+        return await _stream(
+            t.next(), expect=expect, stall_s=stall_s, errors=errors, leave_after=leave_after
+        )
 
     start = loop.time() + 0.02
     t0 = time.perf_counter()

@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="worker",
         help="profile daphne worker 0 under the bench publisher, or the mcpd-publish agent",
     )
+    parser.add_argument("--soak", action="store_true", help="soak run instead (make soak)")
+    parser.add_argument("--soak-rounds", type=int, default=10)
+    parser.add_argument("--soak-round-seconds", type=float, default=20.0)
+    parser.add_argument("--soak-rate", type=float, default=150.0, help="requests/s")
     parser.add_argument("--profile-seconds", type=float, default=20.0)
     parser.add_argument("--profile-rate", type=float, default=40.0, help="requests/s")
     return parser.parse_args(argv)
@@ -298,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         from .profile import run_profile
 
         return asyncio.run(run_profile(args))
+    if args.soak:
+        from .soak import run_soak
+
+        return asyncio.run(run_soak(args))
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(main_async(args))
     return 130
