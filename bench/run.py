@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--soak", action="store_true", help="soak run instead (make soak)")
     parser.add_argument("--soak-rounds", type=int, default=10)
-    parser.add_argument("--soak-round-seconds", type=float, default=20.0)
+    parser.add_argument("--soak-round-seconds", type=float, default=30.0)
     parser.add_argument("--soak-rate", type=float, default=150.0, help="requests/s")
     parser.add_argument("--profile-seconds", type=float, default=20.0)
     parser.add_argument("--profile-rate", type=float, default=40.0, help="requests/s")

@@ -8,15 +8,18 @@ that the client leaves after 2 chunks (each must reach the publisher as a ``canc
 over the round. After each round, once the workers are idle, it reads the RSS, open file
 descriptors and threads of every worker, and on Redis the open-task keys left.
 
-The first round is the warm-up: caches, pools, connections and lazy imports. The rows judge
-the rounds after it:
-- no request or stream failed;
+The rows judge:
+- no request or stream failed, in any round;
 - every abandoned stream was cancelled at the publisher;
 - no open-task key is left in Redis;
-- thread counts are flat;
-- RSS growth after round 1, per request served since, is at most 128 bytes on every worker.
-  A leak of one small object per request (a dict entry keyed by a task id and its value) is a
-  few hundred bytes; one step of the allocator's heap (~2 MiB) over 30,000 requests is ~70.
+- thread counts are flat (the last round against the first);
+- RSS growth over the second half of the rounds, per request served in it, is at most
+  128 bytes on every worker. The first half is the warm-up: caches, pools, lazy imports, and
+  the high-water marks of connections and buffers, which rise once when the load meets a
+  busy moment of the machine (8.8 MiB from round 1 to 2 in one run, flat for the 8 rounds
+  after). A leak of one small object per request (a dict entry keyed by a task id, and its
+  value) is a few hundred bytes; one step of the heap (~2 MiB) over the default second
+  half (22,500 requests) is ~90.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ async def soak_one(
         setup, llm, stream=True, interval_ms=STREAM_INTERVAL_MS, chunks=STREAM_CHUNKS
     )
     samples: list[Sample] = []
-    totals = Totals()  # the rounds after the first
+    totals = Totals()  # failures and cancels of every round; requests of the second half
     try:
         for r in range(args.soak_rounds):
             ramp = 0.8 * seconds
@@ -137,14 +140,12 @@ async def soak_one(
                 f"RSS MiB {[round(k / 1024, 1) for k in samples[-1].rss_kib]}, "
                 f"fds {samples[-1].fds}, open-task keys {samples[-1].task_keys}"
             )
-            if r == 0:
-                cancels_before = (await line.call("stats"))["counts"].get("frame_cancel", 0)
-                continue
-            totals.requests += unary_r["sent"] + 2 * STREAMS_PER_ROUND
             totals.failed += failed
             totals.left += left_r["ok"]
             totals.errors += unary_r["errors"] + full_r["errors"] + left_r["errors"]
-        cancels = (await line.call("stats"))["counts"].get("frame_cancel", 0) - cancels_before
+            if r >= half(args.soak_rounds):
+                totals.requests += unary_r["sent"] + 2 * STREAMS_PER_ROUND
+        cancels = (await line.call("stats"))["counts"].get("frame_cancel", 0)
     finally:
         await line.stop()
     rows(bench, setup, transport, samples, totals, cancels)
@@ -158,12 +159,12 @@ def rows(
     totals: Totals,
     cancels: int,
 ) -> None:
-    first, last = samples[0], samples[-1]
-    n_after = len(samples) - 1
+    first, mid, last = samples[0], samples[half(len(samples)) - 1], samples[-1]
+    n_after = len(samples) - half(len(samples))
 
-    row = bench.row(setup, transport, "bench", f"soak: failed, rounds 2-{len(samples)}", "")
+    row = bench.row(setup, transport, "bench", f"soak: failed, {len(samples)} rounds", "")
     row.relayed = float(totals.failed)
-    row.note = f"{totals.requests} requests and streams" + (
+    row.note = f"{totals.requests} requests and streams in the last {n_after} rounds" + (
         f"; {totals.errors[:2]}" if totals.errors else ""
     )
     judge(row, "0", at_most(0.0, "relayed"))
@@ -188,9 +189,11 @@ def rows(
 
     growth = [
         (b - a) * 1024 / max(totals.requests, 1)
-        for a, b in zip(first.rss_kib, last.rss_kib, strict=True)
+        for a, b in zip(mid.rss_kib, last.rss_kib, strict=True)
     ]
-    row = bench.row(setup, transport, "bench", "soak: RSS growth per request, max worker", "B")
+    row = bench.row(
+        setup, transport, "bench", "soak: RSS growth per request, 2nd half, max worker", "B"
+    )
     row.relayed = max(growth)
     row.note = (
         "RSS MiB after each round, per worker: "
@@ -199,9 +202,14 @@ def rows(
             for i in range(len(first.rss_kib))
         )
         + f"; fds after round 1 {first.fds}, after the last {last.fds}; "
-        f"{totals.requests} requests over {n_after} rounds"
+        f"{totals.requests} requests over the last {n_after} rounds"
     )
     judge(row, f"≤ {GROWTH_LIMIT_B:.0f} B", at_most(GROWTH_LIMIT_B, "relayed"))
+
+
+def half(rounds: int) -> int:
+    """Rounds in the first half (the warm-up); at least one."""
+    return max(1, rounds // 2)
 
 
 async def run_soak(args: argparse.Namespace) -> int:
