@@ -71,7 +71,7 @@ bench: $(VENV)/.installed-bench
 bench-quick: $(VENV)/.installed-bench
 	$(PY) -m bench.run --quick
 
-# Sustained load, then: nothing failed, nothing left behind, RSS and threads flat (~15 min).
+# Sustained load, then: nothing failed, nothing left behind, RSS and threads flat (~22 min).
 soak: $(VENV)/.installed-bench
 	$(PY) -m bench.run --soak
 
