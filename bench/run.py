@@ -149,15 +149,7 @@ async def run_combo(
     llm = f"bench-{setup.key}-{transport}-{line.name}-{int(time.time() * 1000) % 100000}"
     progress(f"{setup.key} / {transport} / {line.name}: starting the publisher")
     try:
-        await line.start(
-            workers=setup.urls,
-            stream_worker=setup.stream_worker,
-            publisher_token=setup.publisher_token,
-            client_token=setup.client_token,
-            transport=transport,
-            llm=llm,
-            upstream=bench.upstream,
-        )
+        await bench.start_line(line, setup, transport, llm)
     except Exception as exc:
         failed(bench, setup, transport, line.name, "publisher start", exc, notes)
         await line.stop()

@@ -178,6 +178,22 @@ class Bench:
             for i in (workers if workers is not None else range(setup.n))
         ]
 
+    async def start_line(
+        self, line: Line, setup: Setup, transport: str, llm: str, wake: WakeSpec | None = None
+    ) -> None:
+        """Start a publisher line serving ``llm`` from this bench's upstream, its stream on
+        the setup's stream worker and its answers to every worker."""
+        await line.start(
+            workers=setup.urls,
+            stream_worker=setup.stream_worker,
+            publisher_token=setup.publisher_token,
+            client_token=setup.client_token,
+            transport=transport,
+            llm=llm,
+            upstream=self.upstream,
+            wake=wake,
+        )
+
     def row(self, setup: Setup, transport: str, line: str, metric: str, unit: str) -> Row:
         row = Row(setup.label, transport, line, metric, unit)
         self.rows.append(row)
@@ -638,16 +654,7 @@ class Bench:
     async def wake(self, setup: Setup, transport: str, line: Line) -> None:
         s = self.sizes
         llm = f"wake-{transport}-{line.name}-{uuid.uuid4().hex[:6]}"
-        await line.start(
-            workers=setup.urls,
-            stream_worker=setup.stream_worker,
-            publisher_token=setup.publisher_token,
-            client_token=setup.client_token,
-            transport=transport,
-            llm=llm,
-            upstream=self.upstream,
-            wake=WakeSpec(s.wake_delay_s),
-        )
+        await self.start_line(line, setup, transport, llm, wake=WakeSpec(s.wake_delay_s))
         counts: list[int] = []
         spans: list[tuple[float, float]] = []
         failed = 0

@@ -97,15 +97,7 @@ async def soak_one(
 ) -> None:
     line = BenchLine(log_dir)
     llm = f"soak-{setup.key}-{transport}"
-    await line.start(
-        workers=setup.urls,
-        stream_worker=setup.stream_worker,
-        publisher_token=setup.publisher_token,
-        client_token=setup.client_token,
-        transport=transport,
-        llm=llm,
-        upstream=bench.upstream,
-    )
+    await bench.start_line(line, setup, transport, llm)
     rate, seconds = args.soak_rate, args.soak_round_seconds
     unary = bench.relayed(setup, llm)
     streamed = bench.relayed(

@@ -143,9 +143,10 @@ class Broker:
         path = self.tmp / f"worker{i}.log"
         return path.read_text(errors="replace")[-6000:] if path.exists() else ""
 
-    def manage(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def python(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run this venv's Python in the broker's environment (settings, database, Redis)."""
         return subprocess.run(
-            [sys.executable, "manage.py", *args],
+            [sys.executable, *args],
             cwd=ROOT,
             env=self.env,
             capture_output=True,
@@ -153,6 +154,9 @@ class Broker:
             check=True,
             timeout=120,
         )
+
+    def manage(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.python("manage.py", *args)
 
     def new_token(self, role: str, label: str | None = None) -> str:
         out = self.manage("createtoken", role, label or f"{role}-{uuid.uuid4().hex[:6]}")
@@ -168,15 +172,7 @@ class Broker:
             "for role in sys.argv[1:]:\n"
             "    print(token_create(role=role, label=f'{role}-{uuid.uuid4().hex[:6]}')[1])\n"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", script, *roles],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
+        out = self.python("-c", script, *roles)
         tokens = out.stdout.split()
         assert len(tokens) == len(roles), out
         return tokens
