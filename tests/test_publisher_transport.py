@@ -9,13 +9,16 @@ import asyncio
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import httpx
 import pytest
 
 from virtual_llms.publisher import transport
-from virtual_llms.publisher.broker import NOT_SENT
+from virtual_llms.publisher.broker import NOT_SENT, BrokerClient
+from virtual_llms.publisher.check import check
+from virtual_llms.publisher.config import Config
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -278,3 +281,100 @@ async def test_a_control_stream_that_goes_silent_is_lost(
         await asyncio.wait_for(read_all(), 5)
     assert [frame["type"] for frame in frames] == ["ready"]
     await broker.aclose()
+
+
+# --- proxies from the environment ---------------------------------------------------------------
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.fixture
+def proxy(
+    serve: Callable[[Handler], Awaitable[str]], monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], Awaitable[tuple[str, list[bytes]]]]:
+    """A forward proxy that answers every request itself (``proxied``) and records its
+    request line; the environment's other proxy settings are cleared."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+    async def start() -> tuple[str, list[bytes]]:
+        lines: list[bytes] = []
+
+        async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                lines.append(head.split(b"\r\n", 1)[0])
+                for line in head.lower().split(b"\r\n"):
+                    if line.startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":", 1)[1]))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nproxied")
+                await writer.drain()
+
+        url = await serve(forward)
+        return url.rsplit("/", 1)[0], lines
+
+    return start
+
+
+async def test_calls_go_through_the_proxy_the_environment_names(
+    serve: Callable[[Handler], Awaitable[str]],
+    proxy: Callable[[], Awaitable[tuple[str, list[bytes]]]],
+    post: Post,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the agent builds it (no transport given), the client sends both kinds of call
+    through ``HTTP_PROXY``, where httpx's own client (``mcpd-publish check``, the openai SDK)
+    and websockets (the WebSocket control stream) send theirs."""
+    target = await serve(answers)
+    proxy_url, lines = await proxy()
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    response = await post(target)
+    assert (response.status_code, response.text) == (200, "proxied")
+    assert lines == [b"POST " + target.encode() + b" HTTP/1.1"]
+
+
+async def test_a_host_no_proxy_names_is_called_directly(
+    serve: Callable[[Handler], Awaitable[str]],
+    proxy: Callable[[], Awaitable[tuple[str, list[bytes]]]],
+    post: Post,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = await serve(answers)
+    proxy_url, lines = await proxy()
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    response = await post(target)
+    assert (response.status_code, response.text) == (200, "ok")
+    assert lines == []
+
+
+async def test_the_agents_broker_client_and_check_use_the_environments_proxy(
+    serve: Callable[[Handler], Awaitable[str]],
+    proxy: Callable[[], Awaitable[tuple[str, list[bytes]]]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The broker client as the agent makes it (register, heartbeats, answers) and
+    ``mcpd-publish check`` both go through the proxy: check vouches for the route the agent
+    will take."""
+    broker = (await serve(answers)).rsplit("/", 1)[0]
+    proxy_url, lines = await proxy()
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    client = BrokerClient([broker], "tok")
+    try:
+        response = await client.post("/api/v1/virtual/heartbeat", {"providerSessionId": "s"})
+    finally:
+        await client.aclose()
+    assert response.text == "proxied"
+    config = Config(brokers=(broker,), token="tok", llms=(), state_file=tmp_path / "state")
+    said: list[tuple[bool, str]] = []
+    assert not await check(config, lambda ok, line: said.append((ok, line)))
+    assert said == [
+        (False, f"broker {broker}: unexpected answer proxied (200) (is this an mcpd broker URL?)")
+    ]
+    heartbeat = b"POST " + broker.encode() + b"/api/v1/virtual/heartbeat HTTP/1.1"
+    assert lines == [heartbeat, heartbeat]

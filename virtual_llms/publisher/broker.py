@@ -17,7 +17,7 @@ import httpx
 from . import __version__
 from .batcher import Chunk
 from .logs import log
-from .transport import Client, Transport
+from .transport import Client
 
 USER_AGENT = f"mcpd-publish/{__version__}"
 # The request failed before the broker could act on it: safe to send again, elsewhere.
@@ -76,7 +76,8 @@ class BrokerClient:
         self.http = Client(
             headers={"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT},
             timeout=self.timeout,
-            transport=transport or Transport(limits=httpx.Limits(max_connections=200)),
+            limits=httpx.Limits(max_connections=200),
+            transport=transport,
         )
 
     @property

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import httpx
 
+from . import transport
 from .broker import USER_AGENT, error_of
 from .config import Command, Config, LlmConfig
 from .upstream import describe, upstream_headers
@@ -25,7 +26,8 @@ async def check(config: Config, say: Say) -> bool:
         results.append(ok)
         say(ok, line)
 
-    async with httpx.AsyncClient(timeout=10.0, headers={"User-Agent": USER_AGENT}) as http:
+    # The agent's own client: the same transport, the same proxies.
+    async with transport.client(timeout=10.0, headers={"User-Agent": USER_AGENT}) as http:
         for url in config.brokers:
             report(*await check_broker(http, url, config.token))
         for llm in config.llms:

@@ -17,6 +17,12 @@ which would repeat a chunk batch that may have arrived. :class:`Transport` gives
 httpx errors httpx's own transport raises: ``ConnectError`` when the connection could not be
 made, ``ReadError`` when it broke, ``RemoteProtocolError`` for the rest. Timeouts keep
 httpx-aiohttp's mapping (``ConnectTimeout``, ``ReadTimeout``, ...).
+
+Proxies: httpx reads ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` only for a
+client built without a transport, into its mounts. :class:`Client` is built that way and
+makes each of those transports (the plain one and one per proxy) an aiohttp one, so every
+call of the agent, ``direct`` included, goes where httpx (``mcpd-publish check``, the openai
+SDK) and websockets (the WebSocket control stream) would send it.
 """
 
 from __future__ import annotations
@@ -83,12 +89,22 @@ class Transport(AiohttpTransport):
 
 
 class Client(httpx.AsyncClient):
-    """``httpx.AsyncClient`` with :meth:`direct` for the agent's hot calls (the upstream call
-    and the answer POST of every relayed request)."""
+    """``httpx.AsyncClient`` on :class:`Transport`, with :meth:`direct` for the agent's hot
+    calls (the upstream call and the answer POST of every relayed request). Without a
+    ``transport`` (tests pass a mock), httpx builds its transports from the environment's
+    proxy settings through the two ``_init_*`` hooks below: both give aiohttp ones."""
 
-    def __init__(self, *, transport: httpx.AsyncBaseTransport, **kwargs: Any) -> None:
-        super().__init__(transport=transport, **kwargs)
-        self.transport = transport
+    # httpx calls these with its transport options by keyword (verify, cert, trust_env, http1,
+    # http2, limits), which httpx-aiohttp's transport takes as they are.
+    def _init_transport(  # type: ignore[override]
+        self, transport: httpx.AsyncBaseTransport | None = None, **options: Any
+    ) -> httpx.AsyncBaseTransport:
+        return transport or Transport(**options)
+
+    def _init_proxy_transport(  # type: ignore[override]
+        self, proxy: httpx.Proxy, **options: Any
+    ) -> httpx.AsyncBaseTransport:
+        return Transport(proxy=proxy, **options)
 
     async def direct(
         self,
@@ -99,22 +115,22 @@ class Client(httpx.AsyncClient):
         json: Any,
         timeout: httpx.Timeout,
     ) -> httpx.Response:
-        """One request handed straight to the transport, built and JSON-encoded by httpx,
-        with the client's headers under ``headers`` (Accept-Encoding among them: what httpx
-        can decode). ``send`` adds layers these calls do not use (auth flows, redirects, a
-        cookie jar read and written per request, event hooks, mounts), at 0.1-0.16 ms of
-        CPU per request on the bench host (docs/benchmarks.md). The response streams: read
-        it (``aread``) or close it (``aclose``)."""
+        """One request handed straight to the transport ``send`` would pick for its URL (the
+        plain one, or a proxy's), built and JSON-encoded by httpx, with the client's headers
+        under ``headers`` (Accept-Encoding among them: what httpx can decode). ``send`` adds
+        layers these calls do not use (auth flows, redirects, a cookie jar read and written
+        per request, event hooks), at 0.1-0.16 ms of CPU per request on the bench host
+        (docs/benchmarks.md). The response streams: read it (``aread``) or close it
+        (``aclose``)."""
         merged = self.headers.copy()
         merged.update(headers)
         request = httpx.Request(
             method, url, headers=merged, json=json, extensions={"timeout": timeout.as_dict()}
         )
-        return await self.transport.handle_async_request(request)
+        return await self._transport_for_url(request.url).handle_async_request(request)
 
 
 def client(max_connections: int = 100, **kwargs: Any) -> Client:
-    """A :class:`Client` on :class:`Transport`, with at most ``max_connections`` open
-    (aiohttp closes idle ones after httpx's keep-alive expiry, 5 s)."""
-    limits = httpx.Limits(max_connections=max_connections)
-    return Client(transport=Transport(limits=limits), **kwargs)
+    """A :class:`Client` with at most ``max_connections`` open per transport (aiohttp closes
+    idle ones after httpx's keep-alive expiry, 5 s), honouring the environment's proxies."""
+    return Client(limits=httpx.Limits(max_connections=max_connections), **kwargs)
