@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import Broker, free_port
+from tests.cluster import Broker, free_port, local_calls_skip_proxies
 from tests.services_up import services_up
 
 from .lines import AgentLine, BenchLine, Line, agent_available
@@ -290,6 +290,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    local_calls_skip_proxies()  # the agent and every client here call this machine only
     if args.profile:
         from .profile import run_profile
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,19 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("MCPD_TEST_PG_URL", "postgres://postgres@127.0.0.1:5432/mcpd")
 REDIS_URL = os.environ.get("MCPD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def local_calls_skip_proxies(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Add this machine to ``NO_PROXY`` (and ``no_proxy``). Everything the suite and the bench
+    call runs here; a proxy in the developer's environment (``HTTP_PROXY`` without such a
+    ``NO_PROXY``) would otherwise take those calls, from httpx, the openai SDK and the
+    publisher agent alike, and every one of them would fail."""
+    for name in ("NO_PROXY", "no_proxy"):
+        hosts = [host.strip() for host in environ.get(name, "").split(",") if host.strip()]
+        environ[name] = ",".join(hosts + [host for host in LOCAL_HOSTS if host not in hosts])
 
 
 def free_port() -> int:

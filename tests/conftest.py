@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, cast
 import pytest
 from django.conf import settings
 
-from tests.cluster import Broker
+from tests.cluster import Broker, local_calls_skip_proxies
 from tests.services_up import services_up
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    local_calls_skip_proxies()
     # Each run of the suite gets its own Redis key space, so parallel runs never collide.
     settings.MCPD_REDIS_PREFIX = f"mcpdunit{uuid.uuid4().hex[:8]}"
     if settings.REDIS_URL:

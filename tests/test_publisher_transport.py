@@ -6,6 +6,7 @@ next broker URL)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import aiohttp
 import httpx
 import pytest
 
+from tests.cluster import local_calls_skip_proxies
 from virtual_llms.publisher import transport
 from virtual_llms.publisher.broker import NOT_SENT, BrokerClient
 from virtual_llms.publisher.check import check
@@ -350,6 +352,26 @@ async def test_a_host_no_proxy_names_is_called_directly(
     response = await post(target)
     assert (response.status_code, response.text) == (200, "ok")
     assert lines == []
+
+
+async def test_the_suites_own_calls_skip_a_proxy_the_developer_set(
+    serve: Callable[[Handler], Awaitable[str]],
+    proxy: Callable[[], Awaitable[tuple[str, list[bytes]]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """conftest and the bench add this machine to NO_PROXY, keeping what was there."""
+    target = await serve(answers)
+    proxy_url, lines = await proxy()
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    monkeypatch.setenv("NO_PROXY", "example.com")
+    monkeypatch.setenv("no_proxy", "")
+    local_calls_skip_proxies()
+    local_calls_skip_proxies()
+    assert os.environ["NO_PROXY"] == "example.com,127.0.0.1,localhost,::1"
+    assert os.environ["no_proxy"] == "127.0.0.1,localhost,::1"
+    async with transport.client() as http:
+        response = await http.post(target, json={})
+    assert (response.text, lines) == ("ok", [])
 
 
 async def test_the_agents_broker_client_and_check_use_the_environments_proxy(
