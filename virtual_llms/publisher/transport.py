@@ -94,12 +94,14 @@ class Client(httpx.AsyncClient):
     ``transport`` (tests pass a mock), httpx builds its transports from the environment's
     proxy settings through the two ``_init_*`` hooks below: both give aiohttp ones."""
 
-    # httpx calls these with its transport options by keyword (verify, cert, trust_env, http1,
-    # http2, limits), which httpx-aiohttp's transport takes as they are.
+    # httpx's own hooks (private in httpx 0.28, as is _transport_for_url in direct; the proxy
+    # tests in tests/test_publisher_transport.py fail if they change). httpx calls them with
+    # its transport options by keyword (verify, cert, trust_env, http1, http2, limits), which
+    # httpx-aiohttp's transport takes as they are.
     def _init_transport(  # type: ignore[override]
         self, transport: httpx.AsyncBaseTransport | None = None, **options: Any
     ) -> httpx.AsyncBaseTransport:
-        return transport or Transport(**options)
+        return transport if transport is not None else Transport(**options)
 
     def _init_proxy_transport(  # type: ignore[override]
         self, proxy: httpx.Proxy, **options: Any
