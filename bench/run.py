@@ -3,6 +3,7 @@
     python -m bench.run            # full run (about 10 minutes on 2 cores)
     python -m bench.run --quick    # regression guard: the same rows at small counts (< 1 min)
     python -m bench.run --profile  # py-spy on one worker under load (needs py-spy)
+    python -m bench.run --roles    # CPU and wake-ups per request, process by process, at c=1
 
 Processes: the baseline upstream, the load generator and each publisher run as separate
 processes next to the daphne workers (``tests.cluster.Broker``): 1 process on SQLite with
@@ -68,6 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--soak-rounds", type=int, default=10)
     parser.add_argument("--soak-round-seconds", type=float, default=30.0)
     parser.add_argument("--soak-rate", type=float, default=150.0, help="requests/s")
+    parser.add_argument(
+        "--roles",
+        action="store_true",
+        help="CPU and wake-ups per relayed request of each process on the path, at c=1 on 3 "
+        "processes, instead",
+    )
+    parser.add_argument("--roles-requests", type=int, default=1500)
     parser.add_argument("--profile-seconds", type=float, default=20.0)
     parser.add_argument("--profile-rate", type=float, default=40.0, help="requests/s")
     return parser.parse_args(argv)
@@ -295,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         from .profile import run_profile
 
         return asyncio.run(run_profile(args))
+    if args.roles:
+        from .roles import run_roles
+
+        return asyncio.run(run_roles(args))
     if args.soak:
         from .soak import run_soak
 
