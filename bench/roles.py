@@ -86,7 +86,8 @@ async def measure(
             llm=llm,
             upstream=upstream_url,
         )
-        redis_pid = int(redis.Redis.from_url(REDIS_URL).info("server")["process_id"])
+        with redis.Redis.from_url(REDIS_URL) as client:
+            redis_pid = int(client.info("server")["process_id"])
         pids = dict(
             zip(
                 ["worker 0", "worker 1", "worker 2", "bench publisher", "redis-server"],
