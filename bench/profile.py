@@ -110,15 +110,7 @@ async def run_profile(args: argparse.Namespace) -> int:
     out = log_dir / f"{args.profile_target}.raw"
     try:
         llm = f"profile-{setup_key}-{transport}"
-        await line.start(
-            workers=setup.urls,
-            stream_worker=0,
-            publisher_token=setup.publisher_token,
-            client_token=setup.client_token,
-            transport=transport,
-            llm=llm,
-            upstream=upstream_url,
-        )
+        await bench.start_line(line, setup, transport, llm)
         unary = bench.relayed(setup, llm)
         streams = bench.relayed(setup, llm, stream=True, interval_ms=20)
         await loadgen.call("open_loop", targets=unary, rate=rate, duration=2.0)  # warm-up

@@ -26,7 +26,7 @@ from tests.services_up import services_up
 
 from .lines import BenchLine
 from .measure import CLOCK_TICKS, pct, settle
-from .scenarios import progress
+from .scenarios import progress, start_line
 
 PROCESSES = ("worker 1", "worker 0", "worker 2", "bench publisher", "redis-server", "upstream")
 # The bench publisher sends its answers to every worker in turn: over SSE each worker takes a
@@ -77,15 +77,7 @@ async def measure(
     line = BenchLine(Path(tempfile.mkdtemp(prefix="mcpd-roles-")))
     llm = f"roles-{transport}-{int(time.time() * 1000) % 100000}"
     try:
-        await line.start(
-            workers=setup.urls,
-            stream_worker=0,
-            publisher_token=setup.publisher_token,
-            client_token=setup.client_token,
-            transport=transport,
-            llm=llm,
-            upstream=upstream_url,
-        )
+        await start_line(line, setup, transport, llm, upstream_url)
         with redis.Redis.from_url(REDIS_URL) as client:
             redis_pid = int(client.info("server")["process_id"])
         pids = dict(
@@ -100,7 +92,8 @@ async def measure(
         headers = {"Authorization": f"Bearer {setup.client_token}"}
         body = {"model": llm, "messages": [{"role": "user", "content": "hi"}]}
         latencies: list[float] = []
-        async with aiohttp.ClientSession() as http:
+        # Every call has a deadline: a relayed answer here takes milliseconds.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
 
             async def one() -> float:
                 start = time.perf_counter()

@@ -131,6 +131,28 @@ class Setup:
         return 0
 
 
+async def start_line(
+    line: Line,
+    setup: Setup,
+    transport: str,
+    llm: str,
+    upstream: str,
+    wake: WakeSpec | None = None,
+) -> None:
+    """Start a publisher line serving ``llm`` from ``upstream``, its stream on the setup's
+    stream worker and its answers to every worker."""
+    await line.start(
+        workers=setup.urls,
+        stream_worker=setup.stream_worker,
+        publisher_token=setup.publisher_token,
+        client_token=setup.client_token,
+        transport=transport,
+        llm=llm,
+        upstream=upstream,
+        wake=wake,
+    )
+
+
 class Bench:
     def __init__(self, sizes: Sizes, loadgen: Child, upstream: str, log_dir: Any) -> None:
         self.sizes = sizes
@@ -181,18 +203,8 @@ class Bench:
     async def start_line(
         self, line: Line, setup: Setup, transport: str, llm: str, wake: WakeSpec | None = None
     ) -> None:
-        """Start a publisher line serving ``llm`` from this bench's upstream, its stream on
-        the setup's stream worker and its answers to every worker."""
-        await line.start(
-            workers=setup.urls,
-            stream_worker=setup.stream_worker,
-            publisher_token=setup.publisher_token,
-            client_token=setup.client_token,
-            transport=transport,
-            llm=llm,
-            upstream=self.upstream,
-            wake=wake,
-        )
+        """:func:`start_line` from this bench's upstream."""
+        await start_line(line, setup, transport, llm, self.upstream, wake)
 
     def row(self, setup: Setup, transport: str, line: str, metric: str, unit: str) -> Row:
         row = Row(setup.label, transport, line, metric, unit)

@@ -322,36 +322,32 @@ def proxy(
     return start
 
 
-async def test_calls_go_through_the_proxy_the_environment_names(
+@pytest.mark.parametrize(
+    ("no_proxy", "answer", "via_proxy"),
+    [(None, "proxied", True), ("localhost,127.0.0.1", "ok", False)],
+    ids=["proxied", "no_proxy"],
+)
+async def test_calls_go_where_the_environments_proxy_settings_say(
     serve: Callable[[Handler], Awaitable[str]],
     proxy: Callable[[], Awaitable[tuple[str, list[bytes]]]],
     post: Post,
     monkeypatch: pytest.MonkeyPatch,
+    no_proxy: str | None,
+    answer: str,
+    via_proxy: bool,
 ) -> None:
     """As the agent builds it (no transport given), the client sends both kinds of call
-    through ``HTTP_PROXY``, where httpx's own client (``mcpd-publish check``, the openai SDK)
-    and websockets (the WebSocket control stream) send theirs."""
+    through ``HTTP_PROXY``, and straight to a host ``NO_PROXY`` names: where httpx's own
+    client (``mcpd-publish check``, the openai SDK) and websockets (the WebSocket control
+    stream) send theirs."""
     target = await serve(answers)
     proxy_url, lines = await proxy()
     monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    if no_proxy is not None:
+        monkeypatch.setenv("NO_PROXY", no_proxy)
     response = await post(target)
-    assert (response.status_code, response.text) == (200, "proxied")
-    assert lines == [b"POST " + target.encode() + b" HTTP/1.1"]
-
-
-async def test_a_host_no_proxy_names_is_called_directly(
-    serve: Callable[[Handler], Awaitable[str]],
-    proxy: Callable[[], Awaitable[tuple[str, list[bytes]]]],
-    post: Post,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    target = await serve(answers)
-    proxy_url, lines = await proxy()
-    monkeypatch.setenv("HTTP_PROXY", proxy_url)
-    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
-    response = await post(target)
-    assert (response.status_code, response.text) == (200, "ok")
-    assert lines == []
+    assert (response.status_code, response.text) == (200, answer)
+    assert lines == ([b"POST " + target.encode() + b" HTTP/1.1"] if via_proxy else [])
 
 
 async def test_the_suites_own_calls_skip_a_proxy_the_developer_set(
