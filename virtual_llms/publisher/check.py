@@ -28,10 +28,15 @@ async def check(config: Config, say: Say) -> bool:
 
     # The agent's own client: the same transport, the same proxies.
     async with transport.client(timeout=10.0, headers={"User-Agent": USER_AGENT}) as http:
+
+        def routed(url: str, result: tuple[bool, str]) -> tuple[bool, str]:
+            via = http.proxy_for(url)
+            return result if via is None else (result[0], f"{result[1]} (through the proxy {via})")
+
         for url in config.brokers:
-            report(*await check_broker(http, url, config.token))
+            report(*routed(url, await check_broker(http, url, config.token)))
         for llm in config.llms:
-            report(*await check_upstream(http, llm))
+            report(*routed(llm.upstream, await check_upstream(http, llm)))
             if llm.power is not None:
                 for what, command in (
                     ("wake_command", llm.power.wake_command),

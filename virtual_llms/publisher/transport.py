@@ -80,6 +80,9 @@ class _Body(httpx.AsyncByteStream):
 
 
 class Transport(AiohttpTransport):
+    # The proxy this transport sends through (set by Client for a proxy's transport).
+    via: httpx.Proxy | None = None
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         with _httpx_errors(request):
             response = await super().handle_async_request(request)
@@ -106,7 +109,15 @@ class Client(httpx.AsyncClient):
     def _init_proxy_transport(  # type: ignore[override]
         self, proxy: httpx.Proxy, **options: Any
     ) -> httpx.AsyncBaseTransport:
-        return Transport(proxy=proxy, **options)
+        proxied = Transport(proxy=proxy, **options)
+        proxied.via = proxy
+        return proxied
+
+    def proxy_for(self, url: str) -> str | None:
+        """The proxy a request to ``url`` goes through, without its credentials (httpx keeps
+        them apart), or None when it goes straight there."""
+        via = getattr(self._transport_for_url(httpx.URL(url)), "via", None)
+        return str(via.url) if via is not None else None
 
     async def direct(
         self,
