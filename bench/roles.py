@@ -1,20 +1,30 @@
-"""``python -m bench.run --roles``: where one relayed request's CPU goes, process by process.
+"""``python -m bench.run --roles``: where a relayed request's CPU goes, process by process.
 
-Starts the 3-process broker (PostgreSQL + Redis), the upstream and the bench publisher with
-its stream on worker 0, then sends ``--roles-requests`` non-streaming requests one at a time,
-2 ms apart, all to worker 1, for each transport. Before and after, it reads ``/proc`` of every
-process on the path: user and system CPU, and voluntary context switches (each a wait that
-ended: a wake-up), per relayed request (``ROLES``: what each worker does). The requests come
-from this process (aiohttp), not from the load generator.
+Starts the 3-process broker (PostgreSQL + Redis), the upstream and a publisher line (the bench
+publisher, or the agent with ``--lines agent``) with its stream on worker 0, then, for each
+transport, sends ``--roles-requests`` non-streaming requests:
+
+- by default one at a time, 2 ms apart, all to worker 1: what one request costs where it
+  waits between hops (concurrency 1);
+- with ``--roles-rate R``, open loop at R requests/s, to the workers in turn, as the
+  throughput search does: what a request costs at that load, the load generator (this
+  process) included, and the rate the machine's cores would allow at that cost.
+
+Before and after, it reads ``/proc`` of every process on the path: user and system CPU, and
+voluntary context switches (each a wait that ended: a wake-up), per relayed request
+(:func:`role`: what each worker does). The requests come from this process (aiohttp), not
+from the load generator.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,26 +34,35 @@ import redis
 from tests.cluster import REDIS_URL
 from tests.services_up import services_up
 
-from .lines import BenchLine
+from .lines import AgentLine, BenchLine, Line
 from .measure import CLOCK_TICKS, pct, settle
 from .scenarios import progress, start_line
 
-PROCESSES = ("worker 1", "worker 0", "worker 2", "bench publisher", "redis-server", "upstream")
-# The bench publisher sends its answers to every worker in turn: over SSE each worker takes a
-# third of the answer POSTs (one Redis script each); over WebSocket they come on the socket.
-ROLES = {
-    "sse": {
-        "worker 1": "the client's call: opens the task, waits for the answer on its channel; "
-        "a third of the answer POSTs",
-        "worker 0": "holds the stream: sends the task down it; a third of the answer POSTs",
-        "worker 2": "a third of the answer POSTs",
-    },
-    "ws": {
-        "worker 1": "the client's call: opens the task, waits for the answer on its channel",
-        "worker 0": "holds the socket: sends the task, takes the answer (one Redis script)",
-        "worker 2": "idle",
-    },
-}
+WORKERS = ("worker 1", "worker 0", "worker 2")
+OTHERS = ("redis-server", "upstream")
+
+
+def role(worker: str, transport: str, line: str, spread: bool) -> str:
+    """What ``worker`` does for the relayed requests: the client's calls (all on worker 1 at
+    c=1, a third each at a rate), the stream (worker 0), and over SSE the answer POSTs (the
+    bench publisher sends them to every worker in turn; the agent to its first ``--broker``
+    URL, worker 0, as long as it answers). Over WebSocket the answers come on the socket."""
+    parts = []
+    if spread:
+        parts.append("a third of the client's calls")
+    elif worker == "worker 1":
+        parts.append("the client's call: opens the task, waits for the answer on its channel")
+    if worker == "worker 0":
+        parts.append(
+            "holds the stream: sends the task down it"
+            if transport == "sse"
+            else "holds the socket: sends the task, takes the answer (one Redis script)"
+        )
+    if transport == "sse" and line == "bench":
+        parts.append("a third of the answer POSTs")
+    elif transport == "sse" and worker == "worker 0":
+        parts.append("every answer POST")
+    return "; ".join(parts) or "idle"
 
 
 @dataclass(frozen=True)
@@ -68,68 +87,136 @@ def counters(pid: int) -> Counters:
     return Counters(int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS, wakeups)
 
 
+Call = Callable[[str], Awaitable[bool]]
+
+
+async def one_at_a_time(call: Call, url: str, requests: int) -> tuple[list[float], int]:
+    """``requests`` calls to ``url``, one at a time, 2 ms apart: latencies and failures."""
+    latencies: list[float] = []
+    failed = 0
+    for _ in range(requests):
+        start = time.perf_counter()
+        failed += not await call(url)
+        latencies.append(time.perf_counter() - start)
+        await asyncio.sleep(0.002)
+    return latencies, failed
+
+
+async def open_loop(
+    call: Call, urls: list[str], requests: int, rate: float
+) -> tuple[list[float], int]:
+    """``requests`` calls at fixed arrival times, ``rate`` per second, to ``urls`` in turn,
+    whatever the answers do. A latency counts from the call's scheduled time."""
+    latencies: list[float] = []
+    failed = 0
+
+    async def one(url: str, scheduled: float) -> None:
+        nonlocal failed
+        failed += not await call(url)
+        latencies.append(time.perf_counter() - scheduled)
+
+    start = time.perf_counter() + 0.05
+    calls = []
+    for i in range(requests):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        calls.append(asyncio.create_task(one(urls[i % len(urls)], scheduled)))
+    await asyncio.gather(*calls)
+    return latencies, failed
+
+
 async def measure(
-    transport: str, requests: int, upstream: asyncio.subprocess.Process, upstream_url: str
+    transport: str,
+    line_name: str,
+    requests: int,
+    rate: float,
+    upstream: asyncio.subprocess.Process,
+    upstream_url: str,
 ) -> None:
     from .run import start_setup
 
     setup = await start_setup("services")
-    line = BenchLine(Path(tempfile.mkdtemp(prefix="mcpd-roles-")))
+    log_dir = Path(tempfile.mkdtemp(prefix="mcpd-roles-"))
+    line: Line = AgentLine(log_dir) if line_name == "agent" else BenchLine(log_dir)
+    publisher = f"{line.name} publisher"
     llm = f"roles-{transport}-{int(time.time() * 1000) % 100000}"
     try:
         await start_line(line, setup, transport, llm, upstream_url)
         with redis.Redis.from_url(REDIS_URL) as client:
             redis_pid = int(client.info("server")["process_id"])
-        pids = dict(
-            zip(
-                ["worker 0", "worker 1", "worker 2", "bench publisher", "redis-server"],
-                [*setup.pids, line.pids()[0], redis_pid],
-                strict=True,
-            )
-        )
+        pids = dict(zip(["worker 0", "worker 1", "worker 2"], setup.pids, strict=True))
+        pids.update({publisher: line.pids()[0], "redis-server": redis_pid})
         pids["upstream"] = upstream.pid
-        url = f"{setup.urls[1]}/v1/chat/completions"
+        if rate:
+            pids["load generator (this process)"] = os.getpid()
+        urls = [f"{base}/v1/chat/completions" for base in setup.urls]
         headers = {"Authorization": f"Bearer {setup.client_token}"}
         body = {"model": llm, "messages": [{"role": "user", "content": "hi"}]}
-        latencies: list[float] = []
         # Every call has a deadline: a relayed answer here takes milliseconds.
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=30),
+            connector=aiohttp.TCPConnector(limit=1000),
+        ) as http:
 
-            async def one() -> float:
-                start = time.perf_counter()
-                async with http.post(url, json=body, headers=headers) as response:
-                    await response.read()
-                    if response.status != 200:
-                        raise RuntimeError(f"relayed call answered {response.status}")
-                return time.perf_counter() - start
+            async def call(url: str) -> bool:
+                try:
+                    async with http.post(url, json=body, headers=headers) as response:
+                        await response.read()
+                        return response.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    return False
 
-            for _ in range(100):  # warm-up: connections, caches
-                await one()
+            targets = urls if rate else [urls[1]]
+            for url in targets:  # warm-up: connections, caches
+                _, failed = await one_at_a_time(call, url, 100)
+                if failed:
+                    raise RuntimeError(f"{failed} of 100 warm-up calls to {url} failed")
             await settle(setup.pids)
             before = {name: counters(pid) for name, pid in pids.items()}
-            for _ in range(requests):
-                latencies.append(await one())
-                await asyncio.sleep(0.002)
+            began = time.perf_counter()
+            if rate:
+                latencies, failed = await open_loop(call, urls, requests, rate)
+            else:
+                latencies, failed = await one_at_a_time(call, urls[1], requests)
+            seconds = time.perf_counter() - began
             after = {name: counters(pid) for name, pid in pids.items()}
     finally:
         await line.stop()
         await asyncio.to_thread(setup.broker.stop)
+    how = (
+        f"open loop at {rate:g}/s to the workers in turn, {seconds:.1f} s; latency from each "
+        "call's scheduled time"
+        if rate
+        else "one at a time, 2 ms apart, to worker 1"
+    )
     print(
-        f"\n3 procs, PostgreSQL + Redis, {transport}, bench publisher: {requests} requests, "
-        f"one at a time, 2 ms apart; relayed p50 {1000 * pct(latencies, 50):.2f} ms "
-        f"(this process's aiohttp client)\n"
+        f"\n3 procs, PostgreSQL + Redis, {transport}, {publisher}: {requests} requests, {how}; "
+        f"relayed p50 {1000 * pct(latencies, 50):.2f} ms, p99 {1000 * pct(latencies, 99):.2f} ms, "
+        f"{failed} failed (this process's aiohttp client)\n"
     )
     print("| process | role | user CPU (ms) | system CPU (ms) | wake-ups |")
     print("| --- | --- | --: | --: | --: |")
-    for name in PROCESSES:
+    total = 0.0
+    for name in [*WORKERS, publisher, *OTHERS, *[p for p in pids if p.startswith("load")]]:
         b, a = before[name], after[name]
+        user, system = a.user_s - b.user_s, a.system_s - b.system_s
+        total += user + system
+        what = role(name, transport, line.name, bool(rate)) if name in WORKERS else ""
         print(
-            f"| {name} | {ROLES[transport].get(name, '')} | "
-            f"{1000 * (a.user_s - b.user_s) / requests:.2f} | "
-            f"{1000 * (a.system_s - b.system_s) / requests:.2f} | "
-            f"{(a.wakeups - b.wakeups) / requests:.1f} |"
+            f"| {name} | {what} | {1000 * user / requests:.2f} | {1000 * system / requests:.2f} "
+            f"| {(a.wakeups - b.wakeups) / requests:.1f} |"
         )
-    print("\n(per relayed request)")
+    per_request = total / requests
+    print(f"\n(per relayed request; these processes: {1000 * per_request:.2f} ms of CPU in all)")
+    if rate:
+        cores = os.cpu_count() or 1
+        print(
+            f"{100 * total / seconds:.0f} % of one core in all, of the machine's {cores}: at "
+            f"{1000 * per_request:.2f} ms a request they would be full at "
+            f"{cores / per_request:.0f} requests/s"
+        )
 
 
 async def run_roles(args: argparse.Namespace) -> int:
@@ -139,11 +226,18 @@ async def run_roles(args: argparse.Namespace) -> int:
     if not ok:
         print(f"--roles needs PostgreSQL and Redis: {why}", file=sys.stderr)
         return 2
+    line = (args.lines or "bench").split(",")[0]
+    if line not in ("bench", "agent"):
+        print(f"--roles takes one line, bench or agent, not {line!r}", file=sys.stderr)
+        return 2
     upstream, upstream_url = await start_upstream(Path(tempfile.mkdtemp(prefix="mcpd-roles-")))
     try:
         for transport in [t for t in args.transports.split(",") if t]:
-            progress(f"roles: {transport}, {args.roles_requests} requests")
-            await measure(transport, args.roles_requests, upstream, upstream_url)
+            at = f"{args.roles_rate:g}/s" if args.roles_rate else "c=1"
+            progress(f"roles: {transport}, {line} publisher, {args.roles_requests} requests, {at}")
+            await measure(
+                transport, line, args.roles_requests, args.roles_rate, upstream, upstream_url
+            )
     finally:
         upstream.kill()
         await upstream.wait()

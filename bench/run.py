@@ -4,6 +4,7 @@
     python -m bench.run --quick    # regression guard: the same rows at small counts (< 1 min)
     python -m bench.run --profile  # py-spy on one worker under load (needs py-spy)
     python -m bench.run --roles    # CPU and wake-ups per request, process by process, at c=1
+    python -m bench.run --roles --roles-rate 450   # the same at a rate, the load generator included
 
 Processes: the baseline upstream, the load generator and each publisher run as separate
 processes next to the daphne workers (``tests.cluster.Broker``): 1 process on SQLite with
@@ -72,10 +73,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--roles",
         action="store_true",
-        help="CPU and wake-ups per relayed request of each process on the path, at c=1 on 3 "
-        "processes, instead",
+        help="CPU and wake-ups per relayed request of each process on the path, on 3 "
+        "processes, instead (at c=1, or at --roles-rate; the line: --lines bench or agent)",
     )
     parser.add_argument("--roles-requests", type=int, default=1500)
+    parser.add_argument(
+        "--roles-rate",
+        type=float,
+        default=0.0,
+        help="requests/s, open loop to every worker, for --roles (default: one at a time)",
+    )
     parser.add_argument("--profile-seconds", type=float, default=20.0)
     parser.add_argument("--profile-rate", type=float, default=40.0, help="requests/s")
     return parser.parse_args(argv)
