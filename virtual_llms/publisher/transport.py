@@ -80,9 +80,6 @@ class _Body(httpx.AsyncByteStream):
 
 
 class Transport(AiohttpTransport):
-    # The proxy this transport sends through (set by Client for a proxy's transport).
-    via: httpx.Proxy | None = None
-
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         with _httpx_errors(request):
             response = await super().handle_async_request(request)
@@ -109,15 +106,15 @@ class Client(httpx.AsyncClient):
     def _init_proxy_transport(  # type: ignore[override]
         self, proxy: httpx.Proxy, **options: Any
     ) -> httpx.AsyncBaseTransport:
-        proxied = Transport(proxy=proxy, **options)
-        proxied.via = proxy
-        return proxied
+        return Transport(proxy=proxy, **options)
 
     def proxy_for(self, url: str) -> str | None:
         """The proxy a request to ``url`` goes through, without its credentials (httpx keeps
-        them apart), or None when it goes straight there."""
-        via = getattr(self._transport_for_url(httpx.URL(url)), "via", None)
-        return str(via.url) if via is not None else None
+        them apart), or None when it goes straight there (or through a transport the tests
+        gave). httpx-aiohttp's transport keeps the proxy it was built with."""
+        chosen = self._transport_for_url(httpx.URL(url))
+        proxy = chosen.proxy if isinstance(chosen, Transport) else None
+        return str(proxy.url) if proxy is not None else None
 
     async def direct(
         self,
