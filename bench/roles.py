@@ -40,6 +40,7 @@ from .scenarios import progress, start_line
 
 WORKERS = ("worker 1", "worker 0", "worker 2")
 OTHERS = ("redis-server", "upstream")
+LOADGEN = "load generator (this process)"
 
 
 def role(worker: str, transport: str, line: str, spread: bool) -> str:
@@ -150,7 +151,7 @@ async def measure(
         pids.update({publisher: line.pids()[0], "redis-server": redis_pid})
         pids["upstream"] = upstream.pid
         if rate:
-            pids["load generator (this process)"] = os.getpid()
+            pids[LOADGEN] = os.getpid()
         urls = [f"{base}/v1/chat/completions" for base in setup.urls]
         headers = {"Authorization": f"Bearer {setup.client_token}"}
         body = {"model": llm, "messages": [{"role": "user", "content": "hi"}]}
@@ -199,7 +200,7 @@ async def measure(
     print("| process | role | user CPU (ms) | system CPU (ms) | wake-ups |")
     print("| --- | --- | --: | --: | --: |")
     total = 0.0
-    for name in [*WORKERS, publisher, *OTHERS, *[p for p in pids if p.startswith("load")]]:
+    for name in [*WORKERS, publisher, *OTHERS, *([LOADGEN] if rate else [])]:
         b, a = before[name], after[name]
         user, system = a.user_s - b.user_s, a.system_s - b.system_s
         total += user + system
