@@ -153,9 +153,11 @@ class Broker:
     def ws_url(self, i: int = 0) -> str:
         return f"ws://127.0.0.1:{self.ports[i % self.n]}"
 
-    def log(self, i: int) -> str:
+    def log(self, i: int, tail: int | None = 6000) -> str:
+        """Worker ``i``'s output: its last ``tail`` characters, or all of it (None)."""
         path = self.tmp / f"worker{i}.log"
-        return path.read_text(errors="replace")[-6000:] if path.exists() else ""
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return text if tail is None else text[-tail:]
 
     def python(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run this venv's Python in the broker's environment (settings, database, Redis)."""

@@ -142,7 +142,8 @@ async def test_a_forgotten_session_is_registered_again(
     broker, start = scripted
     answers = iter([error(404, "session_not_found", "Unknown session")])
     broker.on_heartbeat = lambda: next(answers, httpx.Response(200, json={"ok": True, "llms": 1}))
-    running = start(heartbeat_seconds=1.0)
+    # One URL: with two, the first heartbeat (the 404) would go to the other, as a probe.
+    running = start(heartbeat_seconds=1.0, brokers=URLS[:1])
     await broker.until(lambda: len(broker.registers) >= 2 and len(broker.streams) >= 2)
     assert [session for _, session, _ in broker.registers[:2]] == [None, "new-session"]
     await broker.live("sync")  # connected again
@@ -356,3 +357,120 @@ async def test_keep_alive_comments_after_a_task_are_not_frames(
     ]
     assert caplog.records == []
     await client.aclose()
+
+
+class Workers:
+    """Broker workers behind one mock transport: each host takes the session's heartbeat
+    (200), or does not know the session (404), or refuses connections, or answers late; every
+    call is logged as (host, path)."""
+
+    def __init__(self, *hosts: str) -> None:
+        self.urls = [f"http://{host}" for host in hosts]
+        self.calls: list[tuple[str, str]] = []
+        self.refusing: set[str] = set()
+        self.strangers: set[str] = set()  # workers of a broker that does not know the session
+        self.far: set[str] = set()  # another region's: 150 ms away
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        host, path = request.url.host, request.url.path
+        if host in self.refusing:
+            raise httpx.ConnectError("connection refused", request=request)
+        if host in self.far:
+            await asyncio.sleep(0.15)
+        self.calls.append((host, path))
+        if path.endswith("/heartbeat"):
+            if host in self.strangers:
+                return error(404, "session_not_found", "No such session.")
+            return httpx.Response(200, json={"ok": True, "llms": 1})
+        return httpx.Response(204)
+
+    def client(self) -> BrokerClient:
+        return BrokerClient(self.urls, "tok", transport=httpx.MockTransport(self.handle))
+
+    def answered(self, since: int = 0) -> dict[str, set[str]]:
+        """Task id -> the hosts its answers went to, for the calls after ``since``."""
+        hosts: dict[str, set[str]] = {}
+        for host, path in self.calls[since:]:
+            if "/tasks/" in path:
+                hosts.setdefault(path.split("/")[5], set()).add(host)
+        return hosts
+
+
+async def answer(client: BrokerClient, count: int, tag: str) -> None:
+    """``count`` tasks each answer with a chunk batch, then the batch that ends the stream."""
+    for i in range(count):
+        await client.chunks(f"{tag}{i}", [{"data": "a"}])
+        await client.chunks(f"{tag}{i}", [{"data": "[DONE]", "done": True}])
+
+
+async def test_answers_are_spread_over_the_urls_that_take_the_sessions_heartbeat() -> None:
+    workers = Workers("a", "b", "c", "d", "e")
+    client = workers.client()
+    # Before a probe only the current URL (where the stream is) takes answers.
+    await answer(client, 20, "early")
+    assert {frozenset(hosts) for hosts in workers.answered().values()} == {frozenset("a")}
+
+    # The probe heartbeats every URL: b takes it as fast as a; c belongs to a broker that does
+    # not know the session; d refuses connections; e takes it, but 150 ms away. Only b joins
+    # a in taking answers.
+    workers.strangers.add("c")
+    workers.refusing.add("d")
+    workers.far.add("e")
+    await client.probe("s1")
+    heartbeat = "/api/v1/virtual/heartbeat"
+    assert sorted(workers.calls[-4:]) == [
+        ("a", heartbeat),
+        ("b", heartbeat),
+        ("c", heartbeat),
+        ("e", heartbeat),
+    ]
+    assert client.proven == {"http://b"}
+    since = len(workers.calls)
+    await answer(client, 40, "spread")
+    answered = workers.answered(since)
+    assert len(answered) == 40
+    assert all(len(hosts) == 1 for hosts in answered.values())  # a task's answers stay together
+    by_host = [next(iter(hosts)) for hosts in answered.values()]
+    assert set(by_host) == {"a", "b"}
+    assert min(by_host.count("a"), by_host.count("b")) >= 10
+
+    # b goes down: a task that picked it moves to the other share, a (never to c, which does
+    # not know the session, nor to e); b takes no more answers until a probe finds it again.
+    workers.refusing.add("b")
+    since = len(workers.calls)
+    await answer(client, 20, "down")
+    assert {host for hosts in workers.answered(since).values() for host in hosts} == {"a"}
+    assert client.proven == set()
+    assert client.url == "http://a"  # the stream's URL stays the current one
+
+    workers.refusing.discard("b")
+    await client.probe("s1")
+    assert client.proven == {"http://b"}
+    since = len(workers.calls)
+    await answer(client, 20, "back")
+    assert {host for hosts in workers.answered(since).values() for host in hosts} == {"a", "b"}
+    await client.aclose()
+
+
+async def test_the_agent_probes_the_other_urls_and_spreads_its_answers(
+    scripted: tuple[ScriptedBroker, Callable[..., Running]],
+) -> None:
+    broker, start = scripted
+    hosts: list[str] = []
+    handle = broker.handle
+
+    async def recording(request: httpx.Request) -> httpx.Response:
+        if "/tasks/" in request.url.path:
+            hosts.append(request.url.host)
+        return await handle(request)
+
+    broker.handle = recording  # type: ignore[method-assign]  # record each answer's host
+    running = start(heartbeat_seconds=0.05)
+    # The probe goes out as the stream opens, and again with every heartbeat.
+    await broker.until(lambda: broker.heartbeats >= 3)
+    for i in range(30):
+        broker.frames.put_nowait({"kind": "wake", "taskId": f"t{i}", "llmName": "m"})
+    await broker.until(lambda: len(hosts) >= 30)
+    assert set(hosts) == {"broker-a", "broker-b"}
+    assert broker.streams == ["broker-a"]
+    assert await running.stop() == 0

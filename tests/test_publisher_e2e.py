@@ -3,7 +3,8 @@
 it saw (tests/test_publisher_upstream.py).
 
 Agents connect to the first broker URL they are given, so the tests know which worker holds
-each stream; clients call another worker, so every answer crosses workers.
+each stream; clients call another worker, so every task crosses workers (over SSE the agent
+spreads its answer POSTs over all three).
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ class Published:
     agent: Agent
     name: str  # an LLM served by the fake upstream
     down: str  # an LLM whose upstream is down
+    transport: str
 
 
 @pytest.fixture(scope="module", params=["sse", "ws"])
@@ -206,7 +208,7 @@ def published(
         transport=transport,
         name=f"agent-{transport}",
     )
-    yield Published(agent, name, down)
+    yield Published(agent, name, down, transport)
     assert agent.stop() == 0
 
 
@@ -231,6 +233,31 @@ def test_non_streaming_answers_arrive_intact(
 def test_streaming_answers_arrive_intact(broker3: Broker, published: Published) -> None:
     words = ask_stream(client(broker3), published.name, f"slow:40:0.01:{published.name}")
     assert words == [f"w{i} " for i in range(40)] + [None]
+
+
+def task_posts(broker: Broker) -> list[int]:
+    """The task answers (POSTs) each worker has taken, from daphne's access logs."""
+    return [broker.log(i, tail=None).count('"POST /api/v1/virtual/tasks/') for i in range(3)]
+
+
+def test_answers_over_http_are_spread_over_the_workers(
+    broker3: Broker, published: Published
+) -> None:
+    # The agent's probes: the session's heartbeat, sent to the workers not holding its stream.
+    wait_until(
+        lambda: all('"POST /api/v1/virtual/heartbeat' in broker3.log(i, None) for i in (1, 2)),
+        "the agent's heartbeat at workers 1 and 2",
+    )
+    before = task_posts(broker3)
+    chat = client(broker3)
+    for i in range(45):
+        assert ask(chat, published.name, f"spread {i}") == f"echo: spread {i}"
+    if published.transport == "sse":
+        wait_until(lambda: sum(task_posts(broker3)) - sum(before) == 45, "45 answer POSTs")
+        added = [now - then for now, then in zip(task_posts(broker3), before, strict=True)]
+        assert min(added) >= 5, added  # each worker took a share (a third is 15)
+    else:
+        assert task_posts(broker3) == before  # over WebSocket the answers come on the socket
 
 
 def test_upstream_refusal_keeps_its_status(broker3: Broker, published: Published) -> None:

@@ -285,25 +285,37 @@ class Agent:
                     self._on_task(frame)
 
     async def _heartbeat_loop(self, session_id: str) -> None:
+        # With each heartbeat the other broker URLs are probed, and those that take the
+        # session's heartbeat take a share of the answers (BrokerClient.probe); the first probe
+        # goes now, so the share starts with the first tasks.
+        await self.broker.probe(session_id)
         while True:
             await asyncio.sleep(self.config.heartbeat_seconds)
+            probe = asyncio.create_task(self.broker.probe(session_id))
             try:
-                count = await self.broker.heartbeat(session_id)
-                log.debug("heartbeat: %d LLM(s)", count)
-                if count < len(self.served) and count != self.heartbeat_count:
-                    log.warning(
-                        "the broker holds %d of our %d LLM(s) (an admin evicted some?); "
-                        "they are published again at the next registration",
-                        count,
-                        len(self.served),
-                    )
-                    self.heartbeat_count = count
-            except BrokerError as exc:
-                if exc.status == 404:
-                    raise SessionLost(f"the broker forgot session {session_id}") from None
-                log.error("heartbeat refused: %s", exc)
-            except httpx.HTTPError as exc:
-                log.warning("heartbeat failed: %s", exc or type(exc).__name__)
+                await self._heartbeat(session_id)
+                await probe
+            finally:
+                probe.cancel()
+
+    async def _heartbeat(self, session_id: str) -> None:
+        try:
+            count = await self.broker.heartbeat(session_id)
+            log.debug("heartbeat: %d LLM(s)", count)
+            if count < len(self.served) and count != self.heartbeat_count:
+                log.warning(
+                    "the broker holds %d of our %d LLM(s) (an admin evicted some?); "
+                    "they are published again at the next registration",
+                    count,
+                    len(self.served),
+                )
+                self.heartbeat_count = count
+        except BrokerError as exc:
+            if exc.status == 404:
+                raise SessionLost(f"the broker forgot session {session_id}") from None
+            log.error("heartbeat refused: %s", exc)
+        except httpx.HTTPError as exc:
+            log.warning("heartbeat failed: %s", exc or type(exc).__name__)
 
     async def report_status(self, llm_name: str, status: str) -> None:
         """Tell the broker an LLM went to sleep or woke by itself. While disconnected the

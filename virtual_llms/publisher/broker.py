@@ -3,12 +3,21 @@
 One :class:`BrokerClient` per agent. It knows one or more broker URLs (daphne workers, or
 load balancers); a call whose connection fails goes to the next URL, and the one that
 answered becomes the current one.
+
+A task's answers may go to any worker of the broker (PROTOCOL.md: results are POSTs; the
+worker that takes one relays it to the client's worker). So with several URLs and no load
+balancer in front, the answers are spread: each task's go to one URL picked by its id,
+among the current one and those where the session's last heartbeat was taken
+(:meth:`BrokerClient.probe`). A URL never proven, or whose connection failed since, takes no
+share; it stays a fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +43,13 @@ MAX_MESSAGE = 4000
 # arrive would reach the client twice.
 FINAL_RETRY_PAUSES = (0.05, 0.25, 1.0)
 RETRIED = (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError)
+# A probe (the session's heartbeat, sent to each URL) that takes longer leaves that URL out
+# of the spread: an answer must not wait on a worker that is slow to reach.
+PROBE_TIMEOUT = httpx.Timeout(5.0)
+# Nor on one much farther than the stream's URL (another region's, listed as a fallback): a
+# URL takes a share only if its probe took at most twice the stream URL's, plus this. Workers
+# side by side differ by a few milliseconds, a region away by tens.
+NEAR_SECONDS = 0.025
 
 
 class BrokerError(Exception):
@@ -71,6 +87,8 @@ class BrokerClient:
         assert urls, "at least one broker URL"
         self.urls = list(urls)
         self._index = 0
+        # URLs other than the current one that took this session's last heartbeat.
+        self.proven: set[str] = set()
         self.token = token
         self.timeout = httpx.Timeout(30.0, connect=10.0)
         self.http = Client(
@@ -93,30 +111,94 @@ class BrokerClient:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        """POST to the current broker URL; when the connection fails, to the others in turn."""
+    async def _send(
+        self, url: str, path: str, body: dict[str, Any], timeout: httpx.Timeout
+    ) -> httpx.Response:
+        # The client's headers (the token) go with every request.
+        response = await self.http.direct(
+            "POST", f"{url}{path}", headers={}, json=body, timeout=timeout
+        )
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+    async def post(
+        self, path: str, body: dict[str, Any], *, urls: Sequence[str] | None = None
+    ) -> httpx.Response:
+        """POST to the current broker URL (or to ``urls`` in that order); when the connection
+        fails, to the others in turn."""
         error: httpx.HTTPError | None = None
-        for _ in self.urls:
-            url = self.url
+        for i in range(len(self.urls)):
+            url = self.url if urls is None else urls[i]
             try:
-                # The client's headers (the token) go with every request.
-                response = await self.http.direct(
-                    "POST", f"{url}{path}", headers={}, json=body, timeout=self.timeout
-                )
-                try:
-                    await response.aread()
-                finally:
-                    await response.aclose()
-                return response
+                return await self._send(url, path, body, self.timeout)
             except NOT_SENT as exc:
                 log.debug("broker %s unreachable (%s); trying the next one", url, exc)
                 error = exc
+                self.proven.discard(url)
                 self.rotate(url)
         assert error is not None
         raise error
 
-    async def _call(self, path: str, body: dict[str, Any], ok: int = 200) -> httpx.Response:
-        response = await self.post(path, body)
+    def answer_urls(self, task_id: str) -> list[str]:
+        """Where a task's answers go: the URL its id picks among the current one and the
+        proven ones (so they all go to one worker, in order); should its connection fail,
+        the other shares, then the rest."""
+        current = self.url
+        shares = [url for url in self.urls if url == current or url in self.proven]
+        first = shares[zlib.crc32(task_id.encode()) % len(shares)]
+        rest = [url for url in self.urls if url not in shares]
+        return [first, *(url for url in shares if url != first), *rest]
+
+    async def probe(self, session_id: str) -> None:
+        """Send the session's heartbeat to every URL, the current one too, at once. Another
+        URL that takes it (200) reaches the broker that holds the session; if it also
+        answers about as fast as the current one (:data:`NEAR_SECONDS`), it takes a share of
+        the answers. The others (unreachable, slow, far, or a broker that does not know the
+        session) do not."""
+        if len(self.urls) == 1:
+            return
+        current = self.url
+        urls = [current, *(url for url in self.urls if url != current)]
+        body = {"providerSessionId": session_id}
+
+        async def took(url: str) -> float | None:
+            started = time.monotonic()
+            try:
+                response = await self._send(url, "/api/v1/virtual/heartbeat", body, PROBE_TIMEOUT)
+            except httpx.HTTPError as exc:
+                log.debug("broker %s takes no answers: %r", url, exc)
+                return None
+            if response.status_code != 200:
+                log.debug("broker %s takes no answers: %s", url, response.status_code)
+                return None
+            return time.monotonic() - started
+
+        times = dict(zip(urls, await asyncio.gather(*map(took, urls)), strict=True))
+        answered = [seconds for seconds in times.values() if seconds is not None]
+        reference = times[current]
+        if reference is None:  # the stream's URL did not answer: the fastest one is the mark
+            reference = min(answered, default=0.0)
+        for url in urls[1:]:
+            seconds = times[url]
+            if seconds is not None and seconds <= 2 * reference + NEAR_SECONDS:
+                self.proven.add(url)
+            else:
+                if seconds is not None:
+                    log.debug("broker %s takes no answers: %.3f s away", url, seconds)
+                self.proven.discard(url)
+
+    async def _call(
+        self,
+        path: str,
+        body: dict[str, Any],
+        ok: int = 200,
+        *,
+        urls: Sequence[str] | None = None,
+    ) -> httpx.Response:
+        response = await self.post(path, body, urls=urls)
         if response.status_code != ok:
             raise error_of(response.status_code, response.content)
         return response
@@ -150,7 +232,7 @@ class BrokerClient:
         path = f"/api/v1/virtual/tasks/{task_id}/{what}"
         for pause in (*FINAL_RETRY_PAUSES, None) if final else (None,):
             try:
-                await self._call(path, body, ok=204)
+                await self._call(path, body, ok=204, urls=self.answer_urls(task_id))
                 return
             except BrokerError as exc:
                 if exc.status == 404:
