@@ -43,11 +43,11 @@ OTHERS = ("redis-server", "upstream")
 LOADGEN = "load generator (this process)"
 
 
-def role(worker: str, transport: str, line: str, spread: bool) -> str:
+def role(worker: str, transport: str, spread: bool) -> str:
     """What ``worker`` does for the relayed requests: the client's calls (all on worker 1 at
     c=1, a third each at a rate), the stream (worker 0), and over SSE the answer POSTs (the
-    bench publisher sends them to every worker in turn; the agent to its first ``--broker``
-    URL, worker 0, as long as it answers). Over WebSocket the answers come on the socket."""
+    bench publisher sends them to every worker in turn; the agent spreads them by task over
+    its ``--broker`` URLs). Over WebSocket the answers come on the socket."""
     parts = []
     if spread:
         parts.append("a third of the client's calls")
@@ -59,10 +59,8 @@ def role(worker: str, transport: str, line: str, spread: bool) -> str:
             if transport == "sse"
             else "holds the socket: sends the task, takes the answer (one Redis script)"
         )
-    if transport == "sse" and line == "bench":
+    if transport == "sse":
         parts.append("a third of the answer POSTs")
-    elif transport == "sse" and worker == "worker 0":
-        parts.append("every answer POST")
     return "; ".join(parts) or "idle"
 
 
@@ -204,7 +202,7 @@ async def measure(
         b, a = before[name], after[name]
         user, system = a.user_s - b.user_s, a.system_s - b.system_s
         total += user + system
-        what = role(name, transport, line.name, bool(rate)) if name in WORKERS else ""
+        what = role(name, transport, bool(rate)) if name in WORKERS else ""
         print(
             f"| {name} | {what} | {1000 * user / requests:.2f} | {1000 * system / requests:.2f} "
             f"| {(a.wakeups - b.wakeups) / requests:.1f} |"
