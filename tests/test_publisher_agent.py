@@ -403,7 +403,10 @@ async def answer(client: BrokerClient, count: int, tag: str) -> None:
         await client.chunks(f"{tag}{i}", [{"data": "[DONE]", "done": True}])
 
 
-async def test_answers_are_spread_over_the_urls_that_take_the_sessions_heartbeat() -> None:
+async def test_answers_are_spread_over_the_urls_that_take_the_sessions_heartbeat(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="mcpd.publish")
     workers = Workers("a", "b", "c", "d", "e")
     client = workers.client()
     # Before a probe only the current URL (where the stream is) takes answers.
@@ -425,6 +428,7 @@ async def test_answers_are_spread_over_the_urls_that_take_the_sessions_heartbeat
         ("e", heartbeat),
     ]
     assert client.proven == {"http://b"}
+    assert caplog.messages == ["answers go to 2 of 5 broker URLs: http://a, http://b"]
     since = len(workers.calls)
     await answer(client, 40, "spread")
     answered = workers.answered(since)
@@ -442,6 +446,7 @@ async def test_answers_are_spread_over_the_urls_that_take_the_sessions_heartbeat
     assert {host for hosts in workers.answered(since).values() for host in hosts} == {"a"}
     assert client.proven == set()
     assert client.url == "http://a"  # the stream's URL stays the current one
+    assert caplog.messages[-1] == "broker http://b unreachable: it takes no answers for now"
 
     workers.refusing.discard("b")
     await client.probe("s1")

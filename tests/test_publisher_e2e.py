@@ -248,6 +248,7 @@ def test_answers_over_http_are_spread_over_the_workers(
         lambda: all('"POST /api/v1/virtual/heartbeat' in broker3.log(i, None) for i in (1, 2)),
         "the agent's heartbeat at workers 1 and 2",
     )
+    published.agent.wait_log("answers go to 3 of 3 broker URLs")
     before = task_posts(broker3)
     chat = client(broker3)
     for i in range(45):

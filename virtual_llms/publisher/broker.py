@@ -137,7 +137,9 @@ class BrokerClient:
             except NOT_SENT as exc:
                 log.debug("broker %s unreachable (%s); trying the next one", url, exc)
                 error = exc
-                self.proven.discard(url)
+                if url in self.proven:
+                    self.proven.discard(url)
+                    log.warning("broker %s unreachable: it takes no answers for now", url)
                 self.rotate(url)
         assert error is not None
         raise error
@@ -181,6 +183,7 @@ class BrokerClient:
         reference = times[current]
         if reference is None:  # the stream's URL did not answer: the fastest one is the mark
             reference = min(answered, default=0.0)
+        before = set(self.proven)
         for url in urls[1:]:
             seconds = times[url]
             if seconds is not None and seconds <= 2 * reference + NEAR_SECONDS:
@@ -189,6 +192,11 @@ class BrokerClient:
                 if seconds is not None:
                     log.debug("broker %s takes no answers: %.3f s away", url, seconds)
                 self.proven.discard(url)
+        if self.proven != before:
+            shares = [url for url in self.urls if url == current or url in self.proven]
+            log.info(
+                "answers go to %d of %d broker URLs: %s", len(shares), len(urls), ", ".join(shares)
+            )
 
     async def _call(
         self,
