@@ -7,9 +7,9 @@ answered becomes the current one.
 A task's answers may go to any worker of the broker (PROTOCOL.md: results are POSTs; the
 worker that takes one relays it to the client's worker). So with several URLs and no load
 balancer in front, the answers are spread: each task's go to one URL picked by its id,
-among the current one and those where the session's last heartbeat was taken
-(:meth:`BrokerClient.probe`). A URL never proven, or whose connection failed since, takes no
-share; it stays a fallback.
+among the current one and those where the session's last heartbeat was taken about as fast
+as there (:meth:`BrokerClient.probe`). A URL never proven, far, or whose connection failed
+since takes no share; it stays a fallback.
 """
 
 from __future__ import annotations
