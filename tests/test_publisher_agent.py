@@ -369,14 +369,13 @@ class Workers:
         self.calls: list[tuple[str, str]] = []
         self.refusing: set[str] = set()
         self.strangers: set[str] = set()  # workers of a broker that does not know the session
-        self.far: set[str] = set()  # another region's: 150 ms away
+        self.delays: dict[str, float] = {}  # seconds before a host answers
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         host, path = request.url.host, request.url.path
         if host in self.refusing:
             raise httpx.ConnectError("connection refused", request=request)
-        if host in self.far:
-            await asyncio.sleep(0.15)
+        await asyncio.sleep(self.delays.get(host, 0.0))
         self.calls.append((host, path))
         if path.endswith("/heartbeat"):
             if host in self.strangers:
@@ -418,7 +417,7 @@ async def test_answers_are_spread_over_the_urls_that_take_the_sessions_heartbeat
     # a in taking answers.
     workers.strangers.add("c")
     workers.refusing.add("d")
-    workers.far.add("e")
+    workers.delays["e"] = 0.15  # another region's
     await client.probe("s1")
     heartbeat = "/api/v1/virtual/heartbeat"
     assert sorted(workers.calls[-4:]) == [
@@ -479,3 +478,14 @@ async def test_the_agent_probes_the_other_urls_and_spreads_its_answers(
     assert set(hosts) == {"broker-a", "broker-b"}
     assert broker.streams == ["broker-a"]
     assert await running.stop() == 0
+
+
+async def test_without_the_stream_urls_heartbeat_the_fastest_url_is_the_mark() -> None:
+    workers = Workers("a", "b", "c", "d")
+    client = workers.client()
+    workers.strangers.add("a")  # the stream's URL refuses the probe (404)
+    workers.delays.update(b=0.04, c=0.06, d=0.3)
+    await client.probe("s1")
+    # b, the fastest, sets the mark: c is near it, d is not (2 x 40 ms + 25 ms = 105 ms).
+    assert client.proven == {"http://b", "http://c"}
+    await client.aclose()
