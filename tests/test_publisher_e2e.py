@@ -254,7 +254,8 @@ def test_answers_over_http_are_spread_over_the_workers(
     for i in range(45):
         assert ask(chat, published.name, f"spread {i}") == f"echo: spread {i}"
     if published.transport == "sse":
-        wait_until(lambda: sum(task_posts(broker3)) - sum(before) == 45, "45 answer POSTs")
+        # At least: a POST of the test before may be logged a moment after its client's answer.
+        wait_until(lambda: sum(task_posts(broker3)) - sum(before) >= 45, "45 answer POSTs")
         added = [now - then for now, then in zip(task_posts(broker3), before, strict=True)]
         assert min(added) >= 5, added  # each worker took a share (a third is 15)
     else:
