@@ -458,6 +458,21 @@ def test_check_verifies_the_token_and_each_upstream(
     assert wrong_role.returncode == 1
     assert "not a publisher token" in wrong_role.stdout
 
+    # Over WebSocket, check opens the stream's socket too; the broker refuses the unknown
+    # session with its close code (4404), which proves the route and the token.
+    top: dict[str, Any] = {"broker": broker3.url(0), "transport": "ws"}
+    config = write_config(tmp_path / "ws.toml", top, [good])
+    ws = run_check(config, publisher_token)
+    assert ws.returncode == 0, ws.stdout + ws.stderr
+    assert f"broker {broker3.url(0)}: WebSocket stream: opens" in ws.stdout
+    wrong_role = run_check(config, broker3.token("client"))
+    assert f"broker {broker3.url(0)}: WebSocket stream: not a publisher token" in wrong_role.stdout
+    top = {"broker": [broker3.url(0), closed_port_url().removesuffix("/v1")], "transport": "ws"}
+    config = write_config(tmp_path / "ws-down.toml", top, [good])
+    down_broker = run_check(config, publisher_token)
+    assert down_broker.returncode == 1
+    assert "WebSocket stream: cannot be opened" in down_broker.stdout
+
     down = {"name": "gone", "model": "m", "upstream": closed_port_url()}
     config = write_config(tmp_path / "down.toml", {"broker": broker3.url(0)}, [good, down])
     failed = run_check(config, publisher_token)

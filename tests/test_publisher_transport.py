@@ -412,3 +412,33 @@ async def test_the_agents_broker_client_and_check_use_the_environments_proxy(
     heartbeat = b"POST " + broker.encode() + b"/api/v1/virtual/heartbeat HTTP/1.1"
     credentials = b"Proxy-Authorization: Basic " + base64.b64encode(b"user:secret")
     assert lines == [heartbeat, credentials, heartbeat, credentials]
+
+
+async def test_check_opens_the_websocket_stream_through_the_proxy_websockets_picks(
+    serve: Callable[[Handler], Awaitable[str]],
+    proxy: Callable[[], Awaitable[tuple[str, list[bytes]]]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Over WebSocket, check also opens the stream's socket as the agent does (websockets):
+    through the proxy websockets picks, ``HTTPS_PROXY`` even for ``ws://``, with its
+    credentials, and the line names that proxy (without them). This proxy answers every
+    request itself, the handshake too (200, not 101), so the socket cannot be opened."""
+    broker = (await serve(answers)).rsplit("/", 1)[0]
+    proxy_url, lines = await proxy()
+    monkeypatch.setenv("HTTPS_PROXY", proxy_url.replace("://", "://user:secret@"))
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # httpx's pick for http://
+    config = Config(
+        brokers=(broker,), token="tok", llms=(), state_file=tmp_path / "state", transport="ws"
+    )
+    said: list[tuple[bool, str]] = []
+    assert not await check(config, lambda ok, line: said.append((ok, line)))
+    assert [ok for ok, _ in said] == [False, False]
+    assert said[0][1].endswith("(through the proxy http://127.0.0.1:9)")
+    assert said[1][1].startswith(f"broker {broker}: WebSocket stream: cannot be opened: ")
+    assert said[1][1].endswith(f"(through the proxy {proxy_url})")
+    credentials = b"Proxy-Authorization: Basic " + base64.b64encode(b"user:secret")
+    assert lines[:2] == [
+        b"CONNECT " + broker.removeprefix("http://").encode() + b" HTTP/1.1",
+        credentials,
+    ]

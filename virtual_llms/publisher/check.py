@@ -1,21 +1,43 @@
-"""``mcpd-publish check``: is the token accepted, is each upstream reachable? One line per
-check; the exit status is non-zero when any check failed."""
+"""``mcpd-publish check``: is the token accepted, is each upstream reachable, and with
+``transport = "ws"`` does the WebSocket stream open? One line per check; the exit status is
+non-zero when any check failed."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 import shlex
 import shutil
 from collections.abc import Callable
 
 import httpx
+import websockets
+from websockets.asyncio.client import get_proxy
+from websockets.uri import parse_uri
 
 from . import transport
 from .broker import USER_AGENT, error_of
 from .config import Command, Config, LlmConfig
+from .control import socket_url
 from .upstream import describe, upstream_headers
 
 Say = Callable[[bool, str], None]
+# The broker accepts a stream's socket and then refuses one it cannot serve with a close code
+# (virtual_llms/consumers.py): 4404 for a session it does not know, what a good token gets
+# here; 4401 for a refused token, 4403 for a token of another role.
+SOCKET_SECONDS = 10.0
+
+
+def with_route(result: tuple[bool, str], proxy: str | None) -> tuple[bool, str]:
+    """The line, ending with the proxy its call went through, if any."""
+    return result if proxy is None else (result[0], f"{result[1]} (through the proxy {proxy})")
+
+
+def without_credentials(proxy: str) -> str:
+    scheme, _, rest = proxy.partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
 
 
 async def check(config: Config, say: Say) -> bool:
@@ -28,15 +50,12 @@ async def check(config: Config, say: Say) -> bool:
 
     # The agent's own client: the same transport, the same proxies.
     async with transport.client(timeout=10.0, headers={"User-Agent": USER_AGENT}) as http:
-
-        def routed(url: str, result: tuple[bool, str]) -> tuple[bool, str]:
-            via = http.proxy_for(url)
-            return result if via is None else (result[0], f"{result[1]} (through the proxy {via})")
-
         for url in config.brokers:
-            report(*routed(url, await check_broker(http, url, config.token)))
+            report(*with_route(await check_broker(http, url, config.token), http.proxy_for(url)))
+            if config.transport == "ws":
+                report(*await check_socket(url, config.token))
         for llm in config.llms:
-            report(*routed(llm.upstream, await check_upstream(http, llm)))
+            report(*with_route(await check_upstream(http, llm), http.proxy_for(llm.upstream)))
             if llm.power is not None:
                 for what, command in (
                     ("wake_command", llm.power.wake_command),
@@ -66,6 +85,41 @@ async def check_broker(http: httpx.AsyncClient, url: str, token: str) -> tuple[b
     if response.status_code == 403:
         return False, f"broker {url}: not a publisher token: {error.message}"
     return False, f"broker {url}: unexpected answer {error} (is this an mcpd broker URL?)"
+
+
+async def check_socket(url: str, token: str) -> tuple[bool, str]:
+    """The WebSocket stream of a session nobody has, opened as the agent opens its own
+    (websockets, with the proxy it picks from the environment: it prefers ``HTTPS_PROXY``).
+    Its close code proves the route, the upgrade included, which some proxies refuse."""
+    target = socket_url(url, f"mcpd-publish-check-{secrets.token_hex(8)}")
+    proxy = get_proxy(parse_uri(target))
+    where = f"broker {url}: WebSocket stream"
+    try:
+        async with (
+            asyncio.timeout(SOCKET_SECONDS),
+            websockets.connect(
+                target,
+                additional_headers={"Authorization": f"Bearer {token}"},
+                user_agent_header=USER_AGENT,
+                open_timeout=SOCKET_SECONDS,
+            ) as socket,
+        ):
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async for _ in socket:  # the refusal's error frame, then the close
+                    pass
+        code = socket.close_code
+    except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+        result = (False, f"{where}: cannot be opened: {describe(exc)}")
+    else:
+        if code == 4404:
+            result = (True, f"{where}: opens")
+        elif code == 4401:
+            result = (False, f"{where}: the token is refused")
+        elif code == 4403:
+            result = (False, f"{where}: not a publisher token")
+        else:
+            result = (False, f"{where}: closed with code {code} (is this an mcpd broker URL?)")
+    return with_route(result, None if proxy is None else without_credentials(proxy))
 
 
 async def check_upstream(http: httpx.AsyncClient, llm: LlmConfig) -> tuple[bool, str]:

@@ -83,6 +83,12 @@ def stream_path(session_id: str, transport: str) -> str:
     return f"/api/v1/virtual/sessions/{session_id}/{leaf}"
 
 
+def socket_url(broker_url: str, session_id: str) -> str:
+    """The WebSocket stream's URL on a broker URL (``http`` → ``ws``, ``https`` → ``wss``)."""
+    base = broker_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+    return base + stream_path(session_id, "ws")
+
+
 def open_stream(
     broker: BrokerClient, session_id: str, transport: str, uplink: Uplink | None = None
 ) -> AsyncGenerator[Frame, None]:
@@ -124,11 +130,10 @@ async def _sse_frames(broker: BrokerClient, session_id: str) -> AsyncGenerator[F
 async def _ws_frames(
     broker: BrokerClient, session_id: str, uplink: Uplink | None
 ) -> AsyncGenerator[Frame, None]:
-    base = broker.url.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
     refusal = ""
     try:
         async with websockets.connect(
-            base + stream_path(session_id, "ws"),
+            socket_url(broker.url, session_id),
             additional_headers={"Authorization": f"Bearer {broker.token}"},
             user_agent_header=USER_AGENT,
             max_size=None,  # a task frame carries a whole request body (up to 10 MiB)
