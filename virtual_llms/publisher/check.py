@@ -35,6 +35,7 @@ def with_route(result: tuple[bool, str], proxy: str | None) -> tuple[bool, str]:
 
 
 def without_credentials(proxy: str) -> str:
+    """``http://user:secret@host:port`` → ``http://host:port``."""
     scheme, _, rest = proxy.partition("://")
     host, slash, path = rest.partition("/")
     return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
@@ -92,9 +93,13 @@ async def check_socket(url: str, token: str) -> tuple[bool, str]:
     (websockets, with the proxy it picks from the environment: it prefers ``HTTPS_PROXY``).
     Its close code proves the route, the upgrade included, which some proxies refuse."""
     target = socket_url(url, f"mcpd-publish-check-{secrets.token_hex(8)}")
-    proxy = get_proxy(parse_uri(target))
     where = f"broker {url}: WebSocket stream"
+    proxy: str | None = None
     try:
+        # What websockets.connect does to pick its proxy (get_proxy is not in websockets'
+        # documented API; the proxy test in tests/test_publisher_transport.py fails if it
+        # changes).
+        proxy = get_proxy(parse_uri(target))
         async with (
             asyncio.timeout(SOCKET_SECONDS),
             websockets.connect(
