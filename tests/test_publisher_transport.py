@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.cluster import local_calls_skip_proxies
+from virtual_llms.publisher import broker as broker_module
 from virtual_llms.publisher import transport
 from virtual_llms.publisher.broker import NOT_SENT, BrokerClient
 from virtual_llms.publisher.check import check
@@ -72,6 +73,22 @@ async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             return
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
+
+
+def answers_after(seconds: float) -> Handler:
+    """Answers every request 200, ``seconds`` late."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            await asyncio.sleep(seconds)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    return handler
 
 
 @pytest.fixture
@@ -442,3 +459,18 @@ async def test_check_opens_the_websocket_stream_through_the_proxy_websockets_pic
         b"CONNECT " + broker.removeprefix("http://").encode() + b" HTTP/1.1",
         credentials,
     ]
+
+
+async def test_a_broker_url_slower_than_the_probes_deadline_takes_no_share(
+    serve: Callable[[Handler], Awaitable[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's deadline holds on the agent's real transport (a mock one has no clock):
+    the second URL would pass the distance rule (2 x 0.2 s + 25 ms) but answers after it."""
+    monkeypatch.setattr(broker_module, "PROBE_TIMEOUT", httpx.Timeout(0.25))
+    urls = [(await serve(answers_after(delay))).rsplit("/", 1)[0] for delay in (0.2, 0.3, 0.2)]
+    client = BrokerClient(urls, "tok")
+    try:
+        await client.probe("s1")
+    finally:
+        await client.aclose()
+    assert client.proven == {urls[2]}
