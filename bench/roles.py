@@ -6,14 +6,14 @@ transport, sends ``--roles-requests`` non-streaming requests:
 
 - by default one at a time, 2 ms apart, all to worker 1: what one request costs where it
   waits between hops (concurrency 1);
-- with ``--roles-rate R``, open loop at R requests/s, to the workers in turn, as the
-  throughput search does: what a request costs at that load, the load generator (this
-  process) included, and the rate the machine's cores would allow at that cost.
+- with ``--roles-rate R``, open loop at R requests/s, to the workers in turn, from the
+  harness's load generator (:mod:`bench.loadgen`, as in the throughput search): what a
+  request costs at that load, the load generator included, and the rate the machine's cores
+  would allow at that cost.
 
 Before and after, it reads ``/proc`` of every process on the path: user and system CPU, and
 voluntary context switches (each a wait that ended: a wake-up), per relayed request
-(:func:`role`: what each worker does). The requests come from this process (aiohttp), not
-from the load generator.
+(:func:`role`: what each worker does). At c=1 the requests come from this process (aiohttp).
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ from tests.services_up import services_up
 
 from .lines import AgentLine, BenchLine, Line
 from .measure import CLOCK_TICKS, pct, settle
+from .rpc import Child
 from .scenarios import progress, start_line
 
 WORKERS = ("worker 1", "worker 0", "worker 2")
 OTHERS = ("redis-server", "upstream")
-LOADGEN = "load generator (this process)"
+LOADGEN = "load generator"
 
 
 def role(worker: str, transport: str, spread: bool) -> str:
@@ -101,31 +102,6 @@ async def one_at_a_time(call: Call, url: str, requests: int) -> tuple[list[float
     return latencies, failed
 
 
-async def open_loop(
-    call: Call, urls: list[str], requests: int, rate: float
-) -> tuple[list[float], int]:
-    """``requests`` calls at fixed arrival times, ``rate`` per second, to ``urls`` in turn,
-    whatever the answers do. A latency counts from the call's scheduled time."""
-    latencies: list[float] = []
-    failed = 0
-
-    async def one(url: str, scheduled: float) -> None:
-        nonlocal failed
-        failed += not await call(url)
-        latencies.append(time.perf_counter() - scheduled)
-
-    start = time.perf_counter() + 0.05
-    calls = []
-    for i in range(requests):
-        scheduled = start + i / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        calls.append(asyncio.create_task(one(urls[i % len(urls)], scheduled)))
-    await asyncio.gather(*calls)
-    return latencies, failed
-
-
 async def measure(
     transport: str,
     line_name: str,
@@ -141,6 +117,9 @@ async def measure(
     line: Line = AgentLine(log_dir) if line_name == "agent" else BenchLine(log_dir)
     publisher = f"{line.name} publisher"
     llm = f"roles-{transport}-{int(time.time() * 1000) % 100000}"
+    # At a rate, the load comes from the harness's own load generator, as in the throughput
+    # search; at c=1, from this process.
+    loadgen = await Child.spawn("loadgen", "bench.loadgen", log_dir) if rate else None
     try:
         await start_line(line, setup, transport, llm, upstream_url)
         with redis.Redis.from_url(REDIS_URL) as client:
@@ -148,16 +127,14 @@ async def measure(
         pids = dict(zip(["worker 0", "worker 1", "worker 2"], setup.pids, strict=True))
         pids.update({publisher: line.pids()[0], "redis-server": redis_pid})
         pids["upstream"] = upstream.pid
-        if rate:
-            pids[LOADGEN] = os.getpid()
+        if loadgen is not None:
+            pids[LOADGEN] = loadgen.pid
         urls = [f"{base}/v1/chat/completions" for base in setup.urls]
         headers = {"Authorization": f"Bearer {setup.client_token}"}
         body = {"model": llm, "messages": [{"role": "user", "content": "hi"}]}
+        targets = [{"url": url, "headers": headers, "body": body} for url in urls]
         # Every call has a deadline: a relayed answer here takes milliseconds.
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=30),
-            connector=aiohttp.TCPConnector(limit=1000),
-        ) as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
 
             async def call(url: str) -> bool:
                 try:
@@ -167,22 +144,28 @@ async def measure(
                 except (aiohttp.ClientError, TimeoutError):
                     return False
 
-            targets = urls if rate else [urls[1]]
-            for url in targets:  # warm-up: connections, caches
-                _, failed = await one_at_a_time(call, url, 100)
-                if failed:
-                    raise RuntimeError(f"{failed} of 100 warm-up calls to {url} failed")
+            async def load(count: int) -> tuple[list[float], int]:
+                """``count`` requests: latencies (s) and failures."""
+                if loadgen is None:
+                    return await one_at_a_time(call, urls[1], count)
+                result = await loadgen.call(
+                    "open_loop", targets=targets, rate=rate, duration=count / rate
+                )
+                return [ms / 1000 for ms in result["lat"]], int(result["failed"])
+
+            _, failed = await load(100)  # warm-up: connections, caches
+            if failed:
+                raise RuntimeError(f"{failed} of 100 warm-up calls failed")
             await settle(setup.pids)
             before = {name: counters(pid) for name, pid in pids.items()}
             began = time.perf_counter()
-            if rate:
-                latencies, failed = await open_loop(call, urls, requests, rate)
-            else:
-                latencies, failed = await one_at_a_time(call, urls[1], requests)
+            latencies, failed = await load(requests)
             seconds = time.perf_counter() - began
             after = {name: counters(pid) for name, pid in pids.items()}
     finally:
         await line.stop()
+        if loadgen is not None:
+            await loadgen.close()
         await asyncio.to_thread(setup.broker.stop)
     how = (
         f"open loop at {rate:g}/s to the workers in turn, {seconds:.1f} s; latency from each "
@@ -193,7 +176,7 @@ async def measure(
     print(
         f"\n3 procs, PostgreSQL + Redis, {transport}, {publisher}: {requests} requests, {how}; "
         f"relayed p50 {1000 * pct(latencies, 50):.2f} ms, p99 {1000 * pct(latencies, 99):.2f} ms, "
-        f"{failed} failed (this process's aiohttp client)\n"
+        f"{failed} failed\n"
     )
     print("| process | role | user CPU (ms) | system CPU (ms) | wake-ups |")
     print("| --- | --- | --: | --: | --: |")
