@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import os
 import socket
 import struct
@@ -117,14 +118,18 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
 Post = Callable[..., Awaitable[httpx.Response]]
 
 
-@pytest.fixture(params=["direct", "send"])
+@pytest.fixture(params=["post_json", "direct", "send"])
 def post(request: pytest.FixtureRequest) -> Post:
-    """A JSON POST read to its end, by ``Client.direct`` (the agent's calls) or by httpx's
-    own ``send`` (``AsyncClient.post``)."""
+    """A JSON POST read to its end, by ``Client.post_json`` (the agent's hot calls: aiohttp
+    straight; its Reply as an httpx.Response here), ``Client.direct`` (the upstream's
+    streamed answers) or by httpx's own ``send`` (``AsyncClient.post``)."""
 
     async def call(url: str, **kwargs: float) -> httpx.Response:
         timeout = httpx.Timeout(5.0, **kwargs)
         async with transport.client() as http:
+            if request.param == "post_json":
+                reply = await http.post_json(url, headers={}, json={"a": 1}, timeout=timeout)
+                return httpx.Response(reply.status_code, content=reply.content)
             if request.param == "direct":
                 response = await http.direct(
                     "POST", url, headers={}, json={"a": 1}, timeout=timeout
@@ -250,6 +255,72 @@ async def test_a_direct_request_carries_its_headers_and_json(
         assert header in lines
     assert sum(line.startswith(b"user-agent:") for line in lines) == 1
     assert bodies == ['{"é":[1]}'.encode()]
+
+
+async def test_a_hot_post_carries_its_headers_and_json_and_decodes_the_answer(
+    serve: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """``Client.post_json`` hands aiohttp what ``direct`` hands httpx (Host, the client's
+    headers under the caller's, whatever their case, the JSON body as httpx encodes it),
+    but asks for the encodings aiohttp decodes, and decodes them: a gzipped answer comes
+    back as its JSON. Two calls share one connection."""
+    heads: list[bytes] = []
+    bodies: list[bytes] = []
+    peers: list[object] = []
+    answer = gzip.compress(b'{"a":2}')
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername"))
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return
+            heads.append(head.lower())
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.lower().split(b"\r\n")
+                if line.startswith(b"content-length:")
+            )
+            bodies.append(await reader.readexactly(length))
+            writer.write(
+                b"HTTP/1.1 201 Created\r\nContent-Encoding: gzip\r\n"
+                b"Content-Length: " + str(len(answer)).encode() + b"\r\n\r\n" + answer
+            )
+            await writer.drain()
+
+    url = await serve(recording)
+    client_headers = {"X-Default": "client", "User-Agent": "client-agent"}
+    async with transport.client(headers=client_headers) as http:
+        replies = [
+            await http.post_json(
+                url,
+                headers={"Authorization": "Bearer t", "user-agent": "caller-agent"},
+                json={"é": [1], "n": None},
+                timeout=httpx.Timeout(5.0),
+            )
+            for _ in range(2)
+        ]
+    assert [(r.status_code, r.json(), r.headers["content-encoding"]) for r in replies] == [
+        (201, {"a": 2}, "gzip")
+    ] * 2
+    port = url.split(":")[2].split("/")[0]
+    lines = heads[0].split(b"\r\n")
+    assert lines[0] == b"post /x http/1.1"
+    for header in (
+        b"host: 127.0.0.1:" + port.encode(),
+        b"authorization: bearer t",
+        b"content-type: application/json",
+        b"x-default: client",
+        b"user-agent: caller-agent",
+    ):
+        assert header in lines
+    assert sum(line.startswith(b"user-agent:") for line in lines) == 1
+    encodings = [line for line in lines if line.startswith(b"accept-encoding:")]
+    assert len(encodings) == 1
+    assert b"gzip" in encodings[0]
+    assert bodies == ['{"é":[1],"n":null}'.encode()] * 2
+    assert len(peers) == 1
 
 
 async def test_answers_come_back_on_one_kept_connection(
@@ -415,7 +486,7 @@ async def test_the_agents_broker_client_and_check_use_the_environments_proxy(
         response = await client.post("/api/v1/virtual/heartbeat", {"providerSessionId": "s"})
     finally:
         await client.aclose()
-    assert response.text == "proxied"
+    assert response.content == b"proxied"
     config = Config(brokers=(broker,), token="tok", llms=(), state_file=tmp_path / "state")
     said: list[tuple[bool, str]] = []
     assert not await check(config, lambda ok, line: said.append((ok, line)))

@@ -26,7 +26,7 @@ import httpx
 from . import __version__
 from .batcher import Chunk
 from .logs import log
-from .transport import Client
+from .transport import Client, Reply
 
 USER_AGENT = f"mcpd-publish/{__version__}"
 # The request failed before the broker could act on it: safe to send again, elsewhere.
@@ -113,20 +113,13 @@ class BrokerClient:
 
     async def _send(
         self, url: str, path: str, body: dict[str, Any], timeout: httpx.Timeout
-    ) -> httpx.Response:
+    ) -> Reply:
         # The client's headers (the token) go with every request.
-        response = await self.http.direct(
-            "POST", f"{url}{path}", headers={}, json=body, timeout=timeout
-        )
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
+        return await self.http.post_json(f"{url}{path}", headers={}, json=body, timeout=timeout)
 
     async def post(
         self, path: str, body: dict[str, Any], *, urls: Sequence[str] | None = None
-    ) -> httpx.Response:
+    ) -> Reply:
         """POST to the current broker URL (or to ``urls`` in that order); when the connection
         fails, to the others in turn."""
         error: httpx.HTTPError | None = None
@@ -205,7 +198,7 @@ class BrokerClient:
         ok: int = 200,
         *,
         urls: Sequence[str] | None = None,
-    ) -> httpx.Response:
+    ) -> Reply:
         response = await self.post(path, body, urls=urls)
         if response.status_code != ok:
             raise error_of(response.status_code, response.content)

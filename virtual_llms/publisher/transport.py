@@ -9,6 +9,11 @@ share is included). On the bench's 3-worker agent line that took the SSE chunks/
 process at 256 streams from 4,242 to 7,300 and the max rate from 268 to 482 req/s
 (docs/benchmarks.md).
 
+The hot calls skip httpx's objects too (:meth:`Client.post_json`): building an
+``httpx.Request`` and reading an ``httpx.Response`` cost about as much CPU as aiohttp's
+call itself. They go to the aiohttp session of the transport httpx picks, with the same
+options and the same errors.
+
 httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` to ``httpx.ConnectTimeout``: a
 refused connection, but also one the server reset or closed after the request went out,
 and it lets other aiohttp errors (a malformed response) through unmapped. The agent reads
@@ -21,20 +26,24 @@ httpx-aiohttp's mapping (``ConnectTimeout``, ``ReadTimeout``, ...).
 Proxies: httpx reads ``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` only for a
 client built without a transport, into its mounts. :class:`Client` is built that way and
 makes each of those transports (the plain one and one per proxy) an aiohttp one, so every
-call of the agent, ``direct`` included, goes where httpx (``mcpd-publish check``, the openai
-SDK) and websockets (the WebSocket control stream) would send it.
+call of the agent, ``direct`` and ``post_json`` included, goes where httpx (``mcpd-publish
+check``, the openai SDK) and websockets (the WebSocket control stream) would send it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import functools
+import json as _json
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import map_aiohttp_exceptions
 
 
 def remapped(exc: BaseException, request: httpx.Request) -> httpx.HTTPError | None:
@@ -62,6 +71,24 @@ def _httpx_errors(request: httpx.Request) -> Iterator[None]:
         raise error from exc
 
 
+@contextlib.contextmanager
+def _aiohttp_errors(method: str, url: str) -> Iterator[None]:
+    """Around a call made on aiohttp straight: its errors as the httpx errors the
+    transport raises for the same failure, each with an ``httpx.Request`` (built only
+    then) naming the call."""
+    try:
+        with map_aiohttp_exceptions():
+            yield
+    except Exception as exc:
+        request = httpx.Request(method, url)
+        error = remapped(exc, request)
+        if error is not None:
+            raise error from exc
+        if isinstance(exc, httpx.HTTPError):
+            exc.request = request
+        raise
+
+
 class _Body(httpx.AsyncByteStream):
     def __init__(self, inner: httpx.AsyncByteStream, request: httpx.Request) -> None:
         self.inner = inner
@@ -79,6 +106,18 @@ class _Body(httpx.AsyncByteStream):
             await self.inner.aclose()
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A response read to its end, as :meth:`Client.post_json` returns it."""
+
+    status_code: int
+    headers: Mapping[str, str]  # case-insensitive
+    content: bytes
+
+    def json(self) -> Any:
+        return _json.loads(self.content)
+
+
 class Transport(AiohttpTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         with _httpx_errors(request):
@@ -87,10 +126,46 @@ class Transport(AiohttpTransport):
         response.stream = _Body(response.stream, request)
         return response
 
+    @functools.cached_property
+    def _proxy_options(self) -> dict[str, Any]:
+        """What ``handle_async_request`` gives aiohttp about this transport's proxy."""
+        proxy = self.proxy
+        if proxy is None:
+            return {}
+        return {
+            "proxy": str(proxy.url),
+            "proxy_auth": aiohttp.BasicAuth(*proxy.auth) if proxy.auth else None,
+            "proxy_headers": proxy.headers,
+        }
+
+    async def post_json(
+        self, url: str, headers: dict[str, str], body: bytes, timeout: httpx.Timeout
+    ) -> Reply:
+        """A POST of ``body`` (JSON) on this transport's aiohttp session, the response read
+        to its end: what ``handle_async_request`` does, without building an
+        ``httpx.Request`` and an ``httpx.Response`` around it. aiohttp asks for and decodes
+        the content encodings it can."""
+        if not isinstance(self.client, aiohttp.ClientSession):
+            self.client = self.get_client()
+        with _aiohttp_errors("POST", url):
+            async with self.client.post(
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
+                ),
+                **self._proxy_options,
+            ) as response:
+                content = await response.read()
+        return Reply(response.status, response.headers, content)
+
 
 class Client(httpx.AsyncClient):
-    """``httpx.AsyncClient`` on :class:`Transport`, with :meth:`direct` for the agent's hot
-    calls (the upstream call and the answer POST of every relayed request). Without a
+    """``httpx.AsyncClient`` on :class:`Transport`, with :meth:`post_json` for the agent's
+    hot calls (the upstream's non-streamed answers, every call to the broker) and
+    :meth:`direct` for its streamed upstream calls. Without a
     ``transport`` (tests pass a mock), httpx builds its transports from the environment's
     proxy settings through the two ``_init_*`` hooks below: both give aiohttp ones."""
 
@@ -115,6 +190,55 @@ class Client(httpx.AsyncClient):
         chosen = self._transport_for_url(httpx.URL(url))
         proxy = chosen.proxy if isinstance(chosen, Transport) else None
         return str(proxy.url) if proxy is not None else None
+
+    @functools.cached_property
+    def _routes(self) -> dict[str, httpx.AsyncBaseTransport]:
+        return {}
+
+    def _route(self, url: str) -> httpx.AsyncBaseTransport:
+        """The transport ``send`` would pick for ``url``, kept per origin (what httpx's
+        mounts match on: scheme, host and port)."""
+        path_at = url.find("/", url.find("//") + 2)
+        origin = url if path_at < 0 else url[:path_at]
+        chosen = self._routes.get(origin)
+        if chosen is None:
+            chosen = self._routes[origin] = self._transport_for_url(httpx.URL(origin))
+        return chosen
+
+    async def post_json(
+        self, url: str, *, headers: dict[str, str], json: Any, timeout: httpx.Timeout
+    ) -> Reply:
+        """A JSON POST, its response read to its end: the agent's hot calls (the upstream's
+        non-streamed answer; every call to the broker). On an aiohttp transport it goes to
+        aiohttp straight (:meth:`Transport.post_json`), with the client's headers under
+        ``headers``, less Accept-Encoding (aiohttp's own: what it decodes). Other
+        transports (the tests' mocks) get :meth:`direct`."""
+        chosen = self._route(url)
+        if not isinstance(chosen, Transport):
+            response = await self.direct("POST", url, headers=headers, json=json, timeout=timeout)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            return Reply(response.status_code, response.headers, response.content)
+        merged = {
+            **self._plain_headers,
+            **{name.lower(): value for name, value in headers.items()},
+            "content-type": "application/json",
+        }
+        # As httpx encodes a json= body.
+        body = _json.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return await chosen.post_json(url, merged, body.encode(), timeout)
+
+    @functools.cached_property
+    def _plain_headers(self) -> dict[str, str]:
+        """The client's headers (as they are at the first call), less Accept-Encoding, by
+        their lowercase names (so that the caller's replace them whatever their case)."""
+        return {
+            name.lower(): value
+            for name, value in self.headers.items()
+            if name.lower() != "accept-encoding"
+        }
 
     async def direct(
         self,

@@ -92,20 +92,24 @@ async def forward(http: Client, llm: LlmConfig, frame: dict[str, Any], sink: Sin
         await sink.error(message)
         return message
     url = upstream_url(llm, str(endpoint))
+    headers = upstream_headers(llm)
+    timeout = httpx.Timeout(llm.timeout_seconds, connect=10.0)
+    if not streaming:
+        try:
+            reply = await http.post_json(url, headers=headers, json=body, timeout=timeout)
+        except httpx.HTTPError as exc:
+            message = transport_failure(llm, url, exc, streaming=False)
+            await sink.error(message)
+            return message
+        return await _answer(llm, reply.status_code, reply.content, sink)
     try:
-        response = await http.direct(
-            "POST",
-            url,
-            headers=upstream_headers(llm),
-            json=body,
-            timeout=httpx.Timeout(llm.timeout_seconds, connect=10.0),
-        )
+        response = await http.direct("POST", url, headers=headers, json=body, timeout=timeout)
     except httpx.HTTPError as exc:
-        message = transport_failure(llm, url, exc, streaming=streaming)
+        message = transport_failure(llm, url, exc, streaming=True)
         await sink.error(message)
         return message
     try:
-        if streaming and response.status_code < 400 and _is_event_stream(response):
+        if response.status_code < 400 and _is_event_stream(response):
             return await _relay_stream(llm, url, response, sink)
         try:
             raw = await response.aread()
@@ -113,22 +117,27 @@ async def forward(http: Client, llm: LlmConfig, frame: dict[str, Any], sink: Sin
             message = transport_failure(llm, url, exc, streaming=False)
             await sink.error(message)
             return message
-        status = response.status_code
-        if status < 400:
-            try:
-                answer = json.loads(raw)
-            except ValueError:
-                message = f"upstream of '{llm.name}' answered {status} with a body that is not JSON"
-                await sink.error(message)
-                return message
-        else:
-            answer = error_body(status, raw)
         # A streamed call the upstream answered in one piece goes back as such; the broker
         # turns a 2xx result into one stream event and [DONE].
-        await sink.result(status, answer)
-        return f"{status}"
+        return await _answer(llm, response.status_code, raw, sink)
     finally:
         await response.aclose()
+
+
+async def _answer(llm: LlmConfig, status: int, raw: bytes, sink: Sink) -> str:
+    """The upstream's whole answer as the task's result (an upstream error keeps its status
+    and body)."""
+    if status < 400:
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            message = f"upstream of '{llm.name}' answered {status} with a body that is not JSON"
+            await sink.error(message)
+            return message
+    else:
+        answer = error_body(status, raw)
+    await sink.result(status, answer)
+    return f"{status}"
 
 
 async def _drain(events: AsyncIterator[ServerSentEvent]) -> None:
