@@ -4,6 +4,7 @@ thread's connections are checked on a timer instead (mcpd_site/asgi.py)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 from typing import Any
@@ -13,8 +14,11 @@ from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core import signals
 from django.db import connection
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 
 from mcpd_site import asgi
+from tests.conftest import Tokens
 from virtual_llms.models import Llm
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -134,3 +138,42 @@ async def test_cancelling_the_application_cancels_the_view_and_the_listener(
         if not t.done() and "listen_for_disconnect" in repr(t.get_coro())
     ]
     assert leftovers == []
+
+
+async def _call_like_daphne(path: str, token: str) -> int:
+    """One request the way daphne runs it: as the response's last body goes out, daphne
+    finishes the request and puts ``http.disconnect`` on the application's queue at once,
+    so the handler's listener ends (RequestAborted) with the view."""
+    scope = _scope(path) | {"headers": [(b"authorization", f"Bearer {token}".encode())]}
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    queue.put_nowait({"type": "http.request", "body": b""})
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            queue.put_nowait({"type": "http.disconnect"})
+
+    await asyncio.wait_for(asgi.application(scope, queue.get, send), 5)
+    status: int = sent[0]["status"]
+    return status
+
+
+async def test_an_api_request_leaves_no_reference_cycle(upkeep: None, tokens: Tokens) -> None:
+    """Each request's objects are freed when it ends, not left to the cyclic garbage
+    collector, whose full passes stall a busy worker for tens of milliseconds."""
+    for token, status in ((tokens.client_plain, 200), ("wrong", 401)):
+        assert await _call_like_daphne("/v1/models", token) == status  # warm the caches
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                assert await _call_like_daphne("/v1/models", token) == status
+            gc.collect()
+            left = [o for o in gc.garbage if isinstance(o, HttpRequest | HttpResponseBase)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert left == [], status
