@@ -159,19 +159,23 @@ def test_the_system_check_warns_about_the_in_memory_layer_and_the_dev_key() -> N
     assert not ids & {"mcpd.W001", "mcpd.W002"}
 
 
-def test_serve_freezes_the_startup_objects_out_of_the_collectors_sight() -> None:
+def test_serve_freezes_the_startup_objects_and_collects_young_ones_less_often() -> None:
     import gc
 
     from virtual_llms.management.commands.serve import freeze_startup_objects
 
     before = gc.get_freeze_count()
+    threshold = gc.get_threshold()
     try:
         freeze_startup_objects()
         # Django, the URLconf, the views, DRF, admin: tens of thousands of objects.
         assert gc.get_freeze_count() - before > 10_000
         assert "mcpd_site.asgi" in sys.modules
+        # The youngest generation is collected less often; the older ones as before.
+        assert gc.get_threshold() == (10_000, *threshold[1:])
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def test_serve_turns_off_twisted_request_work_daphne_never_uses() -> None:

@@ -75,13 +75,26 @@ class Command(BaseCommand):
         CommandLineInterface().run(daphne_args(bind, port, daphne, backlog))
 
 
+# Allocations between two collections of the youngest generation (Python's default: 700).
+# Each collection moves the objects of the requests in flight to an older generation; once
+# enough have moved, a full collection walks every live object (the idle keep-alive
+# connections and sessions included: 25 objects each). At 700, a worker holding 2,200 idle
+# connections made one or two full passes a second under load, 13-43 ms each; at 10,000 a
+# tenth as many young collections run, and the 1-process relay rate after the bench's
+# capacity step went 850 → 956-1,275 req/s (bench publisher), 567-638 → 708-779 (agent)
+# (docs/benchmarks.md, the session of 19:28). What a request allocates is freed by reference
+# counting as it ends (tests/test_asgi.py: no cycles), so little waits for these passes.
+GC_YOUNG_THRESHOLD = 10_000
+
+
 def freeze_startup_objects() -> None:
     """Load everything a worker imports (the ASGI application, the URLconf and its views)
     now, then move those ~100,000 objects out of the garbage collector's sight
     (``gc.freeze``). Otherwise every full collection walks them all: 40-55 ms pauses, a
     dozen per minute under load, which set the p99 of every request they hit (measured
     with gc.callbacks on one worker at 170 req/s; frozen: 2-3 ms). Startup objects live as
-    long as the process anyway."""
+    long as the process anyway. Then collect the youngest generation less often
+    (:data:`GC_YOUNG_THRESHOLD`)."""
     from django.urls import get_resolver
 
     import mcpd_site.asgi  # noqa: F401 - imported for its side effects: the app and handlers
@@ -89,6 +102,8 @@ def freeze_startup_objects() -> None:
     get_resolver().url_patterns  # noqa: B018 - imports the URLconf
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def skip_form_parsing() -> None:
