@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -28,11 +29,13 @@ from virtual_llms.publisher.config import Config
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-async def read_request(reader: asyncio.StreamReader) -> None:
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request's head and body."""
     head = await reader.readuntil(b"\r\n\r\n")
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
-            await reader.readexactly(int(line.split(b":", 1)[1]))
+            return head, await reader.readexactly(int(line.split(b":", 1)[1]))
+    return head, b""
 
 
 async def closes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -74,6 +77,54 @@ async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             return
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
+
+
+@dataclass
+class Recorder:
+    """A server's record: each request's head (lowercased) and body, each connection's
+    peer."""
+
+    heads: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+    peers: list[object] = field(default_factory=list)
+
+    def answering(self, response: bytes) -> Handler:
+        """Records every request on a connection, answering each with ``response``."""
+
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.peers.append(writer.get_extra_info("peername"))
+            while True:
+                try:
+                    head, body = await read_request(reader)
+                except asyncio.IncompleteReadError:
+                    return
+                self.heads.append(head.lower())
+                self.bodies.append(body)
+                writer.write(response)
+                await writer.drain()
+
+        return handler
+
+
+def assert_carries(head: bytes, url: str) -> None:
+    """The request line, Host, the caller's headers over the client's (one User-Agent, the
+    caller's) and the JSON body's type: what both header tests send."""
+    port = url.split(":")[2].split("/")[0]
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"post /x http/1.1"
+    for header in (
+        b"host: 127.0.0.1:" + port.encode(),
+        b"authorization: bearer t",
+        b"content-type: application/json",
+        b"x-default: client",
+        b"user-agent: caller-agent",
+    ):
+        assert header in lines
+    assert sum(line.startswith(b"user-agent:") for line in lines) == 1
+
+
+CLIENT_HEADERS = {"X-Default": "client", "User-Agent": "client-agent"}
+CALLER_HEADERS = {"Authorization": "Bearer t", "user-agent": "caller-agent"}
 
 
 def answers_after(seconds: float) -> Handler:
@@ -212,49 +263,19 @@ async def test_a_direct_request_carries_its_headers_and_json(
     """``Client.direct`` skips the client's layers, not what a request needs: Host, the
     client's headers (httpx's Accept-Encoding: what the response will be decoded with)
     under the caller's, whatever their case, the JSON body and its length and type."""
-    heads: list[bytes] = []
-    bodies: list[bytes] = []
-
-    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        heads.append(head.lower())
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.lower().split(b"\r\n")
-            if line.startswith(b"content-length:")
-        )
-        bodies.append(await reader.readexactly(length))
-        writer.write(b'HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\n{"a":2}')
-        await writer.drain()
-
-    url = await serve(recording)
-    client_headers = {"X-Default": "client", "User-Agent": "client-agent"}
-    async with transport.client(headers=client_headers) as http:
+    record = Recorder()
+    url = await serve(record.answering(b'HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\n{"a":2}'))
+    async with transport.client(headers=CLIENT_HEADERS) as http:
         response = await http.direct(
-            "POST",
-            url,
-            headers={"Authorization": "Bearer t", "user-agent": "caller-agent"},
-            json={"é": [1]},
-            timeout=httpx.Timeout(5.0),
+            "POST", url, headers=CALLER_HEADERS, json={"é": [1]}, timeout=httpx.Timeout(5.0)
         )
         await response.aread()
         await response.aclose()
         accept_encoding = http.headers["Accept-Encoding"].encode()
     assert (response.status_code, response.json()) == (201, {"a": 2})
-    port = url.split(":")[2].split("/")[0]
-    assert heads[0].startswith(b"post /x http/1.1\r\n")
-    lines = heads[0].split(b"\r\n")
-    for header in (
-        b"host: 127.0.0.1:" + port.encode(),
-        b"authorization: bearer t",
-        b"content-type: application/json",
-        b"x-default: client",
-        b"accept-encoding: " + accept_encoding,
-        b"user-agent: caller-agent",
-    ):
-        assert header in lines
-    assert sum(line.startswith(b"user-agent:") for line in lines) == 1
-    assert bodies == ['{"é":[1]}'.encode()]
+    assert_carries(record.heads[0], url)
+    assert b"accept-encoding: " + accept_encoding in record.heads[0].split(b"\r\n")
+    assert record.bodies == ['{"é":[1]}'.encode()]
 
 
 async def test_a_hot_post_carries_its_headers_and_json_and_decodes_the_answer(
@@ -264,38 +285,19 @@ async def test_a_hot_post_carries_its_headers_and_json_and_decodes_the_answer(
     headers under the caller's, whatever their case, the JSON body as httpx encodes it),
     but asks for the encodings aiohttp decodes, and decodes them: a gzipped answer comes
     back as its JSON. Two calls share one connection."""
-    heads: list[bytes] = []
-    bodies: list[bytes] = []
-    peers: list[object] = []
     answer = gzip.compress(b'{"a":2}')
-
-    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peers.append(writer.get_extra_info("peername"))
-        while True:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError:
-                return
-            heads.append(head.lower())
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.lower().split(b"\r\n")
-                if line.startswith(b"content-length:")
-            )
-            bodies.append(await reader.readexactly(length))
-            writer.write(
-                b"HTTP/1.1 201 Created\r\nContent-Encoding: gzip\r\n"
-                b"Content-Length: " + str(len(answer)).encode() + b"\r\n\r\n" + answer
-            )
-            await writer.drain()
-
-    url = await serve(recording)
-    client_headers = {"X-Default": "client", "User-Agent": "client-agent"}
-    async with transport.client(headers=client_headers) as http:
+    record = Recorder()
+    url = await serve(
+        record.answering(
+            b"HTTP/1.1 201 Created\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: " + str(len(answer)).encode() + b"\r\n\r\n" + answer
+        )
+    )
+    async with transport.client(headers=CLIENT_HEADERS) as http:
         replies = [
             await http.post_json(
                 url,
-                headers={"Authorization": "Bearer t", "user-agent": "caller-agent"},
+                headers=CALLER_HEADERS,
                 json={"é": [1], "n": None},
                 timeout=httpx.Timeout(5.0),
             )
@@ -304,40 +306,25 @@ async def test_a_hot_post_carries_its_headers_and_json_and_decodes_the_answer(
     assert [(r.status_code, r.json(), r.headers["content-encoding"]) for r in replies] == [
         (201, {"a": 2}, "gzip")
     ] * 2
-    port = url.split(":")[2].split("/")[0]
-    lines = heads[0].split(b"\r\n")
-    assert lines[0] == b"post /x http/1.1"
-    for header in (
-        b"host: 127.0.0.1:" + port.encode(),
-        b"authorization: bearer t",
-        b"content-type: application/json",
-        b"x-default: client",
-        b"user-agent: caller-agent",
-    ):
-        assert header in lines
-    assert sum(line.startswith(b"user-agent:") for line in lines) == 1
+    assert_carries(record.heads[0], url)
+    lines = record.heads[0].split(b"\r\n")
     encodings = [line for line in lines if line.startswith(b"accept-encoding:")]
     assert len(encodings) == 1
     assert b"gzip" in encodings[0]
-    assert bodies == ['{"é":[1],"n":null}'.encode()] * 2
-    assert len(peers) == 1
+    assert record.bodies == ['{"é":[1],"n":null}'.encode()] * 2
+    assert len(record.peers) == 1
 
 
 async def test_answers_come_back_on_one_kept_connection(
     serve: Callable[[Handler], Awaitable[str]],
 ) -> None:
-    peers: list[object] = []
-
-    async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peers.append(writer.get_extra_info("peername"))
-        await answers(reader, writer)
-
-    url = await serve(counting)
+    record = Recorder()
+    url = await serve(record.answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
     async with transport.client() as http:
         for _ in range(3):
             response = await http.post(url, json={"a": 1})
             assert (response.status_code, response.text) == (200, "ok")
-    assert len(peers) == 1
+    assert len(record.peers) == 1
 
 
 async def test_a_control_stream_that_goes_silent_is_lost(

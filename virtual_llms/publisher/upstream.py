@@ -88,9 +88,7 @@ async def forward(http: Client, llm: LlmConfig, frame: dict[str, Any], sink: Sin
     body = frame.get("body")
     streaming = frame.get("streaming") is True
     if endpoint not in ENDPOINTS or not isinstance(body, dict):
-        message = f"this publisher does not serve {endpoint!r} with that body"
-        await sink.error(message)
-        return message
+        return await _fail(sink, f"this publisher does not serve {endpoint!r} with that body")
     url = upstream_url(llm, str(endpoint))
     headers = upstream_headers(llm)
     timeout = httpx.Timeout(llm.timeout_seconds, connect=10.0)
@@ -98,30 +96,30 @@ async def forward(http: Client, llm: LlmConfig, frame: dict[str, Any], sink: Sin
         try:
             reply = await http.post_json(url, headers=headers, json=body, timeout=timeout)
         except httpx.HTTPError as exc:
-            message = transport_failure(llm, url, exc, streaming=False)
-            await sink.error(message)
-            return message
+            return await _fail(sink, transport_failure(llm, url, exc, streaming=False))
         return await _answer(llm, reply.status_code, reply.content, sink)
     try:
         response = await http.direct("POST", url, headers=headers, json=body, timeout=timeout)
     except httpx.HTTPError as exc:
-        message = transport_failure(llm, url, exc, streaming=True)
-        await sink.error(message)
-        return message
+        return await _fail(sink, transport_failure(llm, url, exc, streaming=True))
     try:
         if response.status_code < 400 and _is_event_stream(response):
             return await _relay_stream(llm, url, response, sink)
         try:
             raw = await response.aread()
         except httpx.HTTPError as exc:
-            message = transport_failure(llm, url, exc, streaming=False)
-            await sink.error(message)
-            return message
+            return await _fail(sink, transport_failure(llm, url, exc, streaming=False))
         # A streamed call the upstream answered in one piece goes back as such; the broker
         # turns a 2xx result into one stream event and [DONE].
         return await _answer(llm, response.status_code, raw, sink)
     finally:
         await response.aclose()
+
+
+async def _fail(sink: Sink, message: str) -> str:
+    """The task fails with ``message``, which is also its summary for the log."""
+    await sink.error(message)
+    return message
 
 
 async def _answer(llm: LlmConfig, status: int, raw: bytes, sink: Sink) -> str:
@@ -131,9 +129,9 @@ async def _answer(llm: LlmConfig, status: int, raw: bytes, sink: Sink) -> str:
         try:
             answer = json.loads(raw)
         except ValueError:
-            message = f"upstream of '{llm.name}' answered {status} with a body that is not JSON"
-            await sink.error(message)
-            return message
+            return await _fail(
+                sink, f"upstream of '{llm.name}' answered {status} with a body that is not JSON"
+            )
     else:
         answer = error_body(status, raw)
     await sink.result(status, answer)
