@@ -126,7 +126,7 @@ class ApiASGIHandler(BrokerASGIHandler):
         # That cycle, once per request (the listener ends with RequestAborted as the
         # response goes out), left each request's ~50 objects (request, response, body file,
         # tasks) to the cyclic GC, whose full passes then took 40-400 ms on a worker
-        # (docs/benchmarks.md). Django 5.2's handle() has the same cycle (Django ticket
+        # (docs/benchmarks-history.md). Django 5.2's handle() has the same cycle (Django ticket
         # #36700).
         for task in tasks:
             if not task.done():

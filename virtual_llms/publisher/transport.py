@@ -7,7 +7,7 @@ CPU on this project's bench host, with the aiohttp transport 0.25-0.43 ms (a pro
 small JSON POSTs, 1 and 8 at a time, to a local aiohttp server in the same process, whose
 share is included). On the bench's 3-worker agent line that took the SSE chunks/s per
 process at 256 streams from 4,242 to 7,300 and the max rate from 268 to 482 req/s
-(docs/benchmarks.md).
+(docs/benchmarks-history.md).
 
 The hot calls skip httpx's objects too (:meth:`Client.post_json`): building an
 ``httpx.Request`` and reading an ``httpx.Response`` cost about as much CPU as aiohttp's
@@ -254,7 +254,7 @@ class Client(httpx.AsyncClient):
         under ``headers`` (Accept-Encoding among them: what httpx can decode). ``send`` adds
         layers these calls do not use (auth flows, redirects, a cookie jar read and written
         per request, event hooks), at 0.1-0.16 ms of CPU per request on the bench host
-        (docs/benchmarks.md). The response streams: read it (``aread``) or close it
+        (docs/benchmarks-history.md). The response streams: read it (``aread``) or close it
         (``aclose``)."""
         merged = self.headers.copy()
         merged.update(headers)

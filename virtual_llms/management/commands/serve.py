@@ -82,7 +82,7 @@ class Command(BaseCommand):
 # connections made one or two full passes a second under load, 13-43 ms each; at 10,000 a
 # tenth as many young collections run (so about a tenth as many objects move up), and the
 # 1-process relay rate after the bench's capacity step went 850 → 956-1,275 req/s (bench
-# publisher), 567-638 → 708-779 (agent) (docs/benchmarks.md, the session of 19:28). What a
+# publisher), 567-638 → 708-779 (agent) (docs/benchmarks-history.md, the session of 19:28). What a
 # request allocates is freed by reference counting as it ends (tests/test_asgi.py: no
 # cycles), so little waits for these passes.
 GC_YOUNG_THRESHOLD = 10_000
