@@ -3,8 +3,9 @@
 keep-alive ``aiohttp`` session (:mod:`bench.http`; cheaper per request than httpx or the
 openai SDK).
 
-A *target* is ``{"url": ".../v1/chat/completions", "headers": {...}, "body": {...}}``; a
-list of targets is used round-robin (requests spread over a broker's workers).
+A *target* is ``{"url": ".../v1/chat/completions", "headers": {...}, "body": {...}}``, and
+optionally ``"min_bytes"``: a unary answer shorter than that fails. A list of targets is
+used round-robin (requests spread over a broker's workers).
 
 Calls:
 - ``pairs``: concurrency 1; direct and relayed requests alternate (the order flips every
@@ -58,6 +59,7 @@ class _Request:
     url: str
     headers: dict[str, str]
     body: bytes
+    min_bytes: int = 0  # a unary answer shorter than this fails (a big answer cut short)
 
 
 class _Targets:
@@ -69,6 +71,7 @@ class _Targets:
                 t["url"],
                 {**(t.get("headers") or {}), **JSON},
                 json.dumps(t["body"], separators=(",", ":")).encode(),
+                int(t.get("min_bytes") or 0),
             )
             for t in targets
         ]
@@ -112,6 +115,9 @@ async def _unary(target: _Request, timeout: float, errors: _Errors) -> bool:
         return False
     if not body.startswith(b"{"):
         errors.add(f"not JSON: {body[:120]!r}")
+        return False
+    if len(body) < target.min_bytes:
+        errors.add(f"short answer: {len(body)} bytes, expected at least {target.min_bytes}")
         return False
     return True
 

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tests.cluster import Broker
@@ -19,6 +19,7 @@ from .lines import BenchLine, Line, WakeSpec
 from .measure import ProcSample, median, pct, proc_sample, settle
 from .report import Row, at_least, at_most, judge
 from .rpc import Child
+from .upstream import EMBED_INPUTS, EMBEDDINGS
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Sizes:
     quick: bool
     windows: int  # repeated windows (c=1 latency, streaming)
     pairs: int  # direct/relayed pairs per latency window
+    big_pairs: int  # the same with a big answer (embeddings)
     stream_pairs: int  # streaming pairs per window at concurrency 1
     wide: int  # concurrent streams ("256")
     wide_windows: int
@@ -51,6 +53,7 @@ FULL = Sizes(
     quick=False,
     windows=5,
     pairs=100,
+    big_pairs=20,
     stream_pairs=10,
     wide=256,
     wide_windows=3,
@@ -75,6 +78,7 @@ QUICK = Sizes(
     quick=True,
     windows=3,
     pairs=15,
+    big_pairs=5,
     stream_pairs=2,
     wide=16,
     wide_windows=3,
@@ -97,6 +101,24 @@ QUICK = Sizes(
 )
 
 P99_LIMIT_MS = 50.0
+
+
+@dataclass
+class C1:
+    """Per-window figures of a concurrency-1 measurement (:meth:`Bench._c1_windows`)."""
+
+    direct_p50: list[float] = field(default_factory=list)
+    relayed_p50: list[float] = field(default_factory=list)
+    added_p50: list[float] = field(default_factory=list)
+    direct_p99: list[float] = field(default_factory=list)
+    relayed_p99: list[float] = field(default_factory=list)
+    added_p99: list[float] = field(default_factory=list)
+    cpu_per_req: list[float] = field(default_factory=list)
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    note: str = ""
+
+
 PROMPT = [{"role": "user", "content": "Say hello."}]
 
 
@@ -213,59 +235,95 @@ class Bench:
 
     # --- added latency at concurrency 1 ------------------------------------------------------
 
-    async def latency(self, setup: Setup, transport: str, line: Line, llm: str) -> None:
-        s = self.sizes
-        direct_p50, relayed_p50, added_p50 = [], [], []
-        direct_p99, relayed_p99, added_p99 = [], [], []
-        cpu_per_req: list[float] = []
-        failed = 0
-        errors: list[str] = []
-        # A short warm-up: connections, caches, the hub.
-        await self.loadgen.call(
-            "pairs", direct=self.direct(), relayed=self.relayed(setup, llm), n=min(20, s.pairs)
-        )
-        for _ in range(s.windows):
+    async def _c1_windows(
+        self, setup: Setup, direct: dict[str, Any], relayed: list[dict[str, Any]], pairs: int
+    ) -> C1:
+        """``windows`` windows of ``pairs`` direct/relayed pairs at concurrency 1, after a
+        short warm-up (connections, caches, the hub); per window the p50s, p99s and the
+        broker CPU per relayed request."""
+        out = C1()
+        await self.loadgen.call("pairs", direct=direct, relayed=relayed, n=min(20, pairs))
+        for _ in range(self.sizes.windows):
             before = sum(proc_sample(pid).cpu_s for pid in setup.pids)
-            r = await self.loadgen.call(
-                "pairs", direct=self.direct(), relayed=self.relayed(setup, llm), n=s.pairs
-            )
+            r = await self.loadgen.call("pairs", direct=direct, relayed=relayed, n=pairs)
             spent = sum(proc_sample(pid).cpu_s for pid in setup.pids) - before
-            failed += r["failed_direct"] + r["failed_relayed"]
-            errors += r["errors"]
-            d50, r50 = pct(r["direct"], 50), pct(r["relayed"], 50)
-            d99, r99 = pct(r["direct"], 99), pct(r["relayed"], 99)
-            direct_p50.append(d50)
-            relayed_p50.append(r50)
-            added_p50.append(r50 - d50)
-            direct_p99.append(d99)
-            relayed_p99.append(r99)
-            added_p99.append(r99 - d99)
-            cpu_per_req.append(spent * 1000 / max(1, len(r["relayed"])))
-        self.c1_p50[(setup.key, transport, line.name)] = median(relayed_p50)
-        note = f"{s.windows} windows x {s.pairs} pairs"
-        if failed:
-            note += f"; {failed} failed: {errors[:2]}"
-        goal50 = 3.0 if transport == "ws" else 5.0
-        row = self.row(setup, transport, line.name, "added latency p50, c=1", "ms")
-        row.direct, row.relayed, row.added = (
-            median(direct_p50),
-            median(relayed_p50),
-            median(added_p50),
-        )
-        row.windows, row.note = added_p50, note
-        judge(row, f"≤ {goal50:g} ms", lambda r: at_most(goal50)(r) and failed == 0)
-        row = self.row(setup, transport, line.name, "added latency p99, c=1", "ms")
-        row.direct, row.relayed, row.added = (
-            median(direct_p99),
-            median(relayed_p99),
-            median(added_p99),
-        )
-        row.windows, row.note = added_p99, note
-        judge(row, "≤ 15 ms", lambda r: at_most(15.0)(r) and failed == 0)
-        row = self.row(setup, transport, line.name, "broker CPU per relayed request, c=1", "ms")
-        row.relayed = median(cpu_per_req)
-        row.windows = cpu_per_req
+            out.failed += r["failed_direct"] + r["failed_relayed"]
+            out.errors += r["errors"]
+            for q, direct_q, relayed_q, added_q in (
+                (50, out.direct_p50, out.relayed_p50, out.added_p50),
+                (99, out.direct_p99, out.relayed_p99, out.added_p99),
+            ):
+                d, rel = pct(r["direct"], q), pct(r["relayed"], q)
+                direct_q.append(d)
+                relayed_q.append(rel)
+                added_q.append(rel - d)
+            out.cpu_per_req.append(spent * 1000 / max(1, len(r["relayed"])))
+        out.note = f"{self.sizes.windows} windows x {pairs} pairs"
+        if out.failed:
+            out.note += f"; {out.failed} failed: {out.errors[:2]}"
+        return out
+
+    def _c1_row(
+        self, setup: Setup, transport: str, line: str, metric: str, windows: list[list[float]]
+    ) -> Row:
+        direct, relayed, added = windows
+        row = self.row(setup, transport, line, metric, "ms")
+        row.direct, row.relayed, row.added = median(direct), median(relayed), median(added)
+        row.windows = added
+        return row
+
+    def _cpu_row(self, setup: Setup, transport: str, line: str, metric: str, c1: C1) -> None:
+        row = self.row(setup, transport, line, metric, "ms")
+        row.relayed = median(c1.cpu_per_req)
+        row.windows = c1.cpu_per_req
         row.note = f"user+sys of {setup.n} daphne process(es) / requests"
+
+    async def latency(self, setup: Setup, transport: str, line: Line, llm: str) -> None:
+        c1 = await self._c1_windows(
+            setup, self.direct(), self.relayed(setup, llm), self.sizes.pairs
+        )
+        self.c1_p50[(setup.key, transport, line.name)] = median(c1.relayed_p50)
+        goal50 = 3.0 if transport == "ws" else 5.0
+        windows = [c1.direct_p50, c1.relayed_p50, c1.added_p50]
+        row = self._c1_row(setup, transport, line.name, "added latency p50, c=1", windows)
+        row.note = c1.note
+        judge(row, f"≤ {goal50:g} ms", lambda r: at_most(goal50)(r) and c1.failed == 0)
+        windows = [c1.direct_p99, c1.relayed_p99, c1.added_p99]
+        row = self._c1_row(setup, transport, line.name, "added latency p99, c=1", windows)
+        row.note = c1.note
+        judge(row, "≤ 15 ms", lambda r: at_most(15.0)(r) and c1.failed == 0)
+        self._cpu_row(setup, transport, line.name, "broker CPU per relayed request, c=1", c1)
+
+    async def big(self, setup: Setup, transport: str, line: Line, llm: str) -> None:
+        """A big answer at concurrency 1: ``/v1/embeddings`` answering 16 x 1,536 floats
+        (about 500 KB of JSON), where decoding and encoding the answer at each step costs
+        more than everything else. Not a goal of the issue; printed so that the cost shows."""
+        size = len(EMBEDDINGS)
+        body = {"input": [f"passage {i}" for i in range(EMBED_INPUTS)]}
+        direct = {
+            "url": f"{self.upstream}/embeddings",
+            "headers": {"Authorization": "Bearer direct"},
+            "body": {**body, "model": "bench-upstream"},
+            "min_bytes": size,
+        }
+        # The broker may write the same JSON more compactly, never much shorter.
+        relayed = [
+            {
+                **target,
+                "url": target["url"].replace("/chat/completions", "/embeddings"),
+                "body": {**body, "model": llm},
+                "min_bytes": size * 9 // 10,
+            }
+            for target in self.relayed(setup, llm)
+        ]
+        c1 = await self._c1_windows(setup, direct, relayed, self.sizes.big_pairs)
+        kib = size / 1024
+        windows = [c1.direct_p50, c1.relayed_p50, c1.added_p50]
+        metric = f"added latency p50, c=1, {kib:.0f} KiB embeddings answer"
+        row = self._c1_row(setup, transport, line.name, metric, windows)
+        row.note = c1.note
+        metric = f"broker CPU per relayed {kib:.0f} KiB answer, c=1"
+        self._cpu_row(setup, transport, line.name, metric, c1)
 
     # --- throughput: open-loop arrival rate ----------------------------------------------------
 

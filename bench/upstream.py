@@ -4,7 +4,8 @@
 ``chat.completion``; with ``"stream": true`` it answers ``text/event-stream`` with
 ``max_tokens`` chunks (default 64), then ``data: [DONE]``, one HTTP chunk per event.
 ``bench_interval_ms`` in the body sets the gap between chunks (default 0: as fast as the
-loop writes, yielding to it between chunks). ``GET /health`` answers 200, ``GET
+loop writes, yielding to it between chunks). ``POST /v1/embeddings`` answers a fixed batch
+of 16 embeddings of 1,536 floats (about 500 KB). ``GET /health`` answers 200, ``GET
 /v1/models`` a model list, and ``GET /power/<key>/{on,off,ready,stats}`` plays a model
 server that sleeps and wakes (for the agent's wake and ready hooks).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -58,6 +60,28 @@ def _chunk_event(i: int) -> bytes:
 _CHUNKS = [_chunk_event(i) for i in range(4096)]
 _DONE = b"data: [DONE]\n\n"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+# POST /v1/embeddings: 16 inputs x 1,536 dimensions, as an embeddings model answers a batch
+# (about 500 KB of JSON): what a broker that decodes and re-encodes answers pays for most.
+EMBED_INPUTS = 16
+EMBED_DIMS = 1536
+_rng = random.Random(6)
+EMBEDDINGS = json.dumps(
+    {
+        "object": "list",
+        "data": [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": [_rng.uniform(-0.1, 0.1) for _ in range(EMBED_DIMS)],
+            }
+            for i in range(EMBED_INPUTS)
+        ],
+        "model": "bench-upstream",
+        "usage": {"prompt_tokens": EMBED_INPUTS, "total_tokens": EMBED_INPUTS},
+    },
+    separators=(",", ":"),
+).encode()
 
 _MODELS = json.dumps(
     {"object": "list", "data": [{"id": "bench-upstream", "object": "model", "owned_by": "bench"}]}
@@ -105,6 +129,11 @@ async def complete(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def embed(request: web.Request) -> web.Response:
+    await request.read()
+    return _json(EMBEDDINGS)
+
+
 async def health(_request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -136,6 +165,7 @@ def app() -> web.Application:
     application.add_routes(
         [
             web.post("/{prefix:(?:.*/)?}completions", complete),
+            web.post("/{prefix:(?:.*/)?}embeddings", embed),
             web.get("/health", health),
             web.get("/{prefix:(?:.*/)?}models", models),
             web.get("/power/{key}/{action}", power),
