@@ -49,7 +49,7 @@ async def test_the_socket_carries_tasks_and_results(
             {"type": "result", "taskId": pending.task_id, "status": 200, "body": {"ok": 1}}
         )
     )
-    assert (await relay.next_event(pending, 5))["body"] == {"ok": 1}
+    assert relay.result_body(await relay.next_event(pending, 5)) == {"ok": 1}
     # A second answer for the finished task is refused, naming the task; the socket stays.
     await ws.send_to(
         text_data=json.dumps({"type": "error", "taskId": pending.task_id, "error": "late"})
@@ -138,7 +138,7 @@ async def test_frames_received_before_the_close_are_handed_over_within_a_bound(
         frame = {"type": "result", "taskId": pending.task_id, "status": 200, "body": {"ok": 1}}
         await ws.send_to(text_data=json.dumps(frame))
     await ws.disconnect(timeout=5)
-    assert (await relay.next_event(slow, 5))["body"] == {"ok": 1}
+    assert relay.result_body(await relay.next_event(slow, 5)) == {"ok": 1}
     failed = await relay.next_event(stuck, 5)
     assert failed["kind"] == "error"
     assert failed["code"] == "publisher_disconnected"

@@ -5,6 +5,7 @@ results", "Client API")."""
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import openai
@@ -246,6 +247,48 @@ async def test_completions_and_embeddings(broker: Broker, transport: str) -> Non
         await pub.result(frame["taskId"], 200, embedding, url=broker.url(RESULT_W))
         vectors = await asyncio.wait_for(call_e, 10.0)
         assert vectors.data[0].embedding == [0.5, -0.25, 1.0]
+
+
+def embeddings_batch(inputs: int = 16, dims: int = 1536) -> dict[str, Any]:
+    """What an embeddings model answers for a batch: about 500 KB of JSON, mostly floats."""
+    rng = random.Random(7)
+    return {
+        "object": "list",
+        "model": "m",
+        "data": [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": [rng.uniform(-0.1, 0.1) for _ in range(dims)],
+            }
+            for i in range(inputs)
+        ],
+        "usage": {"prompt_tokens": inputs, "total_tokens": inputs},
+        "x_note": "ünïcödé ✓ 🚀",
+    }
+
+
+async def test_a_big_answer_passes_through_exactly(broker: Broker, transport: str) -> None:
+    """A batch of embeddings reaches the client value for value (every float bit for bit),
+    posted to another worker, and over WebSocket sent on the socket too."""
+    name = uname("big")
+    answer = embeddings_batch()
+    body = {"model": name, "input": [f"passage {i}" for i in range(16)]}
+    async with publisher(broker, transport, [provider(name)]) as pub:
+        ways = ["post", "socket"] if transport == "ws" else ["post"]
+        for way in ways:
+            call = asyncio.create_task(post_chat(broker, body, endpoint="/v1/embeddings"))
+            frame = await pub.next_frame("infer")
+            assert frame["endpoint"] == "/v1/embeddings"
+            if way == "post":
+                posted = await pub.result(frame["taskId"], 200, answer, url=broker.url(RESULT_W))
+                assert posted.status_code == 204
+            else:
+                result = {"type": "result", "taskId": frame["taskId"], "status": 200}
+                await pub.send_ws({**result, "body": answer})
+            response = await asyncio.wait_for(call, 10.0)
+            assert response.status_code == 200, response.text[:200]
+            assert response.json() == answer
 
 
 async def test_concurrent_requests_get_their_own_answers(broker: Broker, transport: str) -> None:

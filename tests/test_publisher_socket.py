@@ -89,7 +89,7 @@ async def test_answers_go_on_the_socket_while_it_is_open(socket_broker: SocketBr
         assert uplink.socket is not None
         sink = TaskSink(broker, "t1", uplink)
         await sink.chunks([{"data": "a"}, {"data": "b"}])
-        await sink.result(200, {"ok": True})
+        await sink.result(200, {"ok": True, "text": "héllo ✓ 🚀"})
         await sink.error("x" * 5000)
         assert await socket_broker.next() == {
             "type": "chunks",
@@ -100,7 +100,7 @@ async def test_answers_go_on_the_socket_while_it_is_open(socket_broker: SocketBr
             "type": "result",
             "taskId": "t1",
             "status": 200,
-            "body": {"ok": True},
+            "body": {"ok": True, "text": "héllo ✓ 🚀"},
         }
         assert await socket_broker.next() == {"type": "error", "taskId": "t1", "error": "x" * 4000}
         assert posts == []
@@ -109,6 +109,10 @@ async def test_answers_go_on_the_socket_while_it_is_open(socket_broker: SocketBr
         big = {"text": "x" * SOCKET_RESULT_BYTES}
         await sink.result(200, big)
         assert posts == [("/api/v1/virtual/tasks/t1/result", {"status": 200, "body": big})]
+        # The limit counts the frame's UTF-8 bytes, not its characters.
+        wide = {"text": "é" * (SOCKET_RESULT_BYTES // 2)}
+        await sink.result(200, wide)
+        assert posts[-1] == ("/api/v1/virtual/tasks/t1/result", {"status": 200, "body": wide})
 
         # A protocol_error naming a task reaches on_refused while the stream is read.
         reading = asyncio.create_task(anext(frames))

@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from . import relay, services
+from . import jsonio, relay, services
 from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
 from .errors import ApiError
 from .models import ApiToken
@@ -92,7 +92,7 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
             async for frame in relay.stream_frames(stream):
                 # Keep-alives are WebSocket pings (manage.py serve: daphne --ping-interval).
                 if frame is not None:
-                    await self.send(json.dumps({"type": "task", **frame}, separators=(",", ":")))
+                    await self.send(jsonio.dumps_str({"type": "task", **frame}))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -177,7 +177,7 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
         if self.token is None or self.stream is None:
             return None
         try:
-            frame = json.loads(raw) if raw is not None else None
+            frame = jsonio.loads(raw) if raw is not None else None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, "invalid_json", f"Malformed JSON frame: {exc}") from exc
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):

@@ -14,6 +14,7 @@ from django.http.response import HttpResponseBase
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
+from . import jsonio
 from .errors import ApiError
 
 log = logging.getLogger("mcpd.http")
@@ -88,7 +89,7 @@ def read_json(request: HttpRequest) -> Any:
     if not raw:
         raise ApiError(400, "invalid_json", "The request body is empty; send a JSON object.")
     try:
-        return json.loads(raw)
+        return jsonio.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"Malformed JSON body: {exc}") from exc
 

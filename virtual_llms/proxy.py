@@ -12,7 +12,7 @@ from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from . import crypto
+from . import crypto, jsonio
 from .errors import ApiError
 from .models import Llm
 
@@ -54,7 +54,7 @@ async def forward(
     api_key = crypto.decrypt(row.api_key_encrypted)
     if api_key:
         request_headers["Authorization"] = f"Bearer {api_key}"
-    payload = json.dumps({**body, "model": row.model}).encode()
+    payload = jsonio.dumps({**body, "model": row.model})
     client = _client()
     request = client.build_request(
         "POST", url, content=payload, headers=request_headers, timeout=_timeout()

@@ -26,7 +26,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from . import events, selectors, services
+from . import events, jsonio, selectors, services
 from .auth import forget_token
 from .errors import ApiError, offline
 from .models import Llm, LlmKind, LlmStatus
@@ -715,8 +715,16 @@ async def _post(task_id: str, token_id: int, event: dict[str, Any], *, take: boo
 
 
 async def post_result(*, token_id: int, task_id: str, status: int, body: Any) -> bool:
-    event = {"kind": "result", "status": status, "body": body}
+    # The body travels as JSON bytes, which the client's worker writes as they are: neither
+    # the channel layer (a deep copy in memory, msgpack through Redis) nor that worker walks
+    # a big answer (a batch of embeddings: 25,000 floats) again. result_body() reads it.
+    event = {"kind": "result", "status": status, "json": jsonio.dumps(body)}
     return await _post(task_id, token_id, event, take=True)
+
+
+def result_body(event: dict[str, Any]) -> Any:
+    """The body of a ``result`` event (post_result)."""
+    return jsonio.loads(event["json"])
 
 
 async def post_chunks(*, token_id: int, task_id: str, chunks: list[dict[str, Any]]) -> bool:
@@ -894,7 +902,7 @@ async def _lead_wake(llm: LlmRef, key: str, epoch: int) -> WakeOutcome:
                 await sync_to_async(services.llm_mark_awake)(llm_id=llm.id, name=llm.name)
                 outcome = WakeOutcome(True)
         elif event["kind"] == "result":
-            outcome = WakeOutcome(False, 502, "wake_failed", _wake_message(event["body"]))
+            outcome = WakeOutcome(False, 502, "wake_failed", _wake_message(result_body(event)))
         else:
             outcome = WakeOutcome(False, event["status"], event["code"], event["message"])
     except ApiError as exc:

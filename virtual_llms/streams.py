@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from . import proxy, relay, selectors, services
+from . import jsonio, proxy, relay, selectors, services
 from .auth import CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate, authenticate
 from .errors import ApiError
 from .http import internal_error, json_view, read_json_object
@@ -39,7 +38,7 @@ def _sse(event: str | None, data: Any, event_id: str | None = None) -> bytes:
         lines.append(f"event: {event}")
     if event_id:
         lines.append(f"id: {event_id}")
-    lines.append(f"data: {json.dumps(data, separators=(',', ':'))}")
+    lines.append(f"data: {jsonio.dumps_line(data)}")
     return ("\n".join(lines) + "\n\n").encode()
 
 
@@ -217,9 +216,7 @@ async def _unary(
             "publisher_protocol_error",
             "The publisher streamed an answer to a non-streaming call.",
         )
-    response = HttpResponse(
-        json.dumps(event["body"]), status=event["status"], content_type="application/json"
-    )
+    response = HttpResponse(event["json"], status=event["status"], content_type="application/json")
     broker = time.perf_counter() - started - waited - woke
     response["Server-Timing"] = _server_timing(broker, waited)
     for key, value in headers.items():
@@ -268,7 +265,7 @@ async def _stream(
             if first["kind"] == "error":
                 raise ApiError(first["status"], first["code"], first["message"])
             return HttpResponse(
-                json.dumps(first["body"]), status=first["status"], content_type="application/json"
+                first["json"], status=first["status"], content_type="application/json"
             )
         events = _stream_events(
             ref, body, endpoint, pending=pending, first=first, deadline=deadline
@@ -384,14 +381,15 @@ async def _stream_events(
                 raise ApiError(event["status"], event["code"], event["message"])
             if kind == "result":
                 finished = True
+                body = relay.result_body(event)
                 if 200 <= event["status"] < 300:
                     # An upstream that ignored "stream": one chunk, then [DONE].
-                    yield _data(json.dumps(as_stream_chunk(event["body"])))
+                    yield _data(jsonio.dumps_line(as_stream_chunk(body)))
                     yield b"data: [DONE]\n\n"
                     return
-                error = event["body"].get("error") if isinstance(event["body"], dict) else None
+                error = body.get("error") if isinstance(body, dict) else None
                 message = error.get("message") if isinstance(error, dict) else None
-                raise ApiError(502, "upstream_error", str(message or event["body"]))
+                raise ApiError(502, "upstream_error", str(message or body))
             out = []
             for chunk in event["chunks"]:
                 if chunk["data"]:

@@ -12,7 +12,6 @@ That saves an HTTP request per answer, on both sides.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ import websockets
 from httpx_sse import EventSource
 from websockets.asyncio.client import ClientConnection
 
+from .. import jsonio
 from .broker import USER_AGENT, BrokerClient, error_of
 from .logs import log
 
@@ -57,11 +57,11 @@ class Uplink:
         socket = self.socket
         if socket is None:
             return False
-        text = json.dumps(frame, separators=(",", ":"))
-        if max_bytes is not None and len(text) > max_bytes:
+        data = jsonio.dumps(frame)  # UTF-8: its length is what the broker's limit counts
+        if max_bytes is not None and len(data) > max_bytes:
             return False
         try:
-            await socket.send(text)
+            await socket.send(data, text=True)
         except websockets.ConnectionClosed:
             return False
         return True
@@ -193,7 +193,7 @@ def _raise_for_close(code: int | None, reason: str | None, refusal: str) -> None
 
 def _decode(text: str | bytes) -> Frame | None:
     try:
-        frame = json.loads(text)
+        frame = jsonio.loads(text)
     except ValueError:
         log.warning("ignoring a control frame that is not JSON: %.200r", text)
         return None

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json as _json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +43,8 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 from httpx_aiohttp.transport import map_aiohttp_exceptions
+
+from .. import jsonio
 
 
 def remapped(exc: BaseException, request: httpx.Request) -> httpx.HTTPError | None:
@@ -115,7 +116,7 @@ class Reply:
     content: bytes
 
     def json(self) -> Any:
-        return _json.loads(self.content)
+        return jsonio.loads(self.content)
 
 
 class Transport(AiohttpTransport):
@@ -226,9 +227,7 @@ class Client(httpx.AsyncClient):
             **{name.lower(): value for name, value in headers.items()},
             "content-type": "application/json",
         }
-        # As httpx encodes a json= body.
-        body = _json.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        return await chosen.post_json(url, merged, body.encode(), timeout)
+        return await chosen.post_json(url, merged, jsonio.dumps(json), timeout)
 
     @functools.cached_property
     def _plain_headers(self) -> dict[str, str]:

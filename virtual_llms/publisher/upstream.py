@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
 
+from .. import jsonio
 from .batcher import Chunk, ChunkBatcher
 from .broker import MAX_MESSAGE
 from .config import LlmConfig
@@ -127,7 +128,7 @@ async def _answer(llm: LlmConfig, status: int, raw: bytes, sink: Sink) -> str:
     and body)."""
     if status < 400:
         try:
-            answer = json.loads(raw)
+            answer = jsonio.loads(raw)
         except ValueError:
             return await _fail(
                 sink, f"upstream of '{llm.name}' answered {status} with a body that is not JSON"
