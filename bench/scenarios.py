@@ -263,13 +263,16 @@ class Bench:
             out.note += f"; {out.failed} failed: {out.errors[:2]}"
         return out
 
-    def _c1_row(
-        self, setup: Setup, transport: str, line: str, metric: str, windows: list[list[float]]
-    ) -> Row:
-        direct, relayed, added = windows
+    def _c1_row(self, setup: Setup, transport: str, line: str, metric: str, c1: C1, q: int) -> Row:
+        """The p``q`` (50 or 99) row of a concurrency-1 measurement."""
+        direct, relayed, added = (
+            (c1.direct_p50, c1.relayed_p50, c1.added_p50)
+            if q == 50
+            else (c1.direct_p99, c1.relayed_p99, c1.added_p99)
+        )
         row = self.row(setup, transport, line, metric, "ms")
         row.direct, row.relayed, row.added = median(direct), median(relayed), median(added)
-        row.windows = added
+        row.windows, row.note = added, c1.note
         return row
 
     def _cpu_row(self, setup: Setup, transport: str, line: str, metric: str, c1: C1) -> None:
@@ -284,13 +287,9 @@ class Bench:
         )
         self.c1_p50[(setup.key, transport, line.name)] = median(c1.relayed_p50)
         goal50 = 3.0 if transport == "ws" else 5.0
-        windows = [c1.direct_p50, c1.relayed_p50, c1.added_p50]
-        row = self._c1_row(setup, transport, line.name, "added latency p50, c=1", windows)
-        row.note = c1.note
+        row = self._c1_row(setup, transport, line.name, "added latency p50, c=1", c1, 50)
         judge(row, f"≤ {goal50:g} ms", lambda r: at_most(goal50)(r) and c1.failed == 0)
-        windows = [c1.direct_p99, c1.relayed_p99, c1.added_p99]
-        row = self._c1_row(setup, transport, line.name, "added latency p99, c=1", windows)
-        row.note = c1.note
+        row = self._c1_row(setup, transport, line.name, "added latency p99, c=1", c1, 99)
         judge(row, "≤ 15 ms", lambda r: at_most(15.0)(r) and c1.failed == 0)
         self._cpu_row(setup, transport, line.name, "broker CPU per relayed request, c=1", c1)
 
@@ -318,10 +317,8 @@ class Bench:
         ]
         c1 = await self._c1_windows(setup, direct, relayed, self.sizes.big_pairs)
         kib = size / 1024
-        windows = [c1.direct_p50, c1.relayed_p50, c1.added_p50]
         metric = f"added latency p50, c=1, {kib:.0f} KiB embeddings answer"
-        row = self._c1_row(setup, transport, line.name, metric, windows)
-        row.note = c1.note
+        self._c1_row(setup, transport, line.name, metric, c1, 50)
         metric = f"broker CPU per relayed {kib:.0f} KiB answer, c=1"
         self._cpu_row(setup, transport, line.name, metric, c1)
 
