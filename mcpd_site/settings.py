@@ -145,10 +145,15 @@ if REDIS_URL:
     # trips per send, a BZPOPMIN loop per receive). A message to a channel nobody holds is
     # dropped: the broker never relies on that (presence and liveness keys with TTLs, a
     # deadline on every wait; docs/design.md).
+    from virtual_llms.redis_pubsub import layer_host  # no Django in it: safe to import here
+
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{MCPD_REDIS_PREFIX}:layer:"},
+            "CONFIG": {
+                "hosts": [layer_host(REDIS_URL)],
+                "prefix": f"{MCPD_REDIS_PREFIX}:layer:",
+            },
         }
     }
 else:

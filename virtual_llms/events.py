@@ -14,6 +14,8 @@ from asgiref.sync import async_to_sync
 from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings
 
+from .redis_pubsub import layer_address
+
 WORKERS_GROUP = "mcpd.workers"
 
 
@@ -38,7 +40,10 @@ def direct_payload(message: dict[str, Any]) -> bytes | None:
     serialized bytes to the channel's name on its only host; settings give it REDIS_URL,
     the state's server. None for any other layer: the caller then uses ``send``."""
     config: dict[str, Any] = dict(settings.CHANNEL_LAYERS["default"])
-    if config["BACKEND"] != PUBSUB_LAYER or config["CONFIG"]["hosts"] != [settings.REDIS_URL]:
+    if config["BACKEND"] != PUBSUB_LAYER:
+        return None
+    hosts = [layer_address(host) for host in config["CONFIG"]["hosts"]]
+    if hosts != [settings.REDIS_URL]:
         return None
     payload: bytes = layer().serialize(message)
     return payload
