@@ -214,11 +214,14 @@ class Bench:
         interval_ms: int = 0,
         chunks: int = 0,
         workers: list[int] | None = None,
+        endpoint: str = "/v1/chat/completions",
+        body: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        body = self._body(llm, stream, interval_ms, chunks or self.sizes.chunks)
+        if body is None:
+            body = self._body(llm, stream, interval_ms, chunks or self.sizes.chunks)
         headers = {"Authorization": f"Bearer {setup.client_token}"}
         return [
-            {"url": f"{setup.broker.url(i)}/v1/chat/completions", "headers": headers, "body": body}
+            {"url": f"{setup.broker.url(i)}{endpoint}", "headers": headers, "body": body}
             for i in (workers if workers is not None else range(setup.n))
         ]
 
@@ -307,13 +310,10 @@ class Bench:
         }
         # The broker may write the same JSON more compactly, never much shorter.
         relayed = [
-            {
-                **target,
-                "url": target["url"].replace("/chat/completions", "/embeddings"),
-                "body": {**body, "model": llm},
-                "min_bytes": size * 9 // 10,
-            }
-            for target in self.relayed(setup, llm)
+            {**target, "min_bytes": size * 9 // 10}
+            for target in self.relayed(
+                setup, llm, endpoint="/v1/embeddings", body={**body, "model": llm}
+            )
         ]
         c1 = await self._c1_windows(setup, direct, relayed, self.sizes.big_pairs)
         kib = size / 1024
