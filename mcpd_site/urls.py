@@ -3,7 +3,7 @@
 from django.contrib import admin
 from django.urls import path
 
-from virtual_llms import streams, views
+from virtual_llms import inference, streams, views
 
 handler404 = "virtual_llms.http.not_found"
 handler500 = "virtual_llms.http.server_error"
@@ -11,10 +11,12 @@ handler500 = "virtual_llms.http.server_error"
 # Matched in order: the per-request routes (inference, task results) come first.
 urlpatterns = [
     # Client API
-    path("v1/chat/completions", streams.chat_completions),
-    path("v1/completions", streams.completions),
-    path("v1/embeddings", streams.embeddings),
+    *(
+        path(endpoint.removeprefix("/"), streams.relayed(endpoint))
+        for endpoint in inference.ENDPOINTS
+    ),
     path("v1/models", streams.list_models),
+    path("v1/models/<path:name>", streams.retrieve_model),
     # Publisher API
     path("api/v1/virtual/tasks/<str:task_id>/result", views.task_result),
     path("api/v1/virtual/tasks/<str:task_id>/chunks", views.task_chunks),

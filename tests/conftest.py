@@ -89,13 +89,15 @@ def virtual_llm(tokens: Tokens) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_loop_state() -> Iterator[None]:
     """Every test runs in a new event loop: drop loop-bound layer and state objects."""
-    from virtual_llms import events, state
+    from virtual_llms import events, rowcache, state
 
     events.reset_layers()
     state.reset_state()
+    rowcache.reset()
     yield
     events.reset_layers()
     state.reset_state()
+    rowcache.reset()
 
 
 @pytest.fixture(autouse=True)
@@ -124,10 +126,10 @@ async def async_orm() -> AsyncIterator[None]:
 @pytest.fixture
 async def hub(async_orm: None) -> AsyncIterator[object]:
     """This test loop's hub, stopped at the end so no background task outlives the test."""
-    from virtual_llms import relay
+    from virtual_llms import hub as hub_mod
 
-    yield await relay.get_hub()
-    await relay.stop_hub()
+    yield await hub_mod.get_hub()
+    await hub_mod.stop_hub()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The per-process cache of LLM rows on the request path (relay.llm_lookup) and the stamps
+"""The per-process cache of LLM rows on the request path (rowcache.llm_lookup) and the stamps
 that keep it honest (state.py): every way a row can change is seen by the next lookup.
 
 The first run of the suite uses SQLite and the in-memory state; the second PostgreSQL and
@@ -17,7 +17,8 @@ from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 from django.utils import timezone
 
-from virtual_llms import relay, services, state
+from virtual_llms import binding, rowcache, services, state, tasks
+from virtual_llms import hub as hub_mod
 from virtual_llms.auth import token_create
 from virtual_llms.models import ApiToken, Llm, LlmKind, LlmStatus, ProviderSession
 
@@ -43,7 +44,7 @@ def make_row(name: str = "m1", sid: str = "sess", status: str = "active") -> Api
 
 
 async def lookup(name: str = "m1") -> Llm | None:
-    row, _ = await relay.llm_lookup(name)
+    row, _ = await rowcache.llm_lookup(name)
     return row
 
 
@@ -56,16 +57,16 @@ async def test_a_row_is_read_once_then_served_from_the_cache(async_orm: None) ->
     assert await lookup("nope") is None
 
 
-async def test_the_presence_of_the_session_comes_with_the_row(hub: relay.Hub) -> None:
+async def test_the_presence_of_the_session_comes_with_the_row(hub: hub_mod.Hub) -> None:
     token = await make_row()
-    assert (await relay.llm_lookup("m1"))[1] is None  # no control stream yet
-    stream = relay.ControlStream("sess", token.pk)
-    await relay.stream_open(stream)
+    assert (await rowcache.llm_lookup("m1"))[1] is None  # no control stream yet
+    stream = hub_mod.ControlStream("sess", token.pk)
+    await binding.stream_open(stream)
     for _ in range(2):  # read from the database, then from the cache
-        _, presence = await relay.llm_lookup("m1")
+        _, presence = await rowcache.llm_lookup("m1")
         assert presence is not None
         assert presence.epoch == stream.epoch
-    await relay.stream_close(stream)
+    await binding.stream_close(stream)
 
 
 def _set_status(token: ApiToken) -> None:
@@ -206,110 +207,111 @@ async def test_a_write_behind_mcpds_back_is_seen_within_the_cache_age(
     # A raw UPDATE touches no stamp: the cached row is served until it ages out.
     await sync_to_async(Llm.objects.filter(name="m1").update)(status="hibernating")
     assert (await lookup()).status == "active"  # type: ignore[union-attr]  # the row exists
-    monkeypatch.setattr(relay, "ROW_CACHE_SECONDS", 0.0)
+    monkeypatch.setattr(rowcache, "ROW_CACHE_SECONDS", 0.0)
     assert (await lookup()).status == "hibernating"  # type: ignore[union-attr]  # (aged out)
 
 
 async def test_stamps_change_on_every_touch_and_never_repeat(async_orm: None) -> None:
     shared = state.get_state()
     name, sid = state.name_field("a"), state.session_field("s")
-    seen = {(await shared.llm_check("a", "s"))[0]}
+    seen = {(await shared.dispatch.check("a", "s"))[0]}
     for fields in ([name], [sid], [state.ALL_ROWS], [name, sid]):
-        await sync_to_async(shared.llm_touch)(fields)
-        seen.add((await shared.llm_check("a", "s"))[0])
+        await sync_to_async(shared.stamps.touch)(fields)
+        seen.add((await shared.dispatch.check("a", "s"))[0])
     assert len(seen) == 5
     # Another name's stamp is untouched by a touch of "a"; "everything" touches it.
-    other = (await shared.llm_check("b", "t"))[0]
-    await sync_to_async(shared.llm_touch)([name])
-    assert (await shared.llm_check("b", "t"))[0] == other
+    other = (await shared.dispatch.check("b", "t"))[0]
+    await sync_to_async(shared.stamps.touch)([name])
+    assert (await shared.dispatch.check("b", "t"))[0] == other
     # Pruning drops dead fields and touches everything: no old stamp comes back.
-    await sync_to_async(shared.llm_prune)({name})
-    pruned = (await shared.llm_check("a", "s"))[0]
+    await sync_to_async(shared.stamps.prune)({name})
+    pruned = (await shared.dispatch.check("a", "s"))[0]
     assert pruned not in seen
-    assert (await shared.llm_check("b", "t"))[0] != other
+    assert (await shared.dispatch.check("b", "t"))[0] != other
 
 
 async def test_gc_sweep_prunes_the_stamps_of_deleted_rows(async_orm: None) -> None:
     await make_row(name="old", status="inactive")
     await make_row(name="kept", sid="sess2")
     shared = state.get_state()
-    await sync_to_async(shared.llm_touch)([state.session_field("sess")])
-    before = (await shared.llm_check("old", "sess"))[0].split("/")
+    await sync_to_async(shared.stamps.touch)([state.session_field("sess")])
+    before = (await shared.dispatch.check("old", "sess"))[0].split("/")
     assert before[0]
     assert before[1]
     long_ago = timezone.now() - timedelta(days=30)
     await sync_to_async(Llm.objects.filter(name="old").update)(inactive_since=long_ago)
     assert (await sync_to_async(services.gc_sweep)()).deleted == 1
-    after = (await shared.llm_check("old", "sess"))[0].split("/")
+    after = (await shared.dispatch.check("old", "sess"))[0].split("/")
     assert after[0] == ""  # the deleted row's stamp is gone
     assert after[1] == before[1]  # its session still exists: its stamp is kept
     assert after[2] != before[2]  # and everything was touched
 
 
 async def test_a_cached_row_sends_its_task_in_one_round_trip_while_nothing_changed(
-    hub: relay.Hub,
+    hub: hub_mod.Hub,
 ) -> None:
-    """relay.open_cached, the request path's shortcut: a cached active row whose stream was
+    """tasks.open_cached, the request path's shortcut: a cached active row whose stream was
     held at the last lookup gets its task opened and sent by one call to the shared state.
     A write to the row, or a new stream for the session, since that lookup: nothing is sent,
     and what the call read takes llm_lookup to the new row without a second check."""
     token = await make_row()
     body = {"model": "m1", "messages": []}
-    assert (await relay.open_cached("m1", body, False, "/v1/chat/completions")).pending is None
-    stream = relay.ControlStream("sess", token.pk)
-    await relay.stream_open(stream)
+    assert (await tasks.open_cached("m1", body, False, "/v1/chat/completions")).pending is None
+    stream = hub_mod.ControlStream("sess", token.pk)
+    await binding.stream_open(stream)
     try:
-        assert (await relay.open_cached("m1", body, False, "/v1/x")) == relay.Opened()  # unread
-        await relay.llm_lookup("m1")  # read now, with its session's holder
-        opened = await relay.open_cached("m1", body, True, "/v1/chat/completions")
+        assert (await tasks.open_cached("m1", body, False, "/v1/x")) == tasks.Opened()  # unread
+        await rowcache.llm_lookup("m1")  # read now, with its session's holder
+        opened = await tasks.open_cached("m1", body, True, "/v1/chat/completions")
         assert opened.pending is not None
         assert opened.row is not None
         assert opened.row.name == "m1"
-        frame = await asyncio.wait_for(stream.queue.get(), 5)
-        assert frame is not None
+        got = await asyncio.wait_for(stream.queue.get(), 5)
+        assert got is not None
+        frame = dict(got)
         assert frame["taskId"] == opened.pending.task_id
         assert frame["streaming"] is True
         assert frame["body"] == {"model": "m", "messages": []}
         assert opened.pending.epoch == stream.epoch
 
         await sync_to_async(_set_status)(token)  # hibernating: not the shortcut's to wake
-        stale = await relay.open_cached("m1", body, False, "/v1/chat/completions")
+        stale = await tasks.open_cached("m1", body, False, "/v1/chat/completions")
         assert stale.pending is None
         assert stale.checked is not None
-        row, presence = await relay.llm_lookup("m1", stale.checked)
+        row, presence = await rowcache.llm_lookup("m1", stale.checked)
         assert row is not None
         assert row.status == "hibernating"
         assert presence is not None
-        assert (await relay.open_cached("m1", body, False, "/v1/x")) == relay.Opened()
+        assert (await tasks.open_cached("m1", body, False, "/v1/x")) == tasks.Opened()
         assert stream.queue.empty()
     finally:
-        await relay.stream_close(stream)
+        await binding.stream_close(stream)
 
 
 async def test_a_new_stream_since_the_lookup_sends_nothing_by_the_shortcut(
-    hub: relay.Hub,
+    hub: hub_mod.Hub,
 ) -> None:
     token = await make_row()
-    first = relay.ControlStream("sess", token.pk)
-    await relay.stream_open(first)
-    await relay.llm_lookup("m1")
-    second = relay.ControlStream("sess", token.pk)
-    await relay.stream_open(second)  # the publisher reconnected: the first is replaced
+    first = hub_mod.ControlStream("sess", token.pk)
+    await binding.stream_open(first)
+    await rowcache.llm_lookup("m1")
+    second = hub_mod.ControlStream("sess", token.pk)
+    await binding.stream_open(second)  # the publisher reconnected: the first is replaced
     try:
         body = {"model": "m1", "messages": []}
-        stale = await relay.open_cached("m1", body, False, "/v1/chat/completions")
+        stale = await tasks.open_cached("m1", body, False, "/v1/chat/completions")
         assert stale.pending is None
         assert stale.checked is not None
         assert stale.checked[1] is not None
         assert stale.checked[1].epoch == second.epoch
-        _, presence = await relay.llm_lookup("m1", stale.checked)
+        _, presence = await rowcache.llm_lookup("m1", stale.checked)
         assert presence is not None
         assert presence.epoch == second.epoch
-        opened = await relay.open_cached("m1", body, False, "/v1/chat/completions")
+        opened = await tasks.open_cached("m1", body, False, "/v1/chat/completions")
         assert opened.pending is not None
         frame = await asyncio.wait_for(second.queue.get(), 5)
         assert frame is not None
         assert frame["taskId"] == opened.pending.task_id
     finally:
-        await relay.stream_close(second)
-        await relay.stream_close(first)
+        await binding.stream_close(second)
+        await binding.stream_close(first)

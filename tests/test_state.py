@@ -12,6 +12,7 @@ import pytest
 from django.conf import settings
 
 from virtual_llms import events, state
+from virtual_llms import hub as hub_mod
 
 
 async def test_direct_payload_only_with_the_redis_pubsub_layer() -> None:
@@ -22,8 +23,10 @@ async def test_direct_payload_only_with_the_redis_pubsub_layer() -> None:
         assert events.layer().deserialize(payload) == message
     else:
         assert payload is None
-        with pytest.raises(NotImplementedError):
-            await state.get_state().task_open("t", 1, "r s", "ch", b"x")
+        # Nothing to publish to: the record is opened and the caller sends the frame itself.
+        tasks = state.get_state().tasks
+        assert not await tasks.open("t", 1, "r s", "ch", b"x")
+        assert await tasks.take("t", 1) == "r s"
 
 
 async def test_a_task_opened_and_taken_publishes_in_the_same_call() -> None:
@@ -32,27 +35,27 @@ async def test_a_task_opened_and_taken_publishes_in_the_same_call() -> None:
     shared = state.get_state()
     holder = await events.new_channel()
     requester = await events.new_channel()
-    await shared.worker_beat(requester)
+    await shared.presence.beat(requester)
     try:
         push = {"type": "task.push", "sid": "s", "frame": {"taskId": "t1"}}
         payload = events.direct_payload(push)
         assert payload is not None
-        await shared.task_open("t1", 7, f"{requester} s", holder, payload)
+        await shared.tasks.open("t1", 7, f"{requester} s", holder, payload)
         assert await asyncio.wait_for(events.receive(holder), 5) == push
 
         first = {"type": "task.event", "taskId": "t1", "event": {"kind": "chunks"}}
         last = {"type": "task.event", "taskId": "t1", "event": {"kind": "result"}}
-        assert await shared.task_get("t1", 8, events.direct_payload(first)) is None  # not its
-        assert await shared.task_get("t1", 7, events.direct_payload(first)) == f"{requester} s"
-        assert await shared.task_take("t1", 7, events.direct_payload(last)) == f"{requester} s"
+        assert await shared.tasks.get("t1", 8, events.direct_payload(first)) is None  # not its
+        assert await shared.tasks.get("t1", 7, events.direct_payload(first)) == f"{requester} s"
+        assert await shared.tasks.take("t1", 7, events.direct_payload(last)) == f"{requester} s"
         assert await asyncio.wait_for(events.receive(requester), 5) == first
         assert await asyncio.wait_for(events.receive(requester), 5) == last
         # Taken once: a late answer finds nothing and publishes nothing.
-        assert await shared.task_take("t1", 7, events.direct_payload(last)) is None
+        assert await shared.tasks.take("t1", 7, events.direct_payload(last)) is None
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(events.receive(requester), 0.3)
     finally:
-        await shared.worker_gone(requester)
+        await shared.presence.gone(requester)
         await events.close_layer()
 
 
@@ -64,27 +67,26 @@ async def test_a_busy_loop_stays_alive_to_other_workers_and_a_stuck_one_is_let_g
     stopped ticking for LOOP_STALL_SECONDS is."""
     if not settings.REDIS_URL:
         pytest.skip("liveness keys are shared through Redis; one process needs none")
-    from virtual_llms import relay
 
-    hub = relay.Hub()
+    hub = hub_mod.Hub()
     await hub.start()
     shared = state.get_state()
     ttl = state.WORKER_TTL_MS / 1000
     try:
         time.sleep(2 * ttl)  # noqa: ASYNC251 - blocks the loop on purpose: nothing on it can beat
-        assert await shared.live_workers([hub.channel]) == {hub.channel}
+        assert await shared.presence.live([hub.channel]) == {hub.channel}
 
-        monkeypatch.setattr(relay, "LOOP_STALL_SECONDS", 0.5)
+        monkeypatch.setattr(hub_mod, "LOOP_STALL_SECONDS", 0.5)
         time.sleep(0.5 + 2 * ttl)  # noqa: ASYNC251 - the same, past LOOP_STALL_SECONDS
-        assert await shared.live_workers([hub.channel]) == set()
+        assert await shared.presence.live([hub.channel]) == set()
 
         await asyncio.sleep(3 * state.WORKER_BEAT_SECONDS)  # the loop ticks again
-        assert await shared.live_workers([hub.channel]) == {hub.channel}
+        assert await shared.presence.live([hub.channel]) == {hub.channel}
     finally:
         await hub.stop()
     assert hub._beat_thread is not None
     assert not hub._beat_thread.is_alive()
-    assert await shared.live_workers([hub.channel]) == set()
+    assert await shared.presence.live([hub.channel]) == set()
     await shared.aclose()
 
 
@@ -94,44 +96,46 @@ async def test_a_checked_open_opens_only_while_the_stamps_and_the_holder_are_unc
     either way the call returns what llm_check would."""
     shared = state.get_state()
     holder = await events.new_channel() if settings.REDIS_URL else "hub-a"
-    await shared.worker_beat(holder)
+    await shared.presence.beat(holder)
     push = {"type": "task.push", "sid": "s1", "frame": {"taskId": "t"}}
     payload = events.direct_payload(push)
     record = f"{holder} s1"  # the requester's hub: here the holder's, alive
     try:
-        await shared.bind_session("s1", holder, "e1")
-        stamp, presence = await shared.llm_check("m1", "s1")
+        await shared.presence.bind("s1", holder, "e1")
+        stamp, presence = await shared.dispatch.check("m1", "s1")
         assert presence == state.Presence(holder, "e1")
         check = state.CheckedOpen("m1", "s1", stamp, presence)
 
-        assert await shared.task_open_checked(check, "t1", 7, record, payload) == (
+        assert await shared.dispatch.open_checked(check, "t1", 7, record, payload) == (
             stamp,
             presence,
             True,
         )
-        assert await shared.task_take("t1", 7) == record
+        assert await shared.tasks.take("t1", 7) == record
         if payload is not None:
             assert await asyncio.wait_for(events.receive(holder), 5) == push
 
         # A write to the row (its name's stamp), then a new stream for the session: each
         # refuses the open, writes no record, publishes nothing, and says what changed.
-        shared.llm_touch([state.name_field("m1")])
-        touched, same, opened = await shared.task_open_checked(check, "t2", 7, record, payload)
+        shared.stamps.touch([state.name_field("m1")])
+        touched, same, opened = await shared.dispatch.open_checked(check, "t2", 7, record, payload)
         assert not opened
         assert touched != stamp
         assert same == presence
-        await shared.bind_session("s1", holder, "e2")
+        await shared.presence.bind("s1", holder, "e2")
         check = state.CheckedOpen("m1", "s1", touched, presence)
-        now_stamp, moved, opened = await shared.task_open_checked(check, "t3", 7, record, payload)
+        now_stamp, moved, opened = await shared.dispatch.open_checked(
+            check, "t3", 7, record, payload
+        )
         assert (now_stamp, moved, opened) == (touched, state.Presence(holder, "e2"), False)
-        assert await shared.task_take("t2", 7) is None
-        assert await shared.task_take("t3", 7) is None
+        assert await shared.tasks.take("t2", 7) is None
+        assert await shared.tasks.take("t3", 7) is None
         if payload is not None:
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(events.receive(holder), 0.3)
     finally:
-        await shared.worker_gone(holder)
-        await shared.release_session("s1", holder, "e2")
+        await shared.presence.gone(holder)
+        await shared.presence.release("s1", holder, "e2")
         await events.close_layer()
 
 
@@ -140,19 +144,19 @@ async def test_a_checked_open_is_refused_when_the_holder_died() -> None:
         pytest.skip("liveness keys are shared through Redis; one process needs none")
     shared = state.get_state()
     holder = await events.new_channel()
-    await shared.worker_beat(holder)
+    await shared.presence.beat(holder)
     try:
-        await shared.bind_session("s2", holder, "e1")
-        stamp, presence = await shared.llm_check("m2", "s2")
+        await shared.presence.bind("s2", holder, "e1")
+        stamp, presence = await shared.dispatch.check("m2", "s2")
         assert presence is not None
-        await shared.worker_gone(holder)  # kill -9: its liveness key is gone
+        await shared.presence.gone(holder)  # kill -9: its liveness key is gone
         check = state.CheckedOpen("m2", "s2", stamp, presence)
-        assert await shared.task_open_checked(check, "t1", 7, f"{holder} s2", b"x") == (
+        assert await shared.dispatch.open_checked(check, "t1", 7, f"{holder} s2", b"x") == (
             stamp,
             None,
             False,
         )
-        assert await shared.task_take("t1", 7) is None
+        assert await shared.tasks.take("t1", 7) is None
     finally:
-        await shared.release_session("s2", holder, "e1")
+        await shared.presence.release("s2", holder, "e1")
         await events.close_layer()

@@ -12,18 +12,19 @@ from asgiref.sync import sync_to_async
 from django.test import AsyncClient, override_settings
 
 from tests.conftest import Tokens
-from virtual_llms import relay
+from virtual_llms import answers, binding
+from virtual_llms import hub as hub_mod
+from virtual_llms.inference import as_stream_chunk
 from virtual_llms.models import Llm
-from virtual_llms.streams import as_stream_chunk
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-async def stream(tokens: Tokens, virtual_llm: None, hub: relay.Hub) -> relay.ControlStream:
+async def stream(tokens: Tokens, virtual_llm: None, hub: hub_mod.Hub) -> hub_mod.ControlStream:
     """The publisher's control stream for session "sess", serving LLM "m1" (model "up")."""
-    control = relay.ControlStream("sess", tokens.publisher.pk)
-    await relay.stream_open(control)
+    control = hub_mod.ControlStream("sess", tokens.publisher.pk)
+    await binding.stream_open(control)
     return control
 
 
@@ -42,27 +43,27 @@ async def body_of(response: Any) -> str:
     return b"".join(parts).decode()
 
 
-async def task_frame(control: relay.ControlStream) -> dict[str, Any]:
+async def task_frame(control: hub_mod.ControlStream) -> dict[str, Any]:
     frame = await asyncio.wait_for(control.queue.get(), 5)
     assert frame is not None
-    return frame
+    return dict(frame)
 
 
 REQUEST = {"model": "m1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
 
 async def test_chunks_are_relayed_in_order_and_end_with_done(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     request = asyncio.create_task(call(tokens, REQUEST))
     frame = await task_frame(stream)
     assert frame["streaming"] is True
     assert frame["body"]["model"] == "up"
     pub = tokens.publisher.pk
-    assert await relay.post_chunks(
+    assert await answers.post_chunks(
         token_id=pub, task_id=frame["taskId"], chunks=[{"data": "a", "done": False}]
     )
-    assert await relay.post_chunks(
+    assert await answers.post_chunks(
         token_id=pub,
         task_id=frame["taskId"],
         chunks=[{"data": "b", "done": False}, {"data": "[DONE]", "done": True}],
@@ -76,11 +77,11 @@ async def test_chunks_are_relayed_in_order_and_end_with_done(
 
 
 async def test_a_done_chunk_without_done_data_still_ends_with_done(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     request = asyncio.create_task(call(tokens, REQUEST))
     frame = await task_frame(stream)
-    await relay.post_chunks(
+    await answers.post_chunks(
         token_id=tokens.publisher.pk,
         task_id=frame["taskId"],
         chunks=[{"data": "x\ny", "done": True}],
@@ -91,12 +92,12 @@ async def test_a_done_chunk_without_done_data_still_ends_with_done(
 
 
 async def test_a_refusal_before_streaming_reaches_the_client_as_it_is(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     request = asyncio.create_task(call(tokens, REQUEST))
     frame = await task_frame(stream)
     refusal = {"error": {"message": "context too long", "type": "invalid_request_error"}}
-    await relay.post_result(
+    await answers.post_result(
         token_id=tokens.publisher.pk, task_id=frame["taskId"], status=400, body=refusal
     )
     response = await asyncio.wait_for(request, 10)
@@ -105,7 +106,7 @@ async def test_a_refusal_before_streaming_reaches_the_client_as_it_is(
 
 
 async def test_a_whole_answer_to_a_streaming_call_becomes_one_chunk(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     request = asyncio.create_task(call(tokens, REQUEST))
     frame = await task_frame(stream)
@@ -122,7 +123,7 @@ async def test_a_whole_answer_to_a_streaming_call_becomes_one_chunk(
             }
         ],
     }
-    await relay.post_result(
+    await answers.post_result(
         token_id=tokens.publisher.pk, task_id=frame["taskId"], status=200, body=answer
     )
     response = await asyncio.wait_for(request, 10)
@@ -135,18 +136,18 @@ async def test_a_whole_answer_to_a_streaming_call_becomes_one_chunk(
 
 
 async def test_an_error_mid_stream_ends_with_an_error_event_and_no_done(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     request = asyncio.create_task(call(tokens, REQUEST))
     frame = await task_frame(stream)
     pub = tokens.publisher.pk
-    await relay.post_chunks(
+    await answers.post_chunks(
         token_id=pub, task_id=frame["taskId"], chunks=[{"data": "partial", "done": False}]
     )
     response = await asyncio.wait_for(request, 10)
     body = asyncio.create_task(body_of(response))
     await asyncio.sleep(0.1)
-    await relay.post_error(token_id=pub, task_id=frame["taskId"], message="GPU fell over")
+    await answers.post_error(token_id=pub, task_id=frame["taskId"], message="GPU fell over")
     text = await asyncio.wait_for(body, 10)
     assert text.startswith("data: partial\n\n")
     assert "[DONE]" not in text
@@ -156,7 +157,7 @@ async def test_an_error_mid_stream_ends_with_an_error_event_and_no_done(
 
 
 async def test_a_quiet_publisher_gets_pings_then_a_timeout_event_and_a_cancel(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     with override_settings(MCPD_PING_SECONDS=0.2, MCPD_INFER_TIMEOUT_SECONDS=1.0):
         request = asyncio.create_task(call(tokens, REQUEST))
@@ -171,18 +172,18 @@ async def test_a_quiet_publisher_gets_pings_then_a_timeout_event_and_a_cancel(
     )
     cancel = await task_frame(stream)
     assert cancel == {"kind": "cancel", "taskId": frame["taskId"]}
-    assert not await relay.post_result(
+    assert not await answers.post_result(
         token_id=tokens.publisher.pk, task_id=frame["taskId"], status=200, body={}
     )
 
 
 async def test_a_client_that_leaves_mid_stream_cancels_the_task(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     request = asyncio.create_task(call(tokens, REQUEST))
     frame = await task_frame(stream)
     pub = tokens.publisher.pk
-    await relay.post_chunks(
+    await answers.post_chunks(
         token_id=pub, task_id=frame["taskId"], chunks=[{"data": "one", "done": False}]
     )
     response = await asyncio.wait_for(request, 10)
@@ -197,7 +198,7 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_task(
     reader.cancel()  # what Django does when the client disconnects
     cancel = await task_frame(stream)
     assert cancel == {"kind": "cancel", "taskId": frame["taskId"]}
-    assert not await relay.post_chunks(
+    assert not await answers.post_chunks(
         token_id=pub, task_id=frame["taskId"], chunks=[{"data": "late", "done": False}]
     )
 
@@ -213,20 +214,20 @@ async def hibernate() -> None:
 
 
 async def test_a_streamed_call_to_a_sleeping_llm_whose_wake_fails_soon_gets_502(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     await hibernate()
     request = asyncio.create_task(call(tokens, REQUEST))
     wake = await task_frame(stream)
     assert wake["kind"] == "wake"
-    await relay.post_error(token_id=tokens.publisher.pk, task_id=wake["taskId"], message="no GPU")
+    await answers.post_error(token_id=tokens.publisher.pk, task_id=wake["taskId"], message="no GPU")
     response = await asyncio.wait_for(request, 10)
     assert response.status_code == 502
     assert "no GPU" in json.loads(response.content)["error"]["message"]
 
 
 async def test_a_streamed_call_to_a_slow_waking_llm_gets_headers_and_comments_first(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     await hibernate()
     with override_settings(MCPD_PING_SECONDS=0.2):
@@ -237,10 +238,10 @@ async def test_a_streamed_call_to_a_slow_waking_llm_gets_headers_and_comments_fi
         body = asyncio.create_task(body_of(response))
         await asyncio.sleep(0.5)
         pub = tokens.publisher.pk
-        await relay.post_result(token_id=pub, task_id=wake["taskId"], status=200, body={})
+        await answers.post_result(token_id=pub, task_id=wake["taskId"], status=200, body={})
         infer = await task_frame(stream)
         assert infer["kind"] == "infer"
-        await relay.post_chunks(
+        await answers.post_chunks(
             token_id=pub, task_id=infer["taskId"], chunks=[{"data": "[DONE]", "done": True}]
         )
         text = await asyncio.wait_for(body, 10)
@@ -250,10 +251,10 @@ async def test_a_streamed_call_to_a_slow_waking_llm_gets_headers_and_comments_fi
 
 
 async def test_a_streamed_call_to_a_sleeping_llm_without_a_stream_is_503_at_once(
-    tokens: Tokens, stream: relay.ControlStream
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
     await hibernate()
-    await relay.stream_close(stream)
+    await binding.stream_close(stream)
     await hibernate()  # closing the stream made the row inactive; put it back to sleep
     response = await asyncio.wait_for(call(tokens, REQUEST), 5)
     assert response.status_code == 503

@@ -19,6 +19,6 @@ class VirtualLlmsConfig(AppConfig):
             llm_saved(llm=instance)
 
         # Any save or delete of a row, wherever it comes from (admin, services, deletes of
-        # whole querysets): every worker's cached copy is dropped (relay.llm_lookup).
+        # whole querysets): every worker's cached copy is dropped (rowcache.llm_lookup).
         post_save.connect(touch, sender=Llm, weak=False, dispatch_uid="mcpd-llm-saved")
         post_delete.connect(touch, sender=Llm, weak=False, dispatch_uid="mcpd-llm-deleted")

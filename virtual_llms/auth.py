@@ -25,7 +25,7 @@ from .models import ApiToken, Role
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 # A verified token is remembered by this process for this long, so the hot path (inference,
 # result POSTs) skips the database. Revocation clears it on every worker at once through a
-# broadcast (relay.Hub, "token.revoked"); this bound covers a broadcast that was lost.
+# broadcast (hub.Hub, "token.revoked"); this bound covers a broadcast that was lost.
 AUTH_CACHE_SECONDS = 5.0
 
 _verified: dict[str, tuple[ApiToken, float]] = {}

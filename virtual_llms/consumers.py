@@ -13,11 +13,11 @@ from asgiref.sync import sync_to_async
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from . import jsonio, relay, services
+from . import answers, binding, jsonio, services
 from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
 from .errors import ApiError
+from .hub import ControlStream
 from .models import ApiToken
-from .views import parse_chunks, parse_error, parse_result
 
 log = logging.getLogger("mcpd.consumers")
 
@@ -34,7 +34,7 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
     # No channel-layer channel of its own: frames come through the process's hub.
     channel_layer_alias = "__mcpd_none__"
 
-    stream: relay.ControlStream | None = None
+    stream: ControlStream | None = None
     token: ApiToken | None = None
     session_id = ""
     pump: asyncio.Task[None] | None = None
@@ -77,8 +77,8 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_CODES.get(exc.status, 4400))
             return
         await self.accept()
-        self.stream = relay.ControlStream(self.session_id, self.token.pk)
-        await relay.stream_open(self.stream)
+        self.stream = ControlStream(self.session_id, self.token.pk)
+        await binding.stream_open(self.stream)
         await self.send(json.dumps({"type": "ready", "providerSessionId": self.session_id}))
         self.pump = asyncio.create_task(self._pump(self.stream))
 
@@ -87,9 +87,9 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
         services.session_get_owned(token=token, session_id=self.session_id)
         return token
 
-    async def _pump(self, stream: relay.ControlStream) -> None:
+    async def _pump(self, stream: ControlStream) -> None:
         try:
-            async for frame in relay.stream_frames(stream):
+            async for frame in binding.stream_frames(stream):
                 # Keep-alives are WebSocket pings (manage.py serve: daphne --ping-interval).
                 if frame is not None:
                     await self.send(jsonio.dumps_str({"type": "task", **frame}))
@@ -113,7 +113,7 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
         if self.stream is not None:
             stream, self.stream = self.stream, None
             try:
-                await asyncio.shield(relay.stream_close(stream))
+                await asyncio.shield(binding.stream_close(stream))
             except Exception:
                 log.exception("closing the control socket's session failed")
 
@@ -195,22 +195,7 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
         task_id = frame.get("taskId")
         if not isinstance(task_id, str) or not task_id:
             raise ApiError(400, "invalid_request", f"A '{kind}' frame needs a 'taskId'.")
-        token_id = self.token.pk
-        if kind == "result":
-            status, body = parse_result(frame)
-            ok = await relay.post_result(
-                token_id=token_id, task_id=task_id, status=status, body=body
-            )
-        elif kind == "chunks":
-            ok = await relay.post_chunks(
-                token_id=token_id, task_id=task_id, chunks=parse_chunks(frame)
-            )
-        elif kind == "error":
-            ok = await relay.post_error(
-                token_id=token_id, task_id=task_id, message=parse_error(frame)
-            )
-        else:
+        if kind not in ("result", "chunks", "error"):
             raise ApiError(400, "invalid_request", f"Unknown frame type '{kind}'.")
-        if not ok:
-            raise ApiError(404, "task_not_found", f"No open task '{task_id}' for this publisher.")
+        await answers.answer(kind, token_id=self.token.pk, task_id=task_id, body=frame)
         return None

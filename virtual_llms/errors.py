@@ -56,6 +56,10 @@ class ApiError(Exception):
             }
         }
 
+    def body(self, *, openai: bool) -> bytes:
+        """The error as a JSON body, in the /v1/ (``openai``) or the /api/ shape."""
+        return json.dumps(self.openai_body() if openai else self.api_body()).encode()
+
     def response(self, *, openai: bool) -> HttpResponse:
         body = self.openai_body() if openai else self.api_body()
         resp = HttpResponse(json.dumps(body), status=self.status, content_type="application/json")

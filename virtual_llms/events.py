@@ -1,6 +1,6 @@
 """The only module that touches the channel layer.
 
-Every worker process has one channel (its hub, see relay.py) and is a member of the
+Every worker process has one channel (its hub, see hub.py) and is a member of the
 WORKERS group. Tasks are routed with ``send`` to the hub that holds the publisher's stream;
 task events go back with ``send`` to the requester's hub; rare notices (a token revoked, an
 LLM evicted, a session closed, a wake's outcome) are broadcast to every hub.
@@ -8,6 +8,7 @@ LLM evicted, a session closed, a wake's outcome) are broadcast to every hub.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -28,11 +29,11 @@ async def new_channel() -> str:
     return name
 
 
-async def send(channel: str, message: dict[str, Any]) -> None:
+async def send(channel: str, message: Mapping[str, Any]) -> None:
     await layer().send(channel, message)
 
 
-def direct_payload(message: dict[str, Any]) -> bytes | None:
+def direct_payload(message: Mapping[str, Any]) -> bytes | None:
     """What ``send(channel, message)`` would PUBLISH on the Redis pub/sub layer, for a caller
     that publishes it itself, inside the Redis script that also writes the task's state
     (state.py): one round trip instead of two, and off the layer's one publishing connection,
@@ -65,11 +66,11 @@ async def leave_workers(channel: str) -> None:
     await layer().group_discard(WORKERS_GROUP, channel)
 
 
-async def broadcast(message: dict[str, Any]) -> None:
+async def broadcast(message: Mapping[str, Any]) -> None:
     await layer().group_send(WORKERS_GROUP, message)
 
 
-def broadcast_sync(message: dict[str, Any]) -> None:
+def broadcast_sync(message: Mapping[str, Any]) -> None:
     """From sync code (admin actions, services run in a thread)."""
     async_to_sync(broadcast)(message)
 

@@ -2,34 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from django.conf import settings
-from django.http import HttpResponse, StreamingHttpResponse
-from django.http.response import HttpResponseBase
 
 from . import crypto, jsonio
 from .errors import ApiError
+from .loopcache import PerLoop
 from .models import Llm
 
-_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+_clients: PerLoop[httpx.AsyncClient] = PerLoop()
 
 
 def _client() -> httpx.AsyncClient:
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        for old in [lp for lp in _clients if lp.is_closed()]:
-            del _clients[old]
-        client = httpx.AsyncClient(
+    return _clients.get(
+        lambda: httpx.AsyncClient(
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100)
         )
-        _clients[loop] = client
-    return client
+    )
 
 
 def _timeout() -> httpx.Timeout:
@@ -45,10 +38,39 @@ def _upstream_error(exc: httpx.HTTPError, row: Llm) -> ApiError:
     )
 
 
-async def forward(
-    row: Llm, endpoint: str, body: dict[str, Any], streaming: bool, headers: dict[str, str]
-) -> HttpResponseBase:
-    """Send the client's body to ``<row.url><endpoint minus /v1>`` with the row's model."""
+@dataclass
+class Upstream:
+    """The upstream's answer: its status and content type, and its body, whole (``content``)
+    or streamed (``streaming``: read it with :meth:`body`)."""
+
+    row: Llm
+    status: int
+    content_type: str
+    response: httpx.Response
+    content: bytes | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.content is None
+
+    async def body(self) -> AsyncGenerator[bytes, None]:
+        if self.content is not None:
+            yield self.content
+            return
+        try:
+            async for chunk in self.response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            error = _upstream_error(exc, self.row)
+            yield f"data: {jsonio.dumps_str(error.openai_body())}\n\n".encode()
+        finally:
+            await self.response.aclose()
+
+
+async def forward(row: Llm, endpoint: str, body: dict[str, Any], streaming: bool) -> Upstream:
+    """Send the client's body to ``<row.url><endpoint minus /v1>`` with the row's model. A
+    streamed call's answer is passed on as it comes, unless the upstream refused it (a
+    status of 300 or more: read whole)."""
     url = row.url.rstrip("/") + endpoint.removeprefix("/v1")
     request_headers = {"Content-Type": "application/json"}
     api_key = crypto.decrypt(row.api_key_encrypted)
@@ -60,37 +82,16 @@ async def forward(
         "POST", url, content=payload, headers=request_headers, timeout=_timeout()
     )
     try:
-        upstream = await client.send(request, stream=True)
+        response = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         raise _upstream_error(exc, row) from exc
-    content_type = upstream.headers.get("content-type", "application/json")
-    if not streaming or upstream.status_code >= 300:
+    content_type = response.headers.get("content-type", "application/json")
+    answer = Upstream(row, response.status_code, content_type, response)
+    if not streaming or response.status_code >= 300:
         try:
-            content = await upstream.aread()
+            answer.content = await response.aread()
         except httpx.HTTPError as exc:
             raise _upstream_error(exc, row) from exc
         finally:
-            await upstream.aclose()
-        response = HttpResponse(content, status=upstream.status_code, content_type=content_type)
-        for key, value in headers.items():
-            response[key] = value
-        return response
-
-    async def relay() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in upstream.aiter_raw():
-                yield chunk
-        except httpx.HTTPError as exc:
-            error = _upstream_error(exc, row)
-            yield f"data: {json.dumps(error.openai_body())}\n\n".encode()
-        finally:
-            await upstream.aclose()
-
-    streamed = StreamingHttpResponse(
-        relay(), status=upstream.status_code, content_type=content_type
-    )
-    streamed["Cache-Control"] = "no-cache"
-    streamed["X-Accel-Buffering"] = "no"
-    for key, value in headers.items():
-        streamed[key] = value
-    return streamed
+            await response.aclose()
+    return answer

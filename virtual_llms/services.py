@@ -46,9 +46,9 @@ def llm_touch(*fields: str) -> None:
     none serves a cached copy. Touched now and again at commit: a worker that reads the row
     between the two caches it under a stamp the second touch changes."""
     touched = list(fields)
-    get_state().llm_touch(touched)
+    get_state().stamps.touch(touched)
     if transaction.get_connection().in_atomic_block:
-        transaction.on_commit(lambda: get_state().llm_touch(touched))
+        transaction.on_commit(lambda: get_state().stamps.touch(touched))
 
 
 def llm_saved(*, llm: Llm) -> None:
@@ -327,5 +327,5 @@ def gc_sweep(*, now: datetime | None = None, dry_run: bool = False) -> GcResult:
     # Forget the stamps of rows and sessions that are gone; that touches every row once.
     live = {name_field(n) for n in Llm.objects.values_list("name", flat=True)}
     live |= {session_field(s) for s in ProviderSession.objects.values_list("pk", flat=True)}
-    get_state().llm_prune(live)
+    get_state().stamps.prune(live)
     return GcResult(marked_inactive=marked, deleted=deleted)

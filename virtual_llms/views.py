@@ -1,12 +1,12 @@
 """JSON endpoints. Thin: parse, call one service, render.
 
 The registry endpoints are DRF views (quick, sync). The task-result endpoints sit on the
-relay's hot path, so they are plain async views: no thread hop but the one token lookup.
+relay's hot path, so they are plain async views: no thread hop but the one token lookup;
+what they do with an answer is answers.py's, shared with the control socket.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
@@ -14,11 +14,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import relay, selectors, services
+from . import answers, selectors, services
 from .auth import ADMIN_ROLES, CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate
 from .errors import ApiError
 from .http import json_view, read_json_object
 from .models import ApiToken, Llm
+from .protocol import AnswerKind
 from .serializers import (
     HeartbeatSerializer,
     LlmSerializer,
@@ -119,65 +120,19 @@ class LlmDetailView(APIView):
 
 # --- task results: plain async views on the hot path ---------------------------------------
 
-TaskHandler = Callable[[int, str, dict[str, Any]], Awaitable[bool]]
 
-
-def _task_endpoint(handler: TaskHandler) -> Any:
+def _task_endpoint(kind: AnswerKind) -> Any:
     @json_view("POST")
     async def view(request: HttpRequest, task_id: str) -> HttpResponse:
         token = await aauthenticate(request.headers.get("Authorization"), PUBLISHER_ROLES)
-        body = read_json_object(request)
-        if not await handler(token.pk, task_id, body):
-            raise ApiError(404, "task_not_found", "No open task with this id for this publisher.")
+        await answers.answer(
+            kind, token_id=token.pk, task_id=task_id, body=read_json_object(request)
+        )
         return HttpResponse(status=204)
 
     return view
 
 
-def parse_result(body: dict[str, Any]) -> tuple[int, Any]:
-    status = body.get("status")
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise ApiError(400, "invalid_request", "'status' must be an HTTP status (100-599).")
-    if "body" not in body:
-        raise ApiError(400, "invalid_request", "'body' is required (any JSON value).")
-    return status, body["body"]
-
-
-def parse_chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
-    chunks = body.get("chunks")
-    if not isinstance(chunks, list) or not chunks:
-        raise ApiError(400, "invalid_request", "'chunks' must be a non-empty list.")
-    clean = []
-    for chunk in chunks:
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("data"), str):
-            raise ApiError(400, "invalid_request", "Each chunk needs a string 'data'.")
-        done = chunk.get("done", False)
-        if not isinstance(done, bool):
-            raise ApiError(400, "invalid_request", "A chunk's 'done' must be a boolean.")
-        clean.append({"data": chunk["data"], "done": done})
-    return clean
-
-
-def parse_error(body: dict[str, Any]) -> str:
-    message = body.get("error")
-    if not isinstance(message, str) or not message:
-        raise ApiError(400, "invalid_request", "'error' must be a non-empty string.")
-    return message[:4000]
-
-
-async def _result(token_id: int, task_id: str, body: dict[str, Any]) -> bool:
-    status, payload = parse_result(body)
-    return await relay.post_result(token_id=token_id, task_id=task_id, status=status, body=payload)
-
-
-async def _chunks(token_id: int, task_id: str, body: dict[str, Any]) -> bool:
-    return await relay.post_chunks(token_id=token_id, task_id=task_id, chunks=parse_chunks(body))
-
-
-async def _error(token_id: int, task_id: str, body: dict[str, Any]) -> bool:
-    return await relay.post_error(token_id=token_id, task_id=task_id, message=parse_error(body))
-
-
-task_result = _task_endpoint(_result)
-task_chunks = _task_endpoint(_chunks)
-task_error = _task_endpoint(_error)
+task_result = _task_endpoint("result")
+task_chunks = _task_endpoint("chunks")
+task_error = _task_endpoint("error")

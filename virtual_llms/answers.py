@@ -1,0 +1,76 @@
+"""The publisher's answers to its tasks — result, chunks, error — from any worker, over HTTP
+(views.py) or the control socket (consumers.py): each is handed to the request waiting on
+the task, wherever that request is served."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from . import events, jsonio
+from .errors import ApiError
+from .hub import deliver_event, task_event_message
+from .protocol import PARSERS, AnswerKind, Chunk, ResultEvent, TaskEvent, error_event
+from .state import get_state
+
+TASK_GONE = "No open task with this id for this publisher."
+
+
+async def _post(task_id: str, token_id: int, event: TaskEvent, *, take: bool) -> bool:
+    """Hand a publisher's answer to the request waiting on the task. False when there is no
+    such open task of this token (unknown, finished, cancelled, another token's, or its
+    requester died). ``take`` ends the task: it is taken once, and given back if the hand-over
+    fails, so the publisher's retry finds it and nothing is lost."""
+    tasks = get_state().tasks
+    payload = events.direct_payload(task_event_message(task_id, event))
+    # With the Redis layer, the script that reads the record also publishes the event.
+    record = await (tasks.take if take else tasks.get)(task_id, token_id, payload)
+    if record is None:
+        return False
+    if payload is None:
+        try:
+            await deliver_event(record.split(" ", 1)[0], task_id, event)
+        except BaseException:
+            if take:
+                await tasks.put(task_id, token_id, record)
+            raise
+    return True
+
+
+async def post_result(*, token_id: int, task_id: str, status: int, body: Any) -> bool:
+    # The body travels as JSON bytes, which the client's worker writes as they are: neither
+    # the channel layer (a deep copy in memory, msgpack through Redis) nor that worker walks
+    # a big answer (a batch of embeddings: 25,000 floats) again. result_body() reads it.
+    event: ResultEvent = {"kind": "result", "status": status, "json": jsonio.dumps(body)}
+    return await _post(task_id, token_id, event, take=True)
+
+
+def result_body(event: Mapping[str, Any]) -> Any:
+    """The body of a ``result`` event (post_result)."""
+    return jsonio.loads(event["json"])
+
+
+async def post_chunks(*, token_id: int, task_id: str, chunks: list[Chunk]) -> bool:
+    done = any(chunk["done"] for chunk in chunks)
+    return await _post(task_id, token_id, {"kind": "chunks", "chunks": chunks}, take=done)
+
+
+async def post_error(*, token_id: int, task_id: str, message: str) -> bool:
+    event = error_event(502, "publisher_error", message)
+    return await _post(task_id, token_id, event, take=True)
+
+
+async def answer(kind: AnswerKind, *, token_id: int, task_id: str, body: dict[str, Any]) -> None:
+    """Check one answer (400 if malformed) and hand it over (404 if there is no such open
+    task of this token): the one path of the HTTP endpoints and the socket's frames."""
+    parsed: Any = PARSERS[kind](body)
+    if kind == "result":
+        ok = await post_result(
+            token_id=token_id, task_id=task_id, status=parsed["status"], body=parsed["body"]
+        )
+    elif kind == "chunks":
+        ok = await post_chunks(token_id=token_id, task_id=task_id, chunks=parsed["chunks"])
+    else:
+        ok = await post_error(token_id=token_id, task_id=task_id, message=parsed["error"])
+    if not ok:
+        raise ApiError(404, "task_not_found", TASK_GONE)

@@ -1,0 +1,91 @@
+"""Stream binding, on the worker that holds a publisher's control stream (SSE or WebSocket):
+bind the session to it, keep the binding alive with each ping, yield its task frames, and
+unbind when it ends — its rows go inactive and its tasks fail, unless a newer stream took
+over."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from . import events, services
+from .hub import ControlStream, get_hub
+from .protocol import Frame
+from .state import get_state
+
+log = logging.getLogger("mcpd.binding")
+
+
+async def stream_open(stream: ControlStream) -> None:
+    """Bind the stream's session to it, here; the stream it replaces, on whichever worker,
+    is closed (Redis decides which bind came last). Pair with stream_close in a finally:."""
+    hub = await get_hub()
+    session_id = stream.session_id
+    hub.by_epoch[stream.epoch] = stream
+    previous = await get_state().presence.bind(session_id, hub.channel, stream.epoch)
+    hub.streams[session_id] = stream
+    if previous is not None and previous.epoch != stream.epoch:
+        await hub.send(
+            previous, {"type": "stream.replace", "sid": session_id, "epoch": previous.epoch}
+        )
+    log.info("session %s bound (epoch %s)", session_id, stream.epoch)
+
+
+async def stream_refresh(stream: ControlStream) -> bool:
+    """Keep the presence record alive. False once another stream has taken the session, or
+    the stream's token was revoked (the check that holds even if a broadcast was lost)."""
+    hub = await get_hub()
+    if await sync_to_async(services.token_is_revoked)(token_id=stream.token_id):
+        return False
+    return await get_state().presence.refresh(stream.session_id, hub.channel, stream.epoch)
+
+
+async def stream_frames(stream: ControlStream) -> AsyncIterator[Frame | None]:
+    """What to send down a bound control stream: its task frames in order, and None each
+    time a keep-alive is due (every MCPD_PING_SECONDS, when the presence record is refreshed
+    too). Ends when the stream is closed, replaced, or its token revoked."""
+    loop = asyncio.get_running_loop()
+    next_ping = loop.time() + settings.MCPD_PING_SECONDS
+    while True:
+        wait = next_ping - loop.time()
+        if wait <= 0:
+            if not await stream_refresh(stream):
+                return
+            yield None
+            next_ping = loop.time() + settings.MCPD_PING_SECONDS
+            continue
+        try:
+            async with asyncio.timeout(wait):
+                frame = await stream.queue.get()
+        except TimeoutError:
+            continue
+        if frame is None:
+            return
+        yield frame
+
+
+async def stream_close(stream: ControlStream) -> None:
+    """The stream ended. Unless a newer stream took over, the session is unbound: its rows go
+    inactive and its tasks in flight fail with "publisher disconnected"."""
+    hub = await get_hub()
+    stream.closed = True
+    hub.by_epoch.pop(stream.epoch, None)
+    if hub.streams.get(stream.session_id) is stream:
+        del hub.streams[stream.session_id]
+    presence = get_state().presence
+    sid = stream.session_id
+    if not await presence.release(sid, hub.channel, stream.epoch):
+        log.info("session %s stream replaced (epoch %s)", sid, stream.epoch)
+        return
+    await events.broadcast({"type": "session.closed", "sid": sid, "epoch": stream.epoch})
+    unbound_at = await sync_to_async(services.session_unbind)(session_id=sid)
+    if await presence.lookup(sid) is not None:
+        # The publisher reconnected while we unbound: give the new stream its rows back.
+        await sync_to_async(services.session_rebind)(session_id=sid, unbound_at=unbound_at)
+        log.info("session %s rebound by a newer stream", sid)
+    else:
+        log.info("session %s unbound", sid)

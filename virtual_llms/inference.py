@@ -1,0 +1,482 @@
+"""The inference orchestrator: every client call (virtual or public, streamed or not, woken or
+not) goes through :func:`relay`, which ends in one place and reports an :class:`Outcome`.
+
+:func:`relay` is an async generator: it yields the response's :class:`Head` (status and
+headers) once, then its body. For a streamed call the head is held back while an error can
+still get its own status (the contract's table), for up to one ping interval; a longer wait
+(a slow wake, a slow first token) commits to ``200 text/event-stream``, and comments keep the
+line open, so proxies that cut quiet connections never see 15 s of silence. Whatever ends
+the call — an answer, an error, a timeout, the client leaving — its ``finally:`` records
+the outcome once, for the observers (metrics, the request log, usage records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest
+
+from . import jsonio, proxy, rowcache, sse, tasks
+from .answers import result_body
+from .auth import CLIENT_ROLES, aauthenticate
+from .errors import ApiError, offline
+from .http import internal_error, read_json_object
+from .hub import Pending
+from .models import Llm, LlmKind, LlmStatus
+from .protocol import TaskEvent, error_of
+from .rowcache import LlmRef
+from .state import Presence
+from .wake import ensure_awake
+
+log = logging.getLogger("mcpd.inference")
+
+# The relayed endpoints (PROTOCOL.md "Client API" and "OpenAI surface"): one route each,
+# relayed to the publisher with this ``endpoint`` in the task frame, or proxied to a public
+# row's ``url`` with the /v1 prefix replaced by it.
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+
+JSON = "application/json"
+
+
+@dataclass
+class Head:
+    """The response's status line and headers; ``streaming``: the body that follows is an
+    event stream, sent as it comes."""
+
+    status: int
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+    streaming: bool = False
+
+
+@dataclass
+class Outcome:
+    """How one client call ended."""
+
+    endpoint: str
+    started: float  # time.perf_counter() when the call came in
+    model: str | None = None  # the LLM's name, once one was found
+    kind: str | None = None  # "virtual" or "public"
+    client_token_id: int | None = None
+    task_id: str | None = None
+    streaming: bool = False
+    status: int = 0  # the status line sent; 499 if the client left before it
+    code: str | None = None  # the error's code, for an error answer or event
+    wake_s: float = 0.0
+    queue_s: float = 0.0
+    upstream_s: float | None = None  # the wait for the publisher's (or upstream's) answer
+    first_byte_s: float | None = None  # from the start to the first byte of the body
+    total_s: float = 0.0
+    client_left: bool = False
+
+    @property
+    def broker_s(self) -> float:
+        """What the broker itself spent: total minus the waits for a wake and an answer."""
+        return max(0.0, self.total_s - self.wake_s - self.queue_s - (self.upstream_s or 0.0))
+
+
+# Called with every call's outcome as it ends, on the event loop: no I/O here.
+observers: list[Callable[[Outcome], None]] = []
+
+
+def _observe(outcome: Outcome) -> None:
+    for observer in observers:
+        try:
+            observer(outcome)
+        except Exception:
+            log.exception("an outcome observer failed")
+
+
+def server_timing(broker_s: float, upstream_s: float | None = None) -> str:
+    parts = [f'mcpd;dur={broker_s * 1000:.2f};desc="broker"']
+    if upstream_s is not None:
+        parts.append(f'upstream;dur={upstream_s * 1000:.2f};desc="publisher"')
+    return ", ".join(parts)
+
+
+def _model_name(body: dict[str, Any]) -> str:
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise ApiError(400, "missing_model", "'model' is required: the name of an LLM.")
+    return name
+
+
+def _streaming(body: dict[str, Any]) -> bool:
+    flag = body.get("stream", False)
+    if flag is not None and not isinstance(flag, bool):
+        raise ApiError(400, "invalid_request", "'stream' must be a boolean.")
+    return bool(flag)
+
+
+def as_stream_chunk(body: Any) -> Any:
+    """A whole chat.completion as one chat.completion.chunk, for a client that asked for a
+    stream from an upstream that answered in one piece. Other bodies (text completions have
+    the same shape either way) pass as they are."""
+    if not isinstance(body, dict) or body.get("object") != "chat.completion":
+        return body
+    choices = []
+    for choice in body.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        delta = (
+            {k: v for k, v in message.items() if v is not None} if isinstance(message, dict) else {}
+        )
+        choices.append(
+            {
+                "index": choice.get("index", 0),
+                "delta": delta,
+                "finish_reason": choice.get("finish_reason"),
+            }
+        )
+    chunk = {k: v for k, v in body.items() if k not in ("choices", "object")}
+    return {**chunk, "object": "chat.completion.chunk", "choices": choices}
+
+
+def _refusal(event: TaskEvent) -> bool:
+    """An error, or an upstream's non-2xx answer: it reaches a streaming client as its own
+    status and body instead of a stream."""
+    return event["kind"] == "error" or (
+        event["kind"] == "result" and not 200 <= event["status"] < 300
+    )
+
+
+async def _shielded(coro: Any) -> None:
+    """Run cleanup to the end even if the caller is being cancelled again."""
+    try:
+        await asyncio.shield(coro)
+    except Exception:
+        log.exception("cleanup failed")
+
+
+@dataclass
+class _Call:
+    """One call in progress: what it asked for and where it stands."""
+
+    endpoint: str
+    out: Outcome
+    body: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    streaming: bool = False
+    pending: Pending | None = None
+    finished: bool = False  # the task ended with an answer (else it is abandoned)
+    sse: bool = False  # the head sent was an event stream's
+
+    def since_start(self) -> float:
+        return time.perf_counter() - self.out.started
+
+
+async def relay(request: HttpRequest, endpoint: str) -> AsyncGenerator[Head | bytes, None]:
+    """The whole of one client call: yields its :class:`Head`, then its body."""
+    call = _Call(endpoint, Outcome(endpoint=endpoint, started=time.perf_counter()))
+    out = call.out
+    try:
+        try:
+            row, presence = await _open(call, request)
+        except ApiError as exc:
+            yield _error_head(out, exc)
+            yield exc.body(openai=True)
+            return
+        if row.kind == LlmKind.PUBLIC:
+            async with contextlib.aclosing(_public(call, row)) as public:
+                async for item in public:
+                    yield item
+            return
+        ref = rowcache.ref_of(row)
+        if not call.streaming:
+            head, content = await _unary(call, ref, presence)
+            yield head
+            yield content
+            return
+        async with contextlib.aclosing(_stream(call, ref, presence)) as streamed:
+            async for item in streamed:
+                yield item
+    except asyncio.CancelledError:
+        out.client_left = True
+        raise
+    except GeneratorExit:
+        out.client_left = True
+        raise
+    except Exception:
+        log.exception("relaying a call for %s failed", call.name or "?")
+        failure = internal_error()
+        if out.status == 0:
+            yield _error_head(out, failure)
+            yield failure.body(openai=True)
+        elif call.sse:
+            out.code = failure.code
+            yield sse.event(None, failure.openai_body())
+    finally:
+        if call.pending is not None:
+            if call.finished:
+                await _shielded(tasks.finish(call.pending))
+            else:
+                await _shielded(tasks.abandon(call.pending))
+        out.total_s = call.since_start()
+        if out.status == 0:
+            out.status = 499
+        _observe(out)
+
+
+def _error_head(out: Outcome, exc: ApiError) -> Head:
+    out.status, out.code = exc.status, exc.code
+    return Head(exc.status, JSON, dict(exc.headers))
+
+
+def _head(out: Outcome, head: Head) -> Head:
+    out.status = head.status
+    return head
+
+
+async def _open(call: _Call, request: HttpRequest) -> tuple[Llm, Presence | None]:
+    """Authenticate, read the body, find the row; send the common request's task at once."""
+    out = call.out
+    # A missing token wins over a bad body, and a bad body over an unknown model.
+    token = await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
+    out.client_token_id = token.pk
+    call.body = read_json_object(request)
+    call.name = _model_name(call.body)
+    call.streaming = out.streaming = _streaming(call.body)
+    # The common request is sent right here; anything else is looked up the long way.
+    opened = await tasks.open_cached(call.name, call.body, call.streaming, call.endpoint)
+    row, presence = opened.row, None
+    if opened.pending is None:
+        row, presence = await rowcache.llm_lookup(call.name, opened.checked)
+    else:
+        call.pending = opened.pending
+        out.task_id = opened.pending.task_id
+    if row is None:
+        raise ApiError(404, "model_not_found", f"The model '{call.name}' does not exist.")
+    out.model, out.kind = row.name, row.kind
+    return row, presence
+
+
+async def awake(llm: LlmRef) -> tuple[LlmRef, float]:
+    """A hibernating row woken (once across workers): the row as active, and the seconds the
+    wake took. 503 at once if its publisher holds no control stream (nothing to wake)."""
+    await tasks.require_stream(llm)
+    woke = await ensure_awake(llm)
+    return dataclasses.replace(llm, status=LlmStatus.ACTIVE), woke
+
+
+async def enqueue_infer(
+    llm: LlmRef,
+    body: dict[str, Any],
+    streaming: bool,
+    endpoint: str = "/v1/chat/completions",
+    presence: Presence | None = None,
+) -> tuple[Pending, float]:
+    """The original service's enqueueInferTask: an inactive row is refused (503), a
+    hibernating one is woken first (once across workers), then the infer task goes down the
+    publisher's stream. Returns the pending task and the seconds spent waking."""
+    if llm.status == LlmStatus.INACTIVE:
+        raise offline(f"The publisher of '{llm.name}' is inactive (publisher offline).")
+    woke = 0.0
+    if llm.status == LlmStatus.HIBERNATING:
+        llm, woke = await awake(llm)
+        presence = None  # looked up again after the wake
+    frame = tasks.infer_frame(llm, body, streaming, endpoint)
+    return await tasks.dispatch(llm, frame, presence), woke
+
+
+async def _send(call: _Call, ref: LlmRef, presence: Presence | None) -> Pending:
+    """The call's infer task sent (enqueue_infer), and its wake time noted."""
+    call.pending, woke = await enqueue_infer(
+        ref, call.body, call.streaming, call.endpoint, presence
+    )
+    call.out.task_id = call.pending.task_id
+    call.out.wake_s += woke
+    return call.pending
+
+
+def _wake_header(headers: dict[str, str], woke: float) -> None:
+    headers["X-Mcpd-Wake"] = f"woke;dur={woke * 1000:.0f}"
+
+
+async def _unary(call: _Call, ref: LlmRef, presence: Presence | None) -> tuple[Head, bytes]:
+    """A non-streamed answer."""
+    out = call.out
+    try:
+        pending = call.pending or await _send(call, ref, presence)
+        sent = time.perf_counter()
+        event = await tasks.next_event(pending, settings.MCPD_INFER_TIMEOUT_SECONDS)
+        out.upstream_s = time.perf_counter() - sent
+        if event["kind"] == "error":
+            call.finished = True
+            raise error_of(event)
+        if event["kind"] != "result":
+            raise ApiError(
+                502,
+                "publisher_protocol_error",
+                "The publisher streamed an answer to a non-streaming call.",
+            )
+        call.finished = True
+    except ApiError as exc:
+        return _error_head(out, exc), exc.body(openai=True)
+    out.total_s = call.since_start()
+    headers = {"Server-Timing": server_timing(out.broker_s, out.upstream_s)}
+    if out.wake_s:
+        _wake_header(headers, out.wake_s)
+    out.first_byte_s = out.total_s
+    return _head(out, Head(event["status"], JSON, headers)), event["json"]
+
+
+async def _stream(
+    call: _Call, ref: LlmRef, presence: Presence | None
+) -> AsyncGenerator[Head | bytes, None]:
+    """A streamed answer (see the module's docstring for when its status line is sent)."""
+    out = call.out
+    loop = asyncio.get_running_loop()
+    window_end = loop.time() + settings.MCPD_PING_SECONDS
+    headers: dict[str, str] = {}
+    first: TaskEvent | None = None
+    committed = False
+    try:
+        if ref.status == LlmStatus.HIBERNATING and call.pending is None:
+            wake = asyncio.ensure_future(awake(ref))
+            try:
+                await asyncio.wait({wake}, timeout=settings.MCPD_PING_SECONDS)
+                if not wake.done():
+                    # The wake outlasts the window: commit to the stream, and say why.
+                    committed = True
+                    yield _head(out, _sse_head(call, headers))
+                    out.first_byte_s = call.since_start()
+                    yield sse.comment(f"waking {ref.name}")
+                    while not wake.done():
+                        await asyncio.wait({wake}, timeout=settings.MCPD_PING_SECONDS)
+                        if not wake.done():
+                            yield sse.PING
+            finally:
+                if not wake.done():
+                    wake.cancel()
+            ref, out.wake_s = wake.result()  # raises the wake's error
+            presence = None  # looked up again after the wake
+            if committed:
+                yield sse.comment(f"mcpd woke {ref.name} in {out.wake_s:.3f} s")
+            else:
+                _wake_header(headers, out.wake_s)
+        pending = call.pending or await _send(call, ref, presence)
+        deadline = loop.time() + settings.MCPD_INFER_TIMEOUT_SECONDS
+        if not committed:
+            wait = max(0.0, min(window_end, deadline) - loop.time())
+            first = await tasks.next_event_or_none(pending, wait)
+            if first is None and loop.time() >= deadline:
+                raise tasks.silence_error()
+            if first is not None and _refusal(first):
+                call.finished = True
+                if first["kind"] == "error":
+                    raise error_of(first)
+                if first["kind"] == "result":
+                    yield _head(out, Head(first["status"], JSON, headers))
+                    out.first_byte_s = call.since_start()
+                    yield first["json"]
+                    return
+            out.total_s = call.since_start()
+            headers["Server-Timing"] = server_timing(out.broker_s)
+            committed = True
+            yield _head(out, _sse_head(call, headers))
+            out.first_byte_s = call.since_start()
+            if first is None:
+                yield sse.PING  # a ping interval passed in silence already
+    except ApiError as exc:
+        if not committed:
+            yield _error_head(out, exc)
+            yield exc.body(openai=True)
+            return
+        out.code = exc.code
+        yield sse.event(None, exc.openai_body())
+        return
+    async with contextlib.aclosing(_stream_body(call, first)) as body:
+        async for chunk in body:
+            yield chunk
+
+
+def _sse_head(call: _Call, headers: dict[str, str]) -> Head:
+    call.sse = True
+    return Head(200, sse.CONTENT_TYPE, {**sse.HEADERS, **headers}, streaming=True)
+
+
+async def _stream_body(call: _Call, first: TaskEvent | None) -> AsyncGenerator[bytes, None]:
+    """The client's event stream once its head is sent: the task's chunks as they come, and
+    always ``data: [DONE]`` or an error event at the end."""
+    assert call.pending is not None
+    pending = call.pending
+    loop = asyncio.get_running_loop()
+    timeout = settings.MCPD_INFER_TIMEOUT_SECONDS
+    deadline = loop.time() + timeout
+    event = first
+    try:
+        while True:
+            if event is None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise tasks.silence_error()
+                event = await tasks.next_event_or_none(
+                    pending, min(settings.MCPD_PING_SECONDS, remaining)
+                )
+                if event is None:
+                    yield sse.PING
+                    continue
+            deadline = loop.time() + timeout
+            if event["kind"] == "error":
+                call.finished = True
+                raise error_of(event)
+            if event["kind"] == "result":
+                call.finished = True
+                body = result_body(event)
+                if 200 <= event["status"] < 300:
+                    # An upstream that ignored "stream": one chunk, then [DONE].
+                    yield sse.data(jsonio.dumps_line(as_stream_chunk(body)))
+                    yield sse.DONE
+                    return
+                error = body.get("error") if isinstance(body, dict) else None
+                message = error.get("message") if isinstance(error, dict) else None
+                raise ApiError(502, "upstream_error", str(message or body))
+            out = []
+            for chunk in event["chunks"]:
+                if chunk["data"]:
+                    out.append(sse.data(chunk["data"]))
+                if chunk["done"]:
+                    call.finished = True
+                    if chunk["data"] != "[DONE]":
+                        out.append(sse.DONE)
+                    break
+            yield b"".join(out)
+            if call.finished:
+                return
+            event = None
+    except ApiError as exc:
+        call.out.code = exc.code
+        yield sse.event(None, exc.openai_body())
+
+
+async def _public(call: _Call, row: Llm) -> AsyncGenerator[Head | bytes, None]:
+    """A public row: the call proxied to its upstream."""
+    out = call.out
+    sent = time.perf_counter()
+    try:
+        upstream = await proxy.forward(row, call.endpoint, call.body, call.streaming)
+    except ApiError as exc:
+        yield _error_head(out, exc)
+        yield exc.body(openai=True)
+        return
+    out.upstream_s = time.perf_counter() - sent
+    headers = {"Server-Timing": server_timing(sent - out.started)}
+    if upstream.streaming:
+        call.sse = True
+        headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    yield _head(
+        out, Head(upstream.status, upstream.content_type, headers, streaming=upstream.streaming)
+    )
+    out.first_byte_s = call.since_start()
+    async with contextlib.aclosing(upstream.body()) as body:
+        async for chunk in body:
+            yield chunk

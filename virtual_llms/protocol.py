@@ -1,0 +1,237 @@
+"""The broker's messages, typed: task frames sent down a control stream, the task events a
+waiting request receives, the hub messages that cross the channel layer between workers,
+and the publisher's answers (result, chunks, error) parsed once at the edge.
+
+Hub messages arrive as plain dicts from the channel layer; :func:`hub_message` checks the
+type of each once as it comes in, so a mistyped or unknown message is an error raised at the
+edge (a bug a test catches), not a log line deep in the router.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict, TypeGuard
+
+from .errors import ApiError
+
+# --- frames sent down a control stream (PROTOCOL.md "The control stream") ------------------
+
+
+class InferFrame(TypedDict):
+    kind: Literal["infer"]
+    taskId: str
+    llmName: str
+    streaming: bool
+    endpoint: str
+    body: dict[str, Any]
+
+
+class WakeFrame(TypedDict):
+    kind: Literal["wake"]
+    taskId: str
+    llmName: str
+
+
+class CancelFrame(TypedDict):
+    kind: Literal["cancel"]
+    taskId: str
+
+
+TaskFrame = InferFrame | WakeFrame
+Frame = InferFrame | WakeFrame | CancelFrame
+
+
+# --- events of one task, for the request waiting on it -------------------------------------
+
+
+class Chunk(TypedDict):
+    data: str
+    done: bool
+
+
+class ResultEvent(TypedDict):
+    kind: Literal["result"]
+    status: int
+    # The body as JSON bytes, written to the client as they are (answers.post_result).
+    json: bytes
+
+
+class ChunksEvent(TypedDict):
+    kind: Literal["chunks"]
+    chunks: list[Chunk]
+
+
+class ErrorEvent(TypedDict):
+    kind: Literal["error"]
+    status: int
+    code: str
+    message: str
+
+
+TaskEvent = ResultEvent | ChunksEvent | ErrorEvent
+
+
+def error_event(status: int, code: str, message: str) -> ErrorEvent:
+    return {"kind": "error", "status": status, "code": code, "message": message}
+
+
+def error_of(event: ErrorEvent) -> ApiError:
+    return ApiError(event["status"], event["code"], event["message"])
+
+
+# --- hub messages (the channel layer; docs/design.md "One hub per process") ----------------
+
+
+class TaskPush(TypedDict):
+    """A task frame for the control stream of session ``sid`` held by the receiving hub."""
+
+    type: Literal["task.push"]
+    sid: str
+    epoch: str
+    hops: int
+    frame: TaskFrame
+    reply: str
+    tokenId: int
+
+
+class TaskCancel(TypedDict):
+    type: Literal["task.cancel"]
+    sid: str
+    epoch: str
+    taskId: str
+
+
+class TaskEventMessage(TypedDict):
+    type: Literal["task.event"]
+    taskId: str
+    event: TaskEvent
+
+
+class StreamReplace(TypedDict):
+    type: Literal["stream.replace"]
+    sid: str
+    epoch: str
+
+
+class SessionClosed(TypedDict):
+    type: Literal["session.closed"]
+    sid: str
+    epoch: str
+
+
+class TokenRevoked(TypedDict):
+    type: Literal["token.revoked"]
+    tokenId: int
+
+
+class LlmEvicted(TypedDict):
+    type: Literal["llm.evicted"]
+    llmId: str
+
+
+class WakeOutcomeMessage(TypedDict):
+    type: Literal["wake.outcome"]
+    llmId: str
+    epoch: int
+    ok: bool
+    status: int
+    code: str
+    message: str
+
+
+HubMessage = (
+    TaskPush
+    | TaskCancel
+    | TaskEventMessage
+    | StreamReplace
+    | SessionClosed
+    | TokenRevoked
+    | LlmEvicted
+    | WakeOutcomeMessage
+)
+
+# The keys each hub message carries, by type: what hub_message() checks.
+HUB_MESSAGE_KEYS: dict[str, frozenset[str]] = {
+    "task.push": frozenset(TaskPush.__annotations__),
+    "task.cancel": frozenset(TaskCancel.__annotations__),
+    "task.event": frozenset(TaskEventMessage.__annotations__),
+    "stream.replace": frozenset(StreamReplace.__annotations__),
+    "session.closed": frozenset(SessionClosed.__annotations__),
+    "token.revoked": frozenset(TokenRevoked.__annotations__),
+    "llm.evicted": frozenset(LlmEvicted.__annotations__),
+    "wake.outcome": frozenset(WakeOutcomeMessage.__annotations__),
+}
+
+
+class UnknownMessage(Exception):
+    """A hub message of no known type, or missing a key of its type: a bug."""
+
+
+def hub_message(raw: dict[str, Any]) -> HubMessage:
+    """``raw`` as the hub message it is, checked once where it comes in."""
+    if not _is_hub_message(raw):
+        raise UnknownMessage(f"not a hub message: {sorted(raw)!r} of type {raw.get('type')!r}")
+    return raw
+
+
+def _is_hub_message(raw: dict[str, Any]) -> TypeGuard[HubMessage]:
+    keys = HUB_MESSAGE_KEYS.get(str(raw.get("type", "")))
+    return keys is not None and keys <= raw.keys()
+
+
+# --- the publisher's answers (PROTOCOL.md "Task results"), over HTTP or the socket --------
+
+AnswerKind = Literal["result", "chunks", "error"]
+
+
+class Result(TypedDict):
+    status: int
+    body: Any
+
+
+class Chunks(TypedDict):
+    chunks: list[Chunk]
+
+
+class Failure(TypedDict):
+    error: str
+
+
+Answer = Result | Chunks | Failure
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message)
+
+
+def parse_result(body: dict[str, Any]) -> Result:
+    status = body.get("status")
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise _invalid("'status' must be an HTTP status (100-599).")
+    if "body" not in body:
+        raise _invalid("'body' is required (any JSON value).")
+    return {"status": status, "body": body["body"]}
+
+
+def parse_chunks(body: dict[str, Any]) -> Chunks:
+    chunks = body.get("chunks")
+    if not isinstance(chunks, list) or not chunks:
+        raise _invalid("'chunks' must be a non-empty list.")
+    clean: list[Chunk] = []
+    for chunk in chunks:
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("data"), str):
+            raise _invalid("Each chunk needs a string 'data'.")
+        done = chunk.get("done", False)
+        if not isinstance(done, bool):
+            raise _invalid("A chunk's 'done' must be a boolean.")
+        clean.append({"data": chunk["data"], "done": done})
+    return {"chunks": clean}
+
+
+def parse_error(body: dict[str, Any]) -> Failure:
+    message = body.get("error")
+    if not isinstance(message, str) or not message:
+        raise _invalid("'error' must be a non-empty string.")
+    return {"error": message[:4000]}
+
+
+PARSERS = {"result": parse_result, "chunks": parse_chunks, "error": parse_error}

@@ -1,0 +1,111 @@
+"""State every worker must agree on, with TTLs, one concern per module: presence and
+liveness (presence.py), open tasks (tasks.py), row stamps (stamps.py), leases (leases.py),
+and the request path's fused round trip (dispatch.py).
+
+With ``REDIS_URL`` it lives in Redis (Lua scripts in ``lua/``); without, in this process's
+memory (the embedded, one-process broker). Both implementations of each concern have the
+same semantics and are tested alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from .base import (
+    LOOP_STALL_SECONDS,
+    PRESENCE_TTL_SECONDS,
+    TASK_TTL_SECONDS,
+    WORKER_BEAT_SECONDS,
+    WORKER_TTL_MS,
+    MemoryStore,
+    Presence,
+    RedisConn,
+)
+from .dispatch import CheckedOpen, DispatchStore, MemoryDispatch, RedisDispatch
+from .leases import LeaseStore, MemoryLeases, RedisLeases
+from .presence import MemoryPresence, PresenceStore, RedisPresence
+from .stamps import ALL_ROWS, MemoryStamps, RedisStamps, StampStore, name_field, session_field
+from .tasks import MemoryTasks, RedisTasks, TaskStore
+
+__all__ = [
+    "ALL_ROWS",
+    "LOOP_STALL_SECONDS",
+    "PRESENCE_TTL_SECONDS",
+    "TASK_TTL_SECONDS",
+    "WORKER_BEAT_SECONDS",
+    "WORKER_TTL_MS",
+    "CheckedOpen",
+    "Presence",
+    "SharedState",
+    "current_state",
+    "get_state",
+    "name_field",
+    "reset_state",
+    "session_field",
+]
+
+
+@dataclass(frozen=True)
+class SharedState:
+    presence: PresenceStore
+    tasks: TaskStore
+    stamps: StampStore
+    leases: LeaseStore
+    dispatch: DispatchStore
+    # With Redis: its connections (closed per loop by aclose, and at reset).
+    conn: RedisConn | None = None
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections."""
+        if self.conn is not None:
+            await self.conn.aclose()
+
+
+def _memory() -> SharedState:
+    store = MemoryStore()
+    presence, tasks, stamps = MemoryPresence(store), MemoryTasks(store), MemoryStamps()
+    return SharedState(
+        presence=presence,
+        tasks=tasks,
+        stamps=stamps,
+        leases=MemoryLeases(store),
+        dispatch=MemoryDispatch(stamps, presence, tasks),
+    )
+
+
+def _redis(url: str, prefix: str) -> SharedState:
+    conn = RedisConn(url, prefix)
+    return SharedState(
+        presence=RedisPresence(conn),
+        tasks=RedisTasks(conn),
+        stamps=RedisStamps(conn),
+        leases=RedisLeases(conn),
+        dispatch=RedisDispatch(conn),
+        conn=conn,
+    )
+
+
+_state: SharedState | None = None
+
+
+def get_state() -> SharedState:
+    global _state
+    if _state is None:
+        url = settings.REDIS_URL
+        _state = _redis(url, settings.MCPD_REDIS_PREFIX) if url else _memory()
+    return _state
+
+
+def current_state() -> SharedState | None:
+    """The process's state object, if one was made."""
+    return _state
+
+
+def reset_state() -> None:
+    """Forget the process's state object (tests that switch settings or event loops)."""
+    global _state
+    if _state is not None and _state.conn is not None:
+        _state.conn.close_sync()
+    _state = None
