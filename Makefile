@@ -34,8 +34,10 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The app is checked with --strict; the tests and the bench with the project's settings.
 types: venv
 	$(VENV)/bin/mypy .
+	$(VENV)/bin/mypy --strict mcpd_site virtual_llms
 
 migrations-check: venv
 	DJANGO_DEBUG=1 $(PY) manage.py makemigrations --check --dry-run

@@ -145,7 +145,7 @@ if REDIS_URL:
     # trips per send, a BZPOPMIN loop per receive). A message to a channel nobody holds is
     # dropped: the broker never relies on that (presence and liveness keys with TTLs, a
     # deadline on every wait; docs/design.md).
-    from virtual_llms.redis_pubsub import layer_host  # no Django in it: safe to import here
+    from virtual_llms.runtime.redis_parser import layer_host  # no Django in it: safe to import here
 
     CHANNEL_LAYERS = {
         "default": {

@@ -1,5 +1,5 @@
 """The API's ASGI handler: no request signals and no thread hop of its own; the ORM
-thread's connections are checked on a timer instead (mcpd_site/asgi.py)."""
+thread's connections are checked on a timer instead (virtual_llms/runtime/django_asgi.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from django.http.response import HttpResponseBase
 from mcpd_site import asgi
 from tests.conftest import Tokens
 from virtual_llms.models import Llm
+from virtual_llms.runtime import django_asgi
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -54,7 +55,7 @@ async def _get(path: str) -> tuple[int, bytes]:
 async def upkeep(async_orm: None) -> Any:
     """Stop this loop's upkeep task at the end (it runs for the life of a worker)."""
     yield
-    task = asgi.ApiASGIHandler._upkeep.pop(asyncio.get_running_loop(), None)
+    task = asgi.ApiASGIHandler._upkeep.pop()
     if task is not None:
         task.cancel()
 
@@ -87,7 +88,7 @@ async def test_api_requests_skip_the_request_signals_the_admin_keeps_them(upkeep
 async def test_the_orm_threads_connections_are_checked_on_a_timer(
     upkeep: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(asgi, "DB_UPKEEP_SECONDS", 0.05)
+    monkeypatch.setattr(django_asgi, "DB_UPKEEP_SECONDS", 0.05)
     assert (await _get("/api/v1/llms"))[0] == 401  # starts the upkeep task
 
     def use_connection() -> None:
@@ -154,7 +155,8 @@ async def _call_like_daphne(path: str, token: str) -> int:
         if message["type"] == "http.response.body" and not message.get("more_body"):
             queue.put_nowait({"type": "http.disconnect"})
 
-    await asyncio.wait_for(asgi.application(scope, queue.get, send), 5)
+    app: Any = asgi.application  # called with plain dicts, as daphne does
+    await asyncio.wait_for(app(scope, queue.get, send), 5)
     status: int = sent[0]["status"]
     return status
 

@@ -9,7 +9,6 @@ import sys
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
-from typing import Any
 
 import pytest
 from django.core.management import call_command
@@ -176,51 +175,6 @@ def test_serve_freezes_the_startup_objects_and_collects_young_ones_less_often() 
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
-
-
-def test_serve_turns_off_twisted_request_work_daphne_never_uses() -> None:
-    from daphne import http_protocol, server
-    from twisted.web.test.requesthelper import DummyChannel
-
-    from virtual_llms.management.commands.serve import (
-        skip_form_parsing,
-        skip_twisted_request_log,
-    )
-
-    class Server:
-        def protocol_connected(self, protocol: object) -> None:
-            pass
-
-    def request() -> Any:
-        channel: Any = DummyChannel()
-        channel.factory = type("Factory", (), {"server": Server()})()
-        made = http_protocol.WebRequest(channel)
-        made.method, made.uri, made.clientproto = b"POST", b"/v1/x", b"HTTP/1.1"
-        return made
-
-    # Stock Twisted: a POST's form body is parsed, and every request is logged by the factory.
-    assert request()._parsePOSTFormSubmission is True
-    written: list[str] = []
-    log_file = type("Log", (), {"write": lambda self, line: written.append(line)})()
-    stock = server.HTTPFactory(None)
-    stock._logFile = log_file
-    stock.log(request())
-    assert len(written) == 1
-    assert '"POST /v1/x HTTP/1.1"' in written[0]
-
-    form_parsing, factory = http_protocol.WebRequest, server.HTTPFactory
-    try:
-        for _ in range(2):  # idempotent: serve may run in a process that already patched
-            skip_form_parsing()
-            skip_twisted_request_log()
-        assert request()._parsePOSTFormSubmission is False
-        quiet = server.HTTPFactory(None)
-        assert isinstance(quiet, factory)
-        quiet._logFile = log_file
-        quiet.log(request())
-        assert len(written) == 1
-    finally:
-        http_protocol.WebRequest, server.HTTPFactory = form_parsing, factory
 
 
 def test_serve_listens_with_a_backlog_and_refuses_a_bad_one() -> None:

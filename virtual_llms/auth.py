@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -136,7 +136,7 @@ async def aauthenticate(header: str | None, roles: Iterable[str]) -> ApiToken:
     return await sync_to_async(authenticate)(header, tuple(roles))
 
 
-def header_from_scope(scope: dict[str, Any]) -> str | None:
+def header_from_scope(scope: Mapping[str, Any]) -> str | None:
     """The Authorization header of an ASGI (WebSocket) scope."""
     for name, value in scope.get("headers", []):
         if name == b"authorization":

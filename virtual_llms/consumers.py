@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from channels.consumer import get_handler_name
+from asgiref.typing import WebSocketConnectEvent, WebSocketDisconnectEvent
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from . import answers, binding, jsonio, services
@@ -18,6 +18,7 @@ from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
 from .errors import ApiError
 from .hub import ControlStream
 from .models import ApiToken
+from .runtime.channels_layer import NoDatabaseCheckDispatch
 
 log = logging.getLogger("mcpd.consumers")
 
@@ -30,7 +31,7 @@ MAX_FRAMES_IN_FLIGHT = 64
 FRAME_DRAIN_SECONDS = 10.0
 
 
-class ControlSocketConsumer(AsyncWebsocketConsumer):
+class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
     # No channel-layer channel of its own: frames come through the process's hub.
     channel_layer_alias = "__mcpd_none__"
 
@@ -57,17 +58,7 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
         finally:
             await self._cleanup()
 
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        """Channels' dispatch without its close_old_connections() before every frame: that
-        is a hop to the sync thread per result or chunk frame (a fifth of this socket's CPU
-        under load). The one frame that touches the database (heartbeat) runs on the shared
-        sync thread, whose connection Django checks at every HTTP request."""
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
-
-    async def websocket_connect(self, message: dict[str, Any]) -> None:
+    async def websocket_connect(self, message: WebSocketConnectEvent) -> None:
         self.session_id = self.scope["url_route"]["kwargs"]["session_id"]
         try:
             self.token = await sync_to_async(self._authorize)()
@@ -99,7 +90,7 @@ class ControlSocketConsumer(AsyncWebsocketConsumer):
             log.exception("control socket pump failed")
         await self.close()
 
-    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+    async def websocket_disconnect(self, message: WebSocketDisconnectEvent) -> None:
         await self._cleanup()
         await super().websocket_disconnect(message)
 

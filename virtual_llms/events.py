@@ -15,7 +15,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings
 
-from .redis_pubsub import layer_address
+from .runtime import channels_layer
 
 WORKERS_GROUP = "mcpd.workers"
 
@@ -36,21 +36,12 @@ async def send(channel: str, message: Mapping[str, Any]) -> None:
 def direct_payload(message: Mapping[str, Any]) -> bytes | None:
     """What ``send(channel, message)`` would PUBLISH on the Redis pub/sub layer, for a caller
     that publishes it itself, inside the Redis script that also writes the task's state
-    (state.py): one round trip instead of two, and off the layer's one publishing connection,
-    which sends one message at a time. That layer sends a message by PUBLISHing its
-    serialized bytes to the channel's name on its only host; settings give it REDIS_URL,
-    the state's server. None for any other layer: the caller then uses ``send``."""
-    config: dict[str, Any] = dict(settings.CHANNEL_LAYERS["default"])
-    if config["BACKEND"] != PUBSUB_LAYER:
-        return None
-    hosts = [layer_address(host) for host in config["CONFIG"]["hosts"]]
-    if hosts != [settings.REDIS_URL]:
-        return None
-    payload: bytes = layer().serialize(message)
-    return payload
-
-
-PUBSUB_LAYER = "channels_redis.pubsub.RedisPubSubChannelLayer"
+    (state/): one round trip instead of two. Settings give that layer REDIS_URL, the state's
+    server. None for any other layer: the caller then uses ``send``
+    (runtime/channels_layer.py)."""
+    return channels_layer.pubsub_payload(
+        layer(), settings.CHANNEL_LAYERS["default"], settings.REDIS_URL, message
+    )
 
 
 async def receive(channel: str) -> dict[str, Any]:
@@ -77,9 +68,7 @@ def broadcast_sync(message: Mapping[str, Any]) -> None:
 
 async def close_layer() -> None:
     """Close this event loop's connections of the channel layer (tests, shutdown)."""
-    current = layer()
-    if hasattr(current, "_get_layer"):  # the Redis pub/sub layer: flush closes, per loop
-        await current.flush()
+    await channels_layer.close(layer())
 
 
 def reset_layers() -> None:

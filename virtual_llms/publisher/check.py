@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import httpx
 import websockets
-from websockets.asyncio.client import get_proxy
+from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
 from . import transport

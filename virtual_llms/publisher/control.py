@@ -166,7 +166,7 @@ async def _ws_frames(
         _raise_for_close(code, exc.rcvd.reason if exc.rcvd is not None else "", refusal)
     except websockets.InvalidStatus as exc:
         status = exc.response.status_code
-        error = error_of(status, exc.response.body or b"")
+        error = error_of(status, bytes(exc.response.body or b""))
         if status in (401, 403, 404):
             raise StreamRefused(status, error.message) from None
         raise StreamLost(f"the broker refused the socket: {error}") from None

@@ -79,7 +79,8 @@ def error_body(status: int, raw: bytes) -> Any:
 
 
 def _is_event_stream(response: httpx.Response) -> bool:
-    return response.headers.get("content-type", "").startswith("text/event-stream")
+    content_type: str = response.headers.get("content-type", "")
+    return content_type.startswith("text/event-stream")
 
 
 async def forward(http: Client, llm: LlmConfig, frame: dict[str, Any], sink: Sink) -> str:

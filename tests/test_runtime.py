@@ -1,0 +1,167 @@
+"""virtual_llms/runtime/: each patch of, or reliance on, a third-party internal, checked
+against the installed library, so an upgrade that changes what it relies on fails here
+loudly rather than silently somewhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, cast
+
+import django
+import msgpack
+import pytest
+from channels_redis.utils import create_pool
+from django.conf import settings
+from redis.utils import HIREDIS_AVAILABLE
+
+from virtual_llms import events
+from virtual_llms.runtime.redis_parser import PubSubParser, layer_address, layer_host
+
+# --- redis_parser: redis-py's hiredis parser without its discarded debug line --------------
+
+
+class Unprintable(bytes):
+    """A message part that fails the test if anything turns it into text."""
+
+    def __str__(self) -> str:
+        raise AssertionError("the pub/sub message was formatted")
+
+    __repr__ = __str__
+
+
+async def test_the_parser_passes_pubsub_messages_on_unformatted() -> None:
+    parser = PubSubParser(socket_read_size=65536)
+    message = [b"message", b"channel", Unprintable(b"payload")]
+    assert await parser.pubsub_push_handler_func(message) is message
+
+
+def test_the_layer_host_names_the_url_and_the_parser() -> None:
+    url = "redis://127.0.0.1:6379/0"
+    host = layer_host(url)
+    assert layer_address(host) == url
+    if HIREDIS_AVAILABLE:
+        assert isinstance(host, dict)
+        # channels-redis builds the layer's pool from this entry: its connections get it.
+        assert create_pool(host).connection_kwargs["parser_class"] is PubSubParser
+
+
+async def test_the_layer_carries_a_big_message_through_redis() -> None:
+    if not settings.REDIS_URL:
+        pytest.skip("the in-memory layer has no Redis connections")
+    config = cast(dict[str, Any], settings.CHANNEL_LAYERS["default"]["CONFIG"])
+    assert config["hosts"] == [layer_host(settings.REDIS_URL)]
+    channel = await events.new_channel()
+    try:
+        message = {"type": "task.event", "taskId": "t", "event": {"json": b"7" * 600_000}}
+        await events.send(channel, message)
+        assert await asyncio.wait_for(events.receive(channel), 5) == message
+    finally:
+        await events.close_layer()
+
+
+def test_the_stock_parser_still_formats_every_message() -> None:
+    """The reason for PubSubParser (redis/redis-py#4230). When this fails, the installed
+    redis-py no longer formats pub/sub messages: drop PubSubParser and layer_host's entry."""
+    from redis._parsers import _AsyncHiredisParser
+
+    source = inspect.getsource(_AsyncHiredisParser)
+    assert "Push response" in source, "redis-py fixed #4230: drop runtime/redis_parser.py"
+    assert hasattr(_AsyncHiredisParser, "handle_pubsub_push_response")
+
+
+# --- daphne_server: Twisted's form parsing and request log off ------------------------------
+
+
+def test_serve_turns_off_twisted_request_work_daphne_never_uses() -> None:
+    from daphne import http_protocol, server
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from virtual_llms.runtime.daphne_server import (
+        skip_form_parsing,
+        skip_twisted_request_log,
+    )
+
+    class Server:
+        def protocol_connected(self, protocol: object) -> None:
+            pass
+
+    def request() -> Any:
+        channel: Any = DummyChannel()
+        channel.factory = type("Factory", (), {"server": Server()})()
+        made = http_protocol.WebRequest(channel)
+        made.method, made.uri, made.clientproto = b"POST", b"/v1/x", b"HTTP/1.1"
+        return made
+
+    # Stock Twisted: a POST's form body is parsed, and every request is logged by the factory.
+    assert request()._parsePOSTFormSubmission is True
+    written: list[str] = []
+    log_file = type("Log", (), {"write": lambda self, line: written.append(line)})()
+    stock = server.HTTPFactory(None)
+    stock._logFile = log_file
+    stock.log(request())
+    assert len(written) == 1
+    assert '"POST /v1/x HTTP/1.1"' in written[0]
+
+    form_parsing, factory = http_protocol.WebRequest, server.HTTPFactory
+    try:
+        for _ in range(2):  # idempotent: serve may run in a process that already patched
+            skip_form_parsing()
+            skip_twisted_request_log()
+        assert request()._parsePOSTFormSubmission is False
+        quiet = server.HTTPFactory(None)
+        assert isinstance(quiet, factory)
+        quiet._logFile = log_file
+        quiet.log(request())
+        assert len(written) == 1
+    finally:
+        http_protocol.WebRequest, server.HTTPFactory = form_parsing, factory
+
+
+# --- django_asgi: Django's handler without its per-request thread ---------------------------
+
+
+def test_django_still_has_what_the_asgi_handlers_rewrite() -> None:
+    """ApiASGIHandler.handle is Django 5.2's handle() re-written: the methods it calls must
+    exist with the arguments it passes. On another Django, re-read handle() against it."""
+    from django.core.handlers.asgi import ASGIHandler
+
+    assert django.VERSION[:2] == (5, 2), "re-read runtime/django_asgi.py against this Django"
+    calls = {
+        "read_body": ["receive"],
+        "create_request": ["scope", "body_file"],
+        "run_get_response": ["request"],
+        "send_response": ["response", "send"],
+        "listen_for_disconnect": ["receive"],
+        "adapt_method_mode": ["is_async", "method", "method_is_async"],
+    }
+    for name, params in calls.items():
+        signature = inspect.signature(getattr(ASGIHandler, name))
+        assert list(signature.parameters)[1 : len(params) + 1] == params, (name, signature)
+    assert callable(ASGIHandler._get_response_async)  # type: ignore[attr-defined]
+    assert "ThreadSensitiveContext" in inspect.getsource(ASGIHandler.__call__)
+
+
+# --- channels_layer: the pub/sub layer's bytes, and channels' dispatch ----------------------
+
+
+def test_the_pubsub_layer_publishes_plain_msgpack() -> None:
+    """The Redis scripts publish ``layer.serialize(message)``; that must be what the layer's
+    send() publishes, and plain msgpack (what the hubs' layer reads back)."""
+    from channels_redis.pubsub import RedisPubSubChannelLayer, RedisPubSubLoopLayer
+
+    layer = RedisPubSubChannelLayer(hosts=["redis://127.0.0.1:6379/0"])
+    message = {"type": "task.event", "taskId": "t", "event": {"json": b"{}"}}
+    assert layer.serialize(message) == msgpack.packb(message)
+    assert layer.deserialize(msgpack.packb(message)) == message
+    send = inspect.getsource(RedisPubSubLoopLayer.send)
+    assert "publish(channel, self.channel_layer.serialize(message))" in send
+
+
+def test_channels_dispatch_still_checks_the_database_before_each_message() -> None:
+    """The reason for NoDatabaseCheckDispatch. When this fails, channels no longer runs
+    close_old_connections per message: drop the mixin."""
+    from channels.consumer import AsyncConsumer, get_handler_name
+
+    assert "aclose_old_connections" in inspect.getsource(AsyncConsumer.dispatch)
+    assert get_handler_name({"type": "websocket.receive"}) == "websocket_receive"
