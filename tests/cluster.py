@@ -38,6 +38,21 @@ def local_calls_skip_proxies(environ: MutableMapping[str, str] = os.environ) -> 
         environ[name] = ",".join(hosts + [host for host in LOCAL_HOSTS if host not in hosts])
 
 
+def drop_redis_keys(url: str, prefix: str) -> int:
+    """Delete every key of one broker's (or test run's) prefix: the suite leaves nothing in
+    the shared Redis. Returns how many were deleted."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+        return len(keys)
+    finally:
+        client.close()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -137,6 +152,7 @@ class Broker:
             with contextlib.suppress(Exception):
                 self.kill(i, signal.SIGTERM)
         if self.services:
+            drop_redis_keys(self.env["REDIS_URL"], self.env["MCPD_REDIS_PREFIX"])
             base, _, _ = PG_URL.rpartition("/")
             with (
                 contextlib.suppress(psycopg.Error),

@@ -29,6 +29,14 @@ def pytest_configure(config: pytest.Config) -> None:
         layer_config["prefix"] = f"{settings.MCPD_REDIS_PREFIX}:layer:"
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave nothing of this run in the shared Redis."""
+    if settings.REDIS_URL:
+        from tests.cluster import drop_redis_keys
+
+        drop_redis_keys(settings.REDIS_URL, settings.MCPD_REDIS_PREFIX)
+
+
 def require_services() -> None:
     """Skip without PostgreSQL + Redis, except in CI, where that is a failure."""
     ok, why = services_up()

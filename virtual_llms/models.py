@@ -109,7 +109,6 @@ class Llm(models.Model):
     url = models.CharField(max_length=2048, blank=True, default="")
     tier = models.CharField(max_length=32, blank=True, default="fast")
     description = models.TextField(blank=True, default="", validators=[MaxLengthValidator(4096)])
-    extra_config = models.JSONField(default=dict, blank=True)
     kind = models.CharField(max_length=16, choices=LlmKind.choices, default=LlmKind.PUBLIC)
     # NULL, not "": a public row has no session, and the check constraint reads naturally.
     provider_session_id = models.CharField(  # noqa: DJ001 - NULL means "no session"
