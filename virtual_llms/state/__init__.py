@@ -1,6 +1,7 @@
 """State every worker must agree on, with TTLs, one concern per module: presence and
 liveness (presence.py), open tasks (tasks.py), row stamps (stamps.py), leases (leases.py),
-and the request path's fused round trip (dispatch.py).
+tasks in flight per backend (slots.py), and the request path's fused round trip
+(dispatch.py).
 
 With ``REDIS_URL`` it lives in Redis (Lua scripts in ``lua/``); without, in this process's
 memory (the embedded, one-process broker). Both implementations of each concern have the
@@ -26,6 +27,7 @@ from .base import (
 from .dispatch import CheckedOpen, DispatchStore, MemoryDispatch, RedisDispatch
 from .leases import LeaseStore, MemoryLeases, RedisLeases
 from .presence import MemoryPresence, PresenceStore, RedisPresence
+from .slots import MemorySlots, RedisSlots, SlotStore
 from .stamps import ALL_ROWS, MemoryStamps, RedisStamps, StampStore, name_field, session_field
 from .tasks import MemoryTasks, RedisTasks, TaskStore
 
@@ -54,6 +56,7 @@ class SharedState:
     stamps: StampStore
     leases: LeaseStore
     dispatch: DispatchStore
+    slots: SlotStore
     # With Redis: its connections (closed per loop by aclose, and at reset).
     conn: RedisConn | None = None
 
@@ -72,6 +75,7 @@ def _memory() -> SharedState:
         stamps=stamps,
         leases=MemoryLeases(store),
         dispatch=MemoryDispatch(stamps, presence, tasks),
+        slots=MemorySlots(store),
     )
 
 
@@ -83,6 +87,7 @@ def _redis(url: str, prefix: str) -> SharedState:
         stamps=RedisStamps(conn),
         leases=RedisLeases(conn),
         dispatch=RedisDispatch(conn),
+        slots=RedisSlots(conn),
         conn=conn,
     )
 

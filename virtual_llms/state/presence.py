@@ -44,6 +44,10 @@ class PresenceStore(Protocol):
     async def live(self, channels: list[str]) -> set[str]:
         """Which of these workers are alive."""
 
+    def held_sync(self, sids: list[str]) -> set[str]:
+        """Which of these sessions hold a stream on a live worker (from sync code: the
+        admin, the REST API)."""
+
 
 class MemoryPresence:
     """One process: every worker is this process, so always alive."""
@@ -83,6 +87,9 @@ class MemoryPresence:
 
     async def live(self, channels: list[str]) -> set[str]:
         return set(channels)
+
+    def held_sync(self, sids: list[str]) -> set[str]:
+        return {sid for sid in sids if self._store.get(f"s:{sid}") is not None}
 
 
 class RedisPresence:
@@ -135,3 +142,11 @@ class RedisPresence:
             return set()
         values = await self._conn.client().mget([self._conn.key("w", c) for c in channels])
         return {c for c, v in zip(channels, values, strict=True) if v is not None}
+
+    def held_sync(self, sids: list[str]) -> set[str]:
+        if not sids:
+            return set()
+        flags = self._conn.sync_script("presence_held")(
+            keys=[self._conn.key("s", sid) for sid in sids], args=[self._conn.key("w", "")]
+        )
+        return {sid for sid, flag in zip(sids, flags, strict=True) if int(flag)}
