@@ -45,6 +45,16 @@ def _env_float(name: str, default: float) -> float:
     return value
 
 
+def _env_float_or_zero(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = float(raw)
+    if value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {raw!r}")
+    return value
+
+
 DEBUG = _env_bool("DJANGO_DEBUG", False)
 
 DEV_DIR = BASE_DIR / ".mcpd-dev"
@@ -197,8 +207,17 @@ MCPD_INACTIVE_RETENTION_SECONDS = _env_int("MCPD_INACTIVE_RETENTION_SECONDS", 14
 MCPD_INFER_TIMEOUT_SECONDS = _env_float("MCPD_INFER_TIMEOUT_SECONDS", 120.0)
 # Longest wait for a hibernating model to wake (loading weights takes minutes).
 MCPD_WAKE_TIMEOUT_SECONDS = _env_float("MCPD_WAKE_TIMEOUT_SECONDS", 300.0)
+# With this set, a failed wake is remembered this long: requests meanwhile get its 502 at
+# once (with Retry-After) instead of waking a broken model again and again (SDKs retry 502s).
+# 0, the default, is the contract's rule: the next request after a failed wake wakes again.
+MCPD_WAKE_FAILURE_SECONDS = _env_float_or_zero("MCPD_WAKE_FAILURE_SECONDS", 0.0)
 # Largest request body accepted from a client or a publisher.
 MCPD_MAX_BODY_BYTES = _env_int("MCPD_MAX_BODY_BYTES", 10 * 1024 * 1024)
+# Requests waiting for a free slot of one LLM's backends (PROTOCOL.md "Routing, capacity
+# and the queue"): at most this many per LLM (more: 503 queue_full), each at most this long
+# (then 503 queue_timeout).
+MCPD_QUEUE_MAX = _env_int("MCPD_QUEUE_MAX", 256)
+MCPD_QUEUE_TIMEOUT_SECONDS = _env_float("MCPD_QUEUE_TIMEOUT_SECONDS", 60.0)
 # Idle control streams and waiting clients get a comment this often; proxies cut at 60 s.
 MCPD_PING_SECONDS = _env_float("MCPD_PING_SECONDS", 15.0)
 # Optional key for encrypting public LLMs' API keys; derived from SECRET_KEY when unset.

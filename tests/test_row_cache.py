@@ -1,5 +1,7 @@
-"""The per-process cache of LLM rows on the request path (rowcache.llm_lookup) and the stamps
-that keep it honest (state.py): every way a row can change is seen by the next lookup.
+"""The per-process cache of LLM rows on the request path (rowcache.py) and the stamps that
+keep it honest (state/stamps.py): every way a row can change is seen by the next request,
+which checks the cached row's stamps in the round trip that routes its task
+(state/routing.py; here rowcache.checked, the same check).
 
 The first run of the suite uses SQLite and the in-memory state; the second PostgreSQL and
 Redis, where the stamps live in a Redis hash that every worker reads."""
@@ -11,13 +13,14 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 from django.utils import timezone
 
-from virtual_llms import binding, rowcache, services, state, tasks
+from virtual_llms import binding, routing, rowcache, services, state, tasks
 from virtual_llms import hub as hub_mod
 from virtual_llms.auth import token_create
 from virtual_llms.models import ApiToken, Llm, LlmKind, LlmStatus, ProviderSession
@@ -44,8 +47,9 @@ def make_row(name: str = "m1", sid: str = "sess", status: str = "active") -> Api
 
 
 async def lookup(name: str = "m1") -> Llm | None:
-    row, _ = await rowcache.llm_lookup(name)
-    return row
+    """The row as the next request sees it."""
+    entry = await rowcache.checked(name)
+    return entry.row if entry is not None else None
 
 
 async def test_a_row_is_read_once_then_served_from_the_cache(async_orm: None) -> None:
@@ -55,18 +59,6 @@ async def test_a_row_is_read_once_then_served_from_the_cache(async_orm: None) ->
     assert first.status == "active"
     assert await lookup() is first  # the same object: no second read
     assert await lookup("nope") is None
-
-
-async def test_the_presence_of_the_session_comes_with_the_row(hub: hub_mod.Hub) -> None:
-    token = await make_row()
-    assert (await rowcache.llm_lookup("m1"))[1] is None  # no control stream yet
-    stream = hub_mod.ControlStream("sess", token.pk)
-    await binding.stream_open(stream)
-    for _ in range(2):  # read from the database, then from the cache
-        _, presence = await rowcache.llm_lookup("m1")
-        assert presence is not None
-        assert presence.epoch == stream.epoch
-    await binding.stream_close(stream)
 
 
 def _set_status(token: ApiToken) -> None:
@@ -141,7 +133,7 @@ async def test_revivals_are_seen(async_orm: None) -> None:
     row = await lookup()
     assert row is not None
     assert row.status == "hibernating"
-    await sync_to_async(services.llm_mark_awake)(llm_id=row.id, name="m1")
+    await sync_to_async(services.llm_mark_awake)(llm_id=row.id, name="m1", session_id="sess")
     assert (await lookup()).status == "active"  # type: ignore[union-attr]  # the row exists
 
 
@@ -212,106 +204,130 @@ async def test_a_write_behind_mcpds_back_is_seen_within_the_cache_age(
 
 
 async def test_stamps_change_on_every_touch_and_never_repeat(async_orm: None) -> None:
-    shared = state.get_state()
-    name, sid = state.name_field("a"), state.session_field("s")
-    seen = {(await shared.dispatch.check("a", "s"))[0]}
-    for fields in ([name], [sid], [state.ALL_ROWS], [name, sid]):
-        await sync_to_async(shared.stamps.touch)(fields)
-        seen.add((await shared.dispatch.check("a", "s"))[0])
-    assert len(seen) == 5
+    routing = state.get_state().routing
+    stamps = state.get_state().stamps
+    name = state.name_field("a")
+    seen = {await routing.stamp("a")}
+    for fields in ([name], [state.ALL_ROWS], [name, state.session_field("s")]):
+        await sync_to_async(stamps.touch)(fields)
+        seen.add(await routing.stamp("a"))
+    assert len(seen) == 4
     # Another name's stamp is untouched by a touch of "a"; "everything" touches it.
-    other = (await shared.dispatch.check("b", "t"))[0]
-    await sync_to_async(shared.stamps.touch)([name])
-    assert (await shared.dispatch.check("b", "t"))[0] == other
+    other = await routing.stamp("b")
+    await sync_to_async(stamps.touch)([name])
+    assert await routing.stamp("b") == other
     # Pruning drops dead fields and touches everything: no old stamp comes back.
-    await sync_to_async(shared.stamps.prune)({name})
-    pruned = (await shared.dispatch.check("a", "s"))[0]
-    assert pruned not in seen
-    assert (await shared.dispatch.check("b", "t"))[0] != other
+    await sync_to_async(stamps.prune)({name})
+    assert await routing.stamp("a") not in seen
+    assert await routing.stamp("b") != other
 
 
 async def test_gc_sweep_prunes_the_stamps_of_deleted_rows(async_orm: None) -> None:
     await make_row(name="old", status="inactive")
     await make_row(name="kept", sid="sess2")
-    shared = state.get_state()
-    await sync_to_async(shared.stamps.touch)([state.session_field("sess")])
-    before = (await shared.dispatch.check("old", "sess"))[0].split("/")
+    routing = state.get_state().routing
+    await sync_to_async(state.get_state().stamps.touch)([state.name_field("old")])
+    before = (await routing.stamp("old")).split("/")
     assert before[0]
-    assert before[1]
     long_ago = timezone.now() - timedelta(days=30)
     await sync_to_async(Llm.objects.filter(name="old").update)(inactive_since=long_ago)
     assert (await sync_to_async(services.gc_sweep)()).deleted == 1
-    after = (await shared.dispatch.check("old", "sess"))[0].split("/")
+    after = (await routing.stamp("old")).split("/")
     assert after[0] == ""  # the deleted row's stamp is gone
-    assert after[1] == before[1]  # its session still exists: its stamp is kept
-    assert after[2] != before[2]  # and everything was touched
+    assert after[1] != before[1]  # and everything was touched
 
 
-async def test_a_cached_row_sends_its_task_in_one_round_trip_while_nothing_changed(
-    hub: hub_mod.Hub,
+class Counted:
+    """Counts the calls a request makes to the shared state's concerns (not the calls they
+    make to each other: in memory, the route reads presence itself)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[str] = []
+        self.depth = 0
+        shared = state.get_state()
+        for concern in ("routing", "presence", "tasks", "leases"):
+            target = getattr(shared, concern)
+            for method in ("route", "stamp", "lookup", "open", "put", "get", "take", "join"):
+                original = getattr(target, method, None)
+                if original is not None:
+                    monkeypatch.setattr(target, method, self._wrap(f"{concern}.{method}", original))
+
+    def _wrap(self, label: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            if self.depth == 0:
+                self.calls.append(label)
+            self.depth += 1
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        return counted
+
+
+async def test_a_cached_row_sends_its_task_in_one_round_trip(
+    hub: hub_mod.Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """tasks.open_cached, the request path's shortcut: a cached active row whose stream was
-    held at the last lookup gets its task opened and sent by one call to the shared state.
-    A write to the row, or a new stream for the session, since that lookup: nothing is sent,
-    and what the call read takes llm_lookup to the new row without a second check."""
+    """The request path: a cached active row gets its task routed, its slot taken, its
+    record written and its frame sent by one call to the shared state. After a write to the
+    row, that call sends nothing and returns the stamps it read, under which the row is read
+    again (no second check)."""
     token = await make_row()
     body = {"model": "m1", "messages": []}
-    assert (await tasks.open_cached("m1", body, False, "/v1/chat/completions")).pending is None
     stream = hub_mod.ControlStream("sess", token.pk)
     await binding.stream_open(stream)
     try:
-        assert (await tasks.open_cached("m1", body, False, "/v1/x")) == tasks.Opened()  # unread
-        await rowcache.llm_lookup("m1")  # read now, with its session's holder
-        opened = await tasks.open_cached("m1", body, True, "/v1/chat/completions")
-        assert opened.pending is not None
-        assert opened.row is not None
-        assert opened.row.name == "m1"
+        entry = await rowcache.lookup("m1")  # read now
+        assert entry is not None
+        assert entry.ref is not None
+        counted = Counted(monkeypatch)
+        frame = tasks.infer_frame(entry.ref, body, True, "/v1/chat/completions")
+        sent = await routing.send(hub, entry.ref, frame)
+        assert isinstance(sent, hub_mod.Pending)
+        assert counted.calls == ["routing.route"]
         got = await asyncio.wait_for(stream.queue.get(), 5)
         assert got is not None
-        frame = dict(got)
-        assert frame["taskId"] == opened.pending.task_id
-        assert frame["streaming"] is True
-        assert frame["body"] == {"model": "m", "messages": []}
-        assert opened.pending.epoch == stream.epoch
+        pushed = dict(got)
+        assert pushed["taskId"] == sent.task_id
+        assert pushed["streaming"] is True
+        assert pushed["body"] == {"model": "m", "messages": []}
+        assert (sent.session_id, sent.epoch) == ("sess", stream.epoch)
 
-        await sync_to_async(_set_status)(token)  # hibernating: not the shortcut's to wake
-        stale = await tasks.open_cached("m1", body, False, "/v1/chat/completions")
-        assert stale.pending is None
-        assert stale.checked is not None
-        row, presence = await rowcache.llm_lookup("m1", stale.checked)
-        assert row is not None
-        assert row.status == "hibernating"
-        assert presence is not None
-        assert (await tasks.open_cached("m1", body, False, "/v1/x")) == tasks.Opened()
+        await sync_to_async(_set_status)(token)  # hibernating: not the route's to wake
+        counted.calls.clear()
+        stale = await routing.send(hub, entry.ref, frame)
+        assert isinstance(stale, state.Routed)
+        assert stale.verdict == "stale"
+        assert counted.calls == ["routing.route"]
+        fresh = await rowcache.llm_lookup("m1", stale.stamp)
+        assert fresh is not None
+        assert fresh.row.status == "hibernating"
+        assert fresh.stamp == stale.stamp
+        assert counted.calls == ["routing.route"]  # the stamps it read were enough
         assert stream.queue.empty()
     finally:
         await binding.stream_close(stream)
 
 
-async def test_a_new_stream_since_the_lookup_sends_nothing_by_the_shortcut(
-    hub: hub_mod.Hub,
-) -> None:
+async def test_a_new_stream_since_the_lookup_gets_the_task(hub: hub_mod.Hub) -> None:
+    """The route reads who holds the session's stream as it sends: a publisher that
+    reconnected since the row was read gets the task on its new stream."""
     token = await make_row()
     first = hub_mod.ControlStream("sess", token.pk)
     await binding.stream_open(first)
-    await rowcache.llm_lookup("m1")
+    entry = await rowcache.lookup("m1")
+    assert entry is not None
+    assert entry.ref is not None
     second = hub_mod.ControlStream("sess", token.pk)
     await binding.stream_open(second)  # the publisher reconnected: the first is replaced
     try:
-        body = {"model": "m1", "messages": []}
-        stale = await tasks.open_cached("m1", body, False, "/v1/chat/completions")
-        assert stale.pending is None
-        assert stale.checked is not None
-        assert stale.checked[1] is not None
-        assert stale.checked[1].epoch == second.epoch
-        _, presence = await rowcache.llm_lookup("m1", stale.checked)
-        assert presence is not None
-        assert presence.epoch == second.epoch
-        opened = await tasks.open_cached("m1", body, False, "/v1/chat/completions")
-        assert opened.pending is not None
-        frame = await asyncio.wait_for(second.queue.get(), 5)
-        assert frame is not None
-        assert frame["taskId"] == opened.pending.task_id
+        frame = tasks.infer_frame(entry.ref, {"model": "m1"}, False, "/v1/chat/completions")
+        sent = await routing.send(hub, entry.ref, frame)
+        assert isinstance(sent, hub_mod.Pending)
+        assert sent.epoch == second.epoch
+        got = await asyncio.wait_for(second.queue.get(), 5)
+        assert got is not None
+        assert got["taskId"] == sent.task_id
     finally:
         await binding.stream_close(second)
         await binding.stream_close(first)

@@ -1,7 +1,7 @@
 """The shared state's task records, and (with Redis) the scripts that publish a task's frame or
-event in the same round trip as its record (state.task_open, task_take/task_get with a
-payload from events.direct_payload). The first run of the suite has the in-memory layer,
-where there is nothing to publish to; the second has Redis."""
+event in the same round trip as its record (tasks.open, tasks.take/get with a payload from
+events.direct_payload); routing is tests/test_routing.py. The first run of the suite has the
+in-memory layer, where there is nothing to publish to; the second has Redis."""
 
 from __future__ import annotations
 
@@ -88,75 +88,3 @@ async def test_a_busy_loop_stays_alive_to_other_workers_and_a_stuck_one_is_let_g
     assert not hub._beat_thread.is_alive()
     assert await shared.presence.live([hub.channel]) == set()
     await shared.aclose()
-
-
-async def test_a_checked_open_opens_only_while_the_stamps_and_the_holder_are_unchanged() -> None:
-    """state.task_open_checked: the task is opened (and, with Redis, its frame published to
-    the holder) only if llm_check would still answer what the cached row was read under;
-    either way the call returns what llm_check would."""
-    shared = state.get_state()
-    holder = await events.new_channel() if settings.REDIS_URL else "hub-a"
-    await shared.presence.beat(holder)
-    push = {"type": "task.push", "sid": "s1", "frame": {"taskId": "t"}}
-    payload = events.direct_payload(push)
-    record = f"{holder} s1"  # the requester's hub: here the holder's, alive
-    try:
-        await shared.presence.bind("s1", holder, "e1")
-        stamp, presence = await shared.dispatch.check("m1", "s1")
-        assert presence == state.Presence(holder, "e1")
-        check = state.CheckedOpen("m1", "s1", stamp, presence)
-
-        assert await shared.dispatch.open_checked(check, "t1", 7, record, payload) == (
-            stamp,
-            presence,
-            True,
-        )
-        assert await shared.tasks.take("t1", 7) == record
-        if payload is not None:
-            assert await asyncio.wait_for(events.receive(holder), 5) == push
-
-        # A write to the row (its name's stamp), then a new stream for the session: each
-        # refuses the open, writes no record, publishes nothing, and says what changed.
-        shared.stamps.touch([state.name_field("m1")])
-        touched, same, opened = await shared.dispatch.open_checked(check, "t2", 7, record, payload)
-        assert not opened
-        assert touched != stamp
-        assert same == presence
-        await shared.presence.bind("s1", holder, "e2")
-        check = state.CheckedOpen("m1", "s1", touched, presence)
-        now_stamp, moved, opened = await shared.dispatch.open_checked(
-            check, "t3", 7, record, payload
-        )
-        assert (now_stamp, moved, opened) == (touched, state.Presence(holder, "e2"), False)
-        assert await shared.tasks.take("t2", 7) is None
-        assert await shared.tasks.take("t3", 7) is None
-        if payload is not None:
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(events.receive(holder), 0.3)
-    finally:
-        await shared.presence.gone(holder)
-        await shared.presence.release("s1", holder, "e2")
-        await events.close_layer()
-
-
-async def test_a_checked_open_is_refused_when_the_holder_died() -> None:
-    if not settings.REDIS_URL:
-        pytest.skip("liveness keys are shared through Redis; one process needs none")
-    shared = state.get_state()
-    holder = await events.new_channel()
-    await shared.presence.beat(holder)
-    try:
-        await shared.presence.bind("s2", holder, "e1")
-        stamp, presence = await shared.dispatch.check("m2", "s2")
-        assert presence is not None
-        await shared.presence.gone(holder)  # kill -9: its liveness key is gone
-        check = state.CheckedOpen("m2", "s2", stamp, presence)
-        assert await shared.dispatch.open_checked(check, "t1", 7, f"{holder} s2", b"x") == (
-            stamp,
-            None,
-            False,
-        )
-        assert await shared.tasks.take("t1", 7) is None
-    finally:
-        await shared.presence.release("s2", holder, "e1")
-        await events.close_layer()

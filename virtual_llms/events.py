@@ -44,6 +44,17 @@ def direct_payload(message: Mapping[str, Any]) -> bytes | None:
     )
 
 
+def splice_base(message: Mapping[str, Any]) -> bytes | None:
+    """direct_payload() of a message that lacks three entries a Redis script adds for the
+    backend it chooses (``sid``, ``epoch``, ``tokenId``: state/lua/route.lua splices them
+    into the map). None when there is no such layer, or the message is too big a map for
+    the splice (a msgpack fixmap holds up to 15 entries)."""
+    payload = direct_payload(message)
+    if payload is None or payload[0] & 0xF0 != 0x80 or len(message) > 12:
+        return None
+    return payload
+
+
 async def receive(channel: str) -> dict[str, Any]:
     message: dict[str, Any] = await layer().receive(channel)
     return message

@@ -23,9 +23,12 @@ from .auth import forget_token
 from .errors import ApiError
 from .loopcache import AsyncPerLoop
 from .protocol import (
+    BackendEvicted,
+    FailoverEvent,
     Frame,
     HubMessage,
     LlmEvicted,
+    QueueReady,
     SessionClosed,
     StreamReplace,
     TaskCancel,
@@ -61,6 +64,9 @@ class Pending:
     epoch: str
     queue: asyncio.Queue[TaskEvent] = field(default_factory=asyncio.Queue)
     got_data: bool = False
+    # Other backends could take the task if its stream goes away before it sent anything
+    # (a pool); a one-backend row fails as in v1 instead.
+    spare: bool = False
 
 
 class ControlStream:
@@ -89,6 +95,8 @@ class WakeOutcome:
     status: int = 200
     code: str = ""
     message: str = ""
+    epoch: int = 0  # the wake lease's epoch it is the outcome of
+    remembered: bool = False  # a failure requests get at once for a while (wake.py)
 
     def error(self) -> ApiError:
         return ApiError(self.status, self.code, self.message)
@@ -104,6 +112,8 @@ class Hub:
         self.streams: dict[str, ControlStream] = {}
         self.by_epoch: dict[str, ControlStream] = {}
         self.wake_waiters: dict[str, set[asyncio.Future[WakeOutcome]]] = {}
+        # Requests waiting in an LLM's queue, by waiter id (queue.py).
+        self.queue_waiters: dict[str, asyncio.Future[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -119,13 +129,18 @@ class Hub:
             "session.closed": self._on_session_closed,
             "token.revoked": self._on_token_revoked,
             "llm.evicted": self._on_llm_evicted,
+            "backend.evicted": self._on_backend_evicted,
+            "queue.ready": self._on_queue_ready,
             "wake.outcome": self._on_wake_outcome,
         }
 
     async def start(self) -> None:
         self.channel = await events.new_channel()
         await events.join_workers(self.channel)
-        presence = get_state().presence
+        state = get_state()
+        # Without Redis, queue notices come straight here (state/routing.py MemoryQueue).
+        state.routing.on_notice(lambda channel, notice: self.route(hub_message(dict(notice))))
+        presence = state.presence
         await presence.beat(self.channel)
         beat = presence.threaded_beat()
         if beat is not None:
@@ -244,14 +259,8 @@ class Hub:
         alive = await get_state().presence.live(sorted(remote))
         for p in list(self.pending.values()):
             if p.holder in remote and p.holder not in alive:
-                if p.got_data:
-                    self.spawn(self.fail_pending(p, *DISCONNECTED))
-                else:
-                    self.spawn(
-                        self.fail_pending(
-                            p, 503, "publisher_offline", "the worker holding the stream died"
-                        )
-                    )
+                died = (503, "publisher_offline", "the worker holding the stream died")
+                self.spawn(self.lost(p, died[2], DISCONNECTED if p.got_data else died))
 
     # --- routing ---------------------------------------------------------------------------
 
@@ -267,10 +276,14 @@ class Hub:
 
     def _on_task_push(self, message: TaskPush) -> None:
         stream = self.open_stream(message["sid"], message["epoch"])
-        if stream is not None:
-            stream.push(message["frame"])
-        else:
+        if stream is None:
             self.spawn(self._reroute(message))
+            return
+        frame = message["frame"]
+        model = message.get("models", {}).get(message["sid"])
+        if model is not None and frame["kind"] == "infer":
+            frame = {**frame, "body": {**frame["body"], "model": model}}
+        stream.push(frame)
 
     def _on_task_cancel(self, message: TaskCancel) -> None:
         stream = self.open_stream(message["sid"], message["epoch"])
@@ -285,7 +298,7 @@ class Hub:
     def _on_session_closed(self, message: SessionClosed) -> None:
         for p in list(self.pending.values()):
             if p.session_id == message["sid"] and p.epoch == message["epoch"]:
-                self.spawn(self.fail_pending(p, *DISCONNECTED))
+                self.spawn(self.lost(p, "the publisher's stream closed", DISCONNECTED))
 
     def _on_token_revoked(self, message: TokenRevoked) -> None:
         forget_token(token_id=message["tokenId"])
@@ -298,12 +311,30 @@ class Hub:
         for p in list(self.pending.values()):
             if p.llm_id == llm_id:
                 self.spawn(self.fail_pending(p, *EVICTED))
-        self.resolve_wake(llm_id, WakeOutcome(False, *EVICTED))
+        self.resolve_wake(llm_id, WakeOutcome(False, *EVICTED, epoch=1 << 62))
+
+    def _on_backend_evicted(self, message: BackendEvicted) -> None:
+        for p in list(self.pending.values()):
+            if p.llm_id == message["llmId"] and p.session_id == message["sid"]:
+                self.spawn(self.fail_pending(p, *EVICTED))
+
+    def _on_queue_ready(self, message: QueueReady) -> None:
+        future = self.queue_waiters.get(message["waiter"])
+        if future is not None and not future.done():
+            future.set_result(None)
 
     def _on_wake_outcome(self, message: WakeOutcomeMessage) -> None:
         self.resolve_wake(
             message["llmId"],
-            WakeOutcome(message["ok"], message["status"], message["code"], message["message"]),
+            WakeOutcome(
+                message["ok"],
+                message["status"],
+                message["code"],
+                message["message"],
+                message["epoch"],
+                remembered=not message["ok"]
+                and message["code"] not in ("publisher_offline", "llm_evicted"),
+            ),
         )
 
     def open_stream(self, session_id: str, epoch: str) -> ControlStream | None:
@@ -325,8 +356,12 @@ class Hub:
             )
             return
         if await state.tasks.take(frame["taskId"], message["tokenId"]) is not None:
-            event = error_event(503, "publisher_offline", "the publisher's stream closed")
-            await deliver_event(message["reply"], frame["taskId"], event)
+            # The request fails over if it can (a pool), else fails with 503 as in v1.
+            failover: FailoverEvent = {
+                "kind": "failover",
+                "reason": "the publisher's stream closed",
+            }
+            await deliver_event(message["reply"], frame["taskId"], failover)
 
     async def send(self, presence: Presence, message: HubMessage) -> None:
         """Route a message to the hub holding a stream: this one directly, another through
@@ -335,6 +370,16 @@ class Hub:
             self.route(message)
         else:
             await events.send(presence.channel, message)
+
+    async def lost(self, p: Pending, reason: str, error: tuple[int, str, str]) -> None:
+        """The task's stream went away (closed, or its worker died). A task of a pool that
+        relayed nothing yet is sent again to another backend (the request hears
+        ``failover``); any other fails with ``error``, as in v1. Once: whoever takes its
+        record decides."""
+        if p.got_data or not p.spare:
+            await self.fail_pending(p, *error)
+        elif await get_state().tasks.take(p.task_id, p.token_id) is not None:
+            p.queue.put_nowait({"kind": "failover", "reason": reason})
 
     async def fail_pending(self, p: Pending, status: int, code: str, message: str) -> None:
         """End a local task with an error, once: whoever takes its record decides."""
@@ -354,6 +399,14 @@ class Hub:
             waiters.discard(future)
             if not waiters:
                 del self.wake_waiters[llm_id]
+
+    def queue_wait(self, waiter: str) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue_waiters[waiter] = future
+        return future
+
+    def queue_unwait(self, waiter: str) -> None:
+        self.queue_waiters.pop(waiter, None)
 
     def resolve_wake(self, llm_id: str, outcome: WakeOutcome) -> None:
         for future in self.wake_waiters.get(llm_id, ()):

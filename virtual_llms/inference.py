@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -24,17 +23,16 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest
 
-from . import jsonio, proxy, rowcache, sse, tasks
+from . import jsonio, proxy, queue, rowcache, sse, tasks
 from .answers import result_body
 from .auth import CLIENT_ROLES, aauthenticate
 from .errors import ApiError, offline
 from .http import internal_error, read_json_object
-from .hub import Pending
-from .models import Llm, LlmKind, LlmStatus
+from .hub import Pending, get_hub
+from .models import Llm, LlmStatus
 from .protocol import TaskEvent, error_of
-from .rowcache import LlmRef
-from .state import Presence
-from .wake import ensure_awake
+from .rowcache import CachedRow, LlmRef
+from .wake import awake
 
 log = logging.getLogger("mcpd.inference")
 
@@ -75,6 +73,7 @@ class Outcome:
     upstream_s: float | None = None  # the wait for the publisher's (or upstream's) answer
     first_byte_s: float | None = None  # from the start to the first byte of the body
     total_s: float = 0.0
+    failovers: int = 0  # times the task was sent again after its stream went away
     client_left: bool = False
 
     @property
@@ -169,9 +168,26 @@ class _Call:
     pending: Pending | None = None
     finished: bool = False  # the task ended with an answer (else it is abandoned)
     sse: bool = False  # the head sent was an event stream's
+    waiting: str = ""  # "waking" or "queued" while the task waits to be sent
+    position: int = 0  # in the queue, while queued
+    queued_at: float = 0.0
 
     def since_start(self) -> float:
         return time.perf_counter() - self.out.started
+
+    def queued(self, position: int) -> None:
+        if self.waiting != "queued":
+            self.waiting, self.queued_at = "queued", time.perf_counter()
+        self.position = position
+
+    def note(self, first: bool = False) -> bytes:
+        """A comment for a client waiting on a stream: where its request stands (each
+        interval while it is queued; once, then pings, while the model wakes)."""
+        if self.waiting == "queued":
+            return sse.comment(f"queued {self.position}")
+        if self.waiting == "waking" and first:
+            return sse.comment(f"waking {self.name}")
+        return sse.PING
 
 
 async def relay(request: HttpRequest, endpoint: str) -> AsyncGenerator[Head | bytes, None]:
@@ -180,23 +196,22 @@ async def relay(request: HttpRequest, endpoint: str) -> AsyncGenerator[Head | by
     out = call.out
     try:
         try:
-            row, presence = await _open(call, request)
+            entry = await _open(call, request)
         except ApiError as exc:
             yield _error_head(out, exc)
             yield exc.body(openai=True)
             return
-        if row.kind == LlmKind.PUBLIC:
-            async with contextlib.aclosing(_public(call, row)) as public:
+        if entry.ref is None:
+            async with contextlib.aclosing(_public(call, entry.row)) as public:
                 async for item in public:
                     yield item
             return
-        ref = rowcache.ref_of(row)
         if not call.streaming:
-            head, content = await _unary(call, ref, presence)
+            head, content = await _unary(call, entry.ref)
             yield head
             yield content
             return
-        async with contextlib.aclosing(_stream(call, ref, presence)) as streamed:
+        async with contextlib.aclosing(_stream(call, entry.ref)) as streamed:
             async for item in streamed:
                 yield item
     except asyncio.CancelledError:
@@ -236,8 +251,8 @@ def _head(out: Outcome, head: Head) -> Head:
     return head
 
 
-async def _open(call: _Call, request: HttpRequest) -> tuple[Llm, Presence | None]:
-    """Authenticate, read the body, find the row; send the common request's task at once."""
+async def _open(call: _Call, request: HttpRequest) -> CachedRow:
+    """Authenticate, read the body, find the row (cached: no round trip; routing checks it)."""
     out = call.out
     # A missing token wins over a bad body, and a bad body over an unknown model.
     token = await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
@@ -245,26 +260,16 @@ async def _open(call: _Call, request: HttpRequest) -> tuple[Llm, Presence | None
     call.body = read_json_object(request)
     call.name = _model_name(call.body)
     call.streaming = out.streaming = _streaming(call.body)
-    # The common request is sent right here; anything else is looked up the long way.
-    opened = await tasks.open_cached(call.name, call.body, call.streaming, call.endpoint)
-    row, presence = opened.row, None
-    if opened.pending is None:
-        row, presence = await rowcache.llm_lookup(call.name, opened.checked)
-    else:
-        call.pending = opened.pending
-        out.task_id = opened.pending.task_id
-    if row is None:
+    entry = await rowcache.lookup(call.name)
+    if entry is None:
         raise ApiError(404, "model_not_found", f"The model '{call.name}' does not exist.")
-    out.model, out.kind = row.name, row.kind
-    return row, presence
+    out.model, out.kind = entry.row.name, entry.row.kind
+    return entry
 
 
-async def awake(llm: LlmRef) -> tuple[LlmRef, float]:
-    """A hibernating row woken (once across workers): the row as active, and the seconds the
-    wake took. 503 at once if its publisher holds no control stream (nothing to wake)."""
-    await tasks.require_stream(llm)
-    woke = await ensure_awake(llm)
-    return dataclasses.replace(llm, status=LlmStatus.ACTIVE), woke
+# How often a request follows a row that changes under it (each time: one row read) before
+# it gives up with 503: a row that keeps changing is being re-registered over and over.
+ROUNDS = 4
 
 
 async def enqueue_infer(
@@ -272,43 +277,92 @@ async def enqueue_infer(
     body: dict[str, Any],
     streaming: bool,
     endpoint: str = "/v1/chat/completions",
-    presence: Presence | None = None,
 ) -> tuple[Pending, float]:
     """The original service's enqueueInferTask: an inactive row is refused (503), a
-    hibernating one is woken first (once across workers), then the infer task goes down the
-    publisher's stream. Returns the pending task and the seconds spent waking."""
-    if llm.status == LlmStatus.INACTIVE:
-        raise offline(f"The publisher of '{llm.name}' is inactive (publisher offline).")
-    woke = 0.0
-    if llm.status == LlmStatus.HIBERNATING:
-        llm, woke = await awake(llm)
-        presence = None  # looked up again after the wake
-    frame = tasks.infer_frame(llm, body, streaming, endpoint)
-    return await tasks.dispatch(llm, frame, presence), woke
+    hibernating one is woken first (once across workers), then the infer task goes to one
+    of its backends (queued while all are full). Returns the task and the seconds spent
+    waking."""
+    call = _Call(endpoint, Outcome(endpoint=endpoint, started=time.perf_counter()))
+    call.body, call.name, call.streaming = body, llm.name, streaming
+    pending = await _prepare(call, llm)
+    return pending, call.out.wake_s
 
 
-async def _send(call: _Call, ref: LlmRef, presence: Presence | None) -> Pending:
-    """The call's infer task sent (enqueue_infer), and its wake time noted."""
-    call.pending, woke = await enqueue_infer(
-        ref, call.body, call.streaming, call.endpoint, presence
-    )
-    call.out.task_id = call.pending.task_id
-    call.out.wake_s += woke
-    return call.pending
+async def _prepare(call: _Call, llm: LlmRef) -> Pending:
+    """The call's infer task sent: the row woken first if it hibernates, then routed to a
+    backend with a free slot, waiting in the LLM's queue while all are full. Follows the
+    row when it changed since it was read."""
+    hub = await get_hub()
+    out = call.out
+    for _ in range(ROUNDS):
+        if llm.status == LlmStatus.INACTIVE:
+            raise offline(f"The publisher of '{llm.name}' is inactive (publisher offline).")
+        if llm.status == LlmStatus.HIBERNATING:
+            call.waiting = "waking"
+            llm, woke = await awake(llm)
+            call.waiting = ""
+            out.wake_s += woke
+            continue
+        frame = tasks.infer_frame(llm, call.body, call.streaming, call.endpoint)
+        sent = await queue.send_in_turn(hub, llm, frame, on_queued=call.queued)
+        if call.waiting == "queued":
+            out.queue_s += time.perf_counter() - call.queued_at
+            call.waiting = ""
+        if isinstance(sent, Pending):
+            call.pending = sent
+            out.task_id = sent.task_id
+            return sent
+        if sent.verdict == "none":
+            raise offline(f"The publisher of '{llm.name}' holds no control stream.")
+        # The row changed since it was read: read it again, under the stamps just read.
+        entry = await rowcache.llm_lookup(llm.name, sent.stamp)
+        if entry is None:
+            raise ApiError(404, "model_not_found", f"The model '{llm.name}' does not exist.")
+        if entry.ref is None:  # the name is a public row's now
+            raise offline(f"'{llm.name}' changed while this request was sent; retry.")
+        llm = entry.ref
+    raise offline(f"'{llm.name}' kept changing while this request was sent; retry.")
 
 
 def _wake_header(headers: dict[str, str], woke: float) -> None:
     headers["X-Mcpd-Wake"] = f"woke;dur={woke * 1000:.0f}"
 
 
-async def _unary(call: _Call, ref: LlmRef, presence: Presence | None) -> tuple[Head, bytes]:
+async def _failed_over(call: _Call, llm: LlmRef, reason: str) -> Pending:
+    """The task's stream went away before it sent anything: drop it and send it again to
+    another backend. When none is left, the call fails as it would have without one."""
+    assert call.pending is not None
+    await tasks.finish(call.pending)  # its record is taken already (hub.lost)
+    spare, call.pending = call.pending.spare, None
+    call.out.failovers += 1
+    log.info("a task of %s fails over to another backend: %s", llm.name, reason)
+    try:
+        return await _prepare(call, llm)
+    except ApiError as exc:
+        if exc.code != "publisher_offline":
+            raise
+        if spare:
+            raise ApiError(502, "publisher_disconnected", "publisher disconnected") from exc
+        raise ApiError(503, "publisher_offline", reason) from exc
+
+
+async def _unary(call: _Call, llm: LlmRef) -> tuple[Head, bytes]:
     """A non-streamed answer."""
     out = call.out
+    loop = asyncio.get_running_loop()
     try:
-        pending = call.pending or await _send(call, ref, presence)
-        sent = time.perf_counter()
-        event = await tasks.next_event(pending, settings.MCPD_INFER_TIMEOUT_SECONDS)
-        out.upstream_s = time.perf_counter() - sent
+        pending = call.pending or await _prepare(call, llm)
+        # One deadline for the first answer, whichever backend gives it (failover).
+        deadline = loop.time() + settings.MCPD_INFER_TIMEOUT_SECONDS
+        while True:
+            sent = time.perf_counter()
+            event = await tasks.next_event_or_none(pending, max(0.0, deadline - loop.time()))
+            out.upstream_s = (out.upstream_s or 0.0) + time.perf_counter() - sent
+            if event is None:
+                raise tasks.silence_error()
+            if event["kind"] != "failover":
+                break
+            pending = await _failed_over(call, llm, event["reason"])
         if event["kind"] == "error":
             call.finished = True
             raise error_of(event)
@@ -329,9 +383,16 @@ async def _unary(call: _Call, ref: LlmRef, presence: Presence | None) -> tuple[H
     return _head(out, Head(event["status"], JSON, headers)), event["json"]
 
 
-async def _stream(
-    call: _Call, ref: LlmRef, presence: Presence | None
-) -> AsyncGenerator[Head | bytes, None]:
+async def _noting(call: _Call, job: asyncio.Future[Any]) -> AsyncGenerator[bytes, None]:
+    """Wait for ``job`` on a committed stream: a comment each ping interval saying where the
+    request stands (waking, queued at a position, or a plain ping)."""
+    while not job.done():
+        await asyncio.wait({job}, timeout=settings.MCPD_PING_SECONDS)
+        if not job.done():
+            yield call.note()
+
+
+async def _stream(call: _Call, llm: LlmRef) -> AsyncGenerator[Head | bytes, None]:
     """A streamed answer (see the module's docstring for when its status line is sent)."""
     out = call.out
     loop = asyncio.get_running_loop()
@@ -340,34 +401,36 @@ async def _stream(
     first: TaskEvent | None = None
     committed = False
     try:
-        if ref.status == LlmStatus.HIBERNATING and call.pending is None:
-            wake = asyncio.ensure_future(awake(ref))
+        if call.pending is None:
+            preparing = asyncio.ensure_future(_prepare(call, llm))
             try:
-                await asyncio.wait({wake}, timeout=settings.MCPD_PING_SECONDS)
-                if not wake.done():
-                    # The wake outlasts the window: commit to the stream, and say why.
+                await asyncio.wait({preparing}, timeout=settings.MCPD_PING_SECONDS)
+                if not preparing.done():
+                    # The wait outlasts the window: commit to the stream, and say why.
                     committed = True
                     yield _head(out, _sse_head(call, headers))
                     out.first_byte_s = call.since_start()
-                    yield sse.comment(f"waking {ref.name}")
-                    while not wake.done():
-                        await asyncio.wait({wake}, timeout=settings.MCPD_PING_SECONDS)
-                        if not wake.done():
-                            yield sse.PING
+                    yield call.note(first=True)
+                    async with contextlib.aclosing(_noting(call, preparing)) as notes:
+                        async for note in notes:
+                            yield note
             finally:
-                if not wake.done():
-                    wake.cancel()
-            ref, out.wake_s = wake.result()  # raises the wake's error
-            presence = None  # looked up again after the wake
-            if committed:
-                yield sse.comment(f"mcpd woke {ref.name} in {out.wake_s:.3f} s")
-            else:
+                if not preparing.done():
+                    preparing.cancel()
+            preparing.result()  # raises the preparation's error
+            if out.wake_s and committed:
+                yield sse.comment(f"mcpd woke {llm.name} in {out.wake_s:.3f} s")
+            elif out.wake_s:
                 _wake_header(headers, out.wake_s)
-        pending = call.pending or await _send(call, ref, presence)
-        deadline = loop.time() + settings.MCPD_INFER_TIMEOUT_SECONDS
         if not committed:
-            wait = max(0.0, min(window_end, deadline) - loop.time())
-            first = await tasks.next_event_or_none(pending, wait)
+            deadline = loop.time() + settings.MCPD_INFER_TIMEOUT_SECONDS
+            while True:
+                assert call.pending is not None
+                wait = max(0.0, min(window_end, deadline) - loop.time())
+                first = await tasks.next_event_or_none(call.pending, wait)
+                if first is None or first["kind"] != "failover":
+                    break
+                await _failed_over(call, llm, first["reason"])
             if first is None and loop.time() >= deadline:
                 raise tasks.silence_error()
             if first is not None and _refusal(first):
@@ -394,7 +457,7 @@ async def _stream(
         out.code = exc.code
         yield sse.event(None, exc.openai_body())
         return
-    async with contextlib.aclosing(_stream_body(call, first)) as body:
+    async with contextlib.aclosing(_stream_body(call, llm, first)) as body:
         async for chunk in body:
             yield chunk
 
@@ -404,27 +467,41 @@ def _sse_head(call: _Call, headers: dict[str, str]) -> Head:
     return Head(200, sse.CONTENT_TYPE, {**sse.HEADERS, **headers}, streaming=True)
 
 
-async def _stream_body(call: _Call, first: TaskEvent | None) -> AsyncGenerator[bytes, None]:
+async def _stream_body(
+    call: _Call, llm: LlmRef, first: TaskEvent | None
+) -> AsyncGenerator[bytes, None]:
     """The client's event stream once its head is sent: the task's chunks as they come, and
     always ``data: [DONE]`` or an error event at the end."""
-    assert call.pending is not None
-    pending = call.pending
     loop = asyncio.get_running_loop()
     timeout = settings.MCPD_INFER_TIMEOUT_SECONDS
     deadline = loop.time() + timeout
     event = first
     try:
         while True:
+            assert call.pending is not None
             if event is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise tasks.silence_error()
                 event = await tasks.next_event_or_none(
-                    pending, min(settings.MCPD_PING_SECONDS, remaining)
+                    call.pending, min(settings.MCPD_PING_SECONDS, remaining)
                 )
                 if event is None:
                     yield sse.PING
                     continue
+            if event["kind"] == "failover":
+                # Nothing was relayed yet: the same call goes to another backend.
+                again = asyncio.ensure_future(_failed_over(call, llm, event["reason"]))
+                try:
+                    async with contextlib.aclosing(_noting(call, again)) as notes:
+                        async for note in notes:
+                            yield note
+                finally:
+                    if not again.done():
+                        again.cancel()
+                again.result()
+                event = None
+                continue
             deadline = loop.time() + timeout
             if event["kind"] == "error":
                 call.finished = True

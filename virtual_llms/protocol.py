@@ -9,7 +9,7 @@ edge (a bug a test catches), not a log line deep in the router.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict, TypeGuard
+from typing import Any, Literal, NotRequired, TypedDict, TypeGuard
 
 from .errors import ApiError
 
@@ -67,7 +67,15 @@ class ErrorEvent(TypedDict):
     message: str
 
 
-TaskEvent = ResultEvent | ChunksEvent | ErrorEvent
+class FailoverEvent(TypedDict):
+    """Not from the publisher: the task's stream went away before it sent anything, so the
+    request sends it again to another backend (inference.py)."""
+
+    kind: Literal["failover"]
+    reason: str
+
+
+TaskEvent = ResultEvent | ChunksEvent | ErrorEvent | FailoverEvent
 
 
 def error_event(status: int, code: str, message: str) -> ErrorEvent:
@@ -91,6 +99,8 @@ class TaskPush(TypedDict):
     frame: TaskFrame
     reply: str
     tokenId: int
+    # The upstream model of each backend whose model differs from the one in frame["body"].
+    models: NotRequired[dict[str, str]]
 
 
 class TaskCancel(TypedDict):
@@ -128,6 +138,20 @@ class LlmEvicted(TypedDict):
     llmId: str
 
 
+class BackendEvicted(TypedDict):
+    type: Literal["backend.evicted"]
+    llmId: str
+    sid: str
+
+
+class QueueReady(TypedDict):
+    """A slot of the LLM may be free: the waiter's turn to try (state/routing.py)."""
+
+    type: Literal["queue.ready"]
+    llmId: str
+    waiter: str
+
+
 class WakeOutcomeMessage(TypedDict):
     type: Literal["wake.outcome"]
     llmId: str
@@ -146,19 +170,36 @@ HubMessage = (
     | SessionClosed
     | TokenRevoked
     | LlmEvicted
+    | BackendEvicted
+    | QueueReady
     | WakeOutcomeMessage
 )
 
+
+def _required(message: type) -> frozenset[str]:
+    """The keys a TypedDict requires. Read from its annotations, where this module's
+    (postponed, string) annotations mark the optional ones ``NotRequired[...]``: Python 3.11
+    computes ``__required_keys__`` without seeing that marker in a string."""
+    hints: dict[str, object] = message.__annotations__
+    return frozenset(
+        key
+        for key, hint in hints.items()
+        if not str(getattr(hint, "__forward_arg__", hint)).startswith("NotRequired[")
+    )
+
+
 # The keys each hub message carries, by type: what hub_message() checks.
 HUB_MESSAGE_KEYS: dict[str, frozenset[str]] = {
-    "task.push": frozenset(TaskPush.__annotations__),
-    "task.cancel": frozenset(TaskCancel.__annotations__),
-    "task.event": frozenset(TaskEventMessage.__annotations__),
-    "stream.replace": frozenset(StreamReplace.__annotations__),
-    "session.closed": frozenset(SessionClosed.__annotations__),
-    "token.revoked": frozenset(TokenRevoked.__annotations__),
-    "llm.evicted": frozenset(LlmEvicted.__annotations__),
-    "wake.outcome": frozenset(WakeOutcomeMessage.__annotations__),
+    "task.push": _required(TaskPush),
+    "task.cancel": _required(TaskCancel),
+    "task.event": _required(TaskEventMessage),
+    "stream.replace": _required(StreamReplace),
+    "session.closed": _required(SessionClosed),
+    "token.revoked": _required(TokenRevoked),
+    "llm.evicted": _required(LlmEvicted),
+    "backend.evicted": _required(BackendEvicted),
+    "queue.ready": _required(QueueReady),
+    "wake.outcome": _required(WakeOutcomeMessage),
 }
 
 

@@ -1,10 +1,10 @@
-"""This process's cache of LLM rows on the request path, validated against the stamps in the
-shared state (state/stamps.py) on every request, in the same round trip that reads who holds
-the row's session stream; and what the relay needs of a virtual row (:class:`LlmRef`)."""
+"""This process's cache of LLM rows on the request path, and what the relay needs of a row
+(:class:`LlmRef`, with its backends). A cached row is used without a round trip: the
+script that routes its task checks the row's stamps (state/routing.py) and says when the
+copy is stale, and only then is the row read again."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -13,8 +13,8 @@ from asgiref.sync import sync_to_async
 
 from . import selectors
 from .errors import ApiError
-from .models import Llm, LlmKind
-from .state import Presence, get_state
+from .models import Llm, LlmKind, LlmStatus
+from .state import Candidate, get_state
 
 # A cached row is re-read at least this often even if no stamp changed: the bound on how long
 # a write made behind mcpd's back (raw SQL, a lost stamp update) can go unseen.
@@ -24,8 +24,21 @@ ROW_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
+class BackendRef:
+    """One backend of a virtual row: a session serving the name."""
+
+    sid: str
+    token_id: int
+    model: str
+    slots: int | None  # its maxConcurrency; None: no limit
+    status: str
+    draining: bool = False
+
+
+@dataclass(frozen=True)
 class LlmRef:
-    """What the relay needs of a virtual row, read once per request."""
+    """What the relay needs of a virtual row, read once per request: the row's own fields
+    (its primary session, for the wake and for v1 readers) and its backends."""
 
     id: uuid.UUID
     name: str
@@ -33,9 +46,40 @@ class LlmRef:
     status: str
     session_id: str
     token_id: int
+    backends: tuple[BackendRef, ...] = ()
+    # The stamps the row was read under ("": unknown; routing then finds it stale).
+    stamp: str = ""
+
+    def candidates(self) -> list[Candidate]:
+        """The backends a task may go to: the active ones (draining ones count as live)."""
+        return [
+            Candidate(b.sid, b.token_id, b.slots, b.draining)
+            for b in self.backends
+            if b.status == LlmStatus.ACTIVE
+        ]
+
+    def models(self) -> dict[str, str]:
+        """The upstream model of each backend whose model is not the row's."""
+        return {b.sid: b.model for b in self.backends if b.model != self.model}
 
 
-def ref_of(row: Llm) -> LlmRef:
+def _backends(row: Llm) -> tuple[BackendRef, ...]:
+    manager = getattr(row, "backends", None)
+    if manager is None:  # a row of the one-backend schema
+        assert row.provider_session_id is not None
+        assert row.publisher_token_id is not None
+        return (
+            BackendRef(
+                row.provider_session_id, row.publisher_token_id, row.model, None, row.status
+            ),
+        )
+    return tuple(
+        BackendRef(b.session_id, b.token_id, b.model, b.max_concurrency, b.status, b.draining)
+        for b in manager.all()
+    )
+
+
+def ref_of(row: Llm, stamp: str = "") -> LlmRef:
     assert row.provider_session_id is not None
     assert row.publisher_token_id is not None
     return LlmRef(
@@ -45,6 +89,8 @@ def ref_of(row: Llm) -> LlmRef:
         status=row.status,
         session_id=row.provider_session_id,
         token_id=row.publisher_token_id,
+        backends=_backends(row),
+        stamp=stamp,
     )
 
 
@@ -53,8 +99,7 @@ class CachedRow:
     row: Llm
     stamp: str
     read_at: float
-    # Who held the row's session stream at the last lookup (tasks.open_cached's expectation).
-    presence: Presence | None = None
+    ref: LlmRef | None  # for a virtual row
 
     def fresh(self) -> bool:
         return time.monotonic() - self.read_at < ROW_CACHE_SECONDS
@@ -64,8 +109,9 @@ _rows: dict[str, CachedRow] = {}
 
 
 def cached(name: str) -> CachedRow | None:
-    """The cached entry for ``name``, if any (fresh or not)."""
-    return _rows.get(name)
+    """The fresh cached entry for ``name``, if any."""
+    entry = _rows.get(name)
+    return entry if entry is not None and entry.fresh() else None
 
 
 def reset() -> None:
@@ -73,58 +119,53 @@ def reset() -> None:
     _rows.clear()
 
 
-Checked = tuple[str, Presence | None]
+async def llm_lookup(name: str, stamp: str | None = None) -> CachedRow | None:
+    """The row called ``name``, read from the database and cached under the stamps it was
+    read under: ``stamp`` when routing just read them (they came back with a "stale"
+    verdict), else read now. None if there is no such row."""
+    if stamp is None:
+        stamp = await get_state().routing.stamp(name)
+    # Read after the stamps: a write that commits later touches them again.
+    row = await sync_to_async(selectors.llm_get)(name=name)
+    if row is None:
+        _rows.pop(name, None)
+        return None
+    ref = ref_of(row, stamp) if row.kind == LlmKind.VIRTUAL else None
+    entry = CachedRow(row, stamp, time.monotonic(), ref)
+    if len(_rows) >= ROW_CACHE_SIZE:
+        _rows.clear()
+    _rows[name] = entry
+    return entry
 
 
-async def llm_lookup(
-    name: str, checked: Checked | None = None
-) -> tuple[Llm | None, Presence | None]:
-    """The row called ``name`` and who holds its session's stream, in one round trip to the
-    shared state when the row is cached here: the cached copy is used only while the stamps
-    of its name, its session and "everything" are those it was read under (services touch
-    them on every write). Otherwise one row read on the ORM thread. ``checked``: the stamps
-    and holder open_cached just read for the cached row's session (no second round trip for
-    them)."""
-    dispatch = get_state().dispatch
-    entry = _rows.get(name)
-    sid = (entry.row.provider_session_id or "") if entry is not None else ""
-    row: Llm | None = None
-    for _ in range(3):
-        stamp, presence = checked or await dispatch.check(name, sid)
-        checked = None
-        if entry is not None and entry.fresh() and entry.stamp == stamp:
-            if entry.presence != presence:
-                _rows[name] = dataclasses.replace(entry, presence=presence)
-            return entry.row, presence
-        # Read after the stamps: a write that commits later touches them again.
-        row = await sync_to_async(selectors.llm_get)(name=name)
-        if row is None:
-            _rows.pop(name, None)
-            return None, None
-        row_sid = row.provider_session_id or ""
-        if row_sid == sid:
-            if len(_rows) >= ROW_CACHE_SIZE:
-                _rows.clear()
-            _rows[name] = CachedRow(row, stamp, time.monotonic(), presence)
-            return row, presence
-        # The row moved to another session: read that session's stamp, then the row again.
-        entry, sid = None, row_sid
-    # Still moving after three reads: serve the last one uncached.
-    return row, (await get_state().presence.lookup(sid) if sid else None)
+async def lookup(name: str) -> CachedRow | None:
+    """The row called ``name``: the cached copy while fresh (routing checks its stamps), or
+    read now."""
+    return cached(name) or await llm_lookup(name)
+
+
+async def checked(name: str) -> CachedRow | None:
+    """The row called ``name`` as the next request sees it: the cached copy while it is
+    fresh and its stamps are current (one round trip), else read again."""
+    stamp = await get_state().routing.stamp(name)
+    entry = cached(name)
+    if entry is not None and entry.stamp == stamp:
+        return entry
+    return await llm_lookup(name, stamp)
 
 
 async def load_virtual(name: str) -> LlmRef:
-    """The virtual row called ``name`` (one read), or ApiError 404 / 400 for a public row."""
-    row = await sync_to_async(selectors.llm_get)(name=name)
-    if row is None:
+    """The virtual row called ``name`` (checked), or ApiError 404 / 400 for a public row."""
+    entry = await checked(name)
+    if entry is None:
         raise ApiError(404, "model_not_found", f"The model '{name}' does not exist.")
-    if row.kind != LlmKind.VIRTUAL:
+    if entry.ref is None:
         raise ApiError(400, "not_virtual", f"'{name}' is not a virtual provider.")
-    return ref_of(row)
+    return entry.ref
 
 
 async def reload(name: str) -> LlmRef | None:
-    """The virtual row called ``name`` read again, or None if it is gone."""
+    """The virtual row called ``name`` as it is now (checked), or None if it is gone."""
     try:
         return await load_virtual(name)
     except ApiError:

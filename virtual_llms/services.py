@@ -51,6 +51,13 @@ def llm_touch(*fields: str) -> None:
         transaction.on_commit(lambda: get_state().stamps.touch(touched))
 
 
+def _touch_session(sid: str) -> None:
+    """A write to every row of a session: touch each row's name (what cached rows are
+    checked against) and the session's stamp."""
+    names = Llm.objects.filter(provider_session_id=sid).values_list("name", flat=True)
+    llm_touch(session_field(sid), *[name_field(name) for name in names])
+
+
 def llm_saved(*, llm: Llm) -> None:
     """Every save or delete of a row (services, admin, queryset deletes)."""
     llm_touch(name_field(llm.name))
@@ -140,7 +147,7 @@ def _register_locked(*, token: ApiToken, sid: str, providers: list[ProviderSpec]
     if left_out.exclude(status=LlmStatus.INACTIVE).update(
         status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
     ):
-        llm_touch(session_field(sid))
+        _touch_session(sid)
     left_out.update(withdrawn=True)
     return [result[p.name] for p in providers]
 
@@ -174,7 +181,7 @@ def llm_heartbeat(*, token: ApiToken, session_id: str) -> int:
             version=F("version") + 1,
             updated_at=now,
         ):
-            llm_touch(session_field(session_id))
+            _touch_session(session_id)
         rows.exclude(status=LlmStatus.INACTIVE).update(last_heartbeat_at=now)
     return count
 
@@ -203,8 +210,9 @@ def llm_set_status(*, token: ApiToken, session_id: str, llm_name: str, status: s
     return row
 
 
-def llm_mark_awake(*, llm_id: uuid.UUID, name: str) -> bool:
-    """A wake succeeded: hibernating → active, heartbeat bumped. False if the row moved on."""
+def llm_mark_awake(*, llm_id: uuid.UUID, name: str, session_id: str) -> bool:
+    """A wake of the session's backend succeeded: hibernating → active, heartbeat bumped.
+    False if the row moved on."""
     now = timezone.now()
     changed = Llm.objects.filter(pk=llm_id, status=LlmStatus.HIBERNATING).update(
         status=LlmStatus.ACTIVE, last_heartbeat_at=now, version=F("version") + 1, updated_at=now
@@ -228,7 +236,7 @@ def session_unbind(*, session_id: str) -> datetime:
             updated_at=now,
         )
     ):
-        llm_touch(session_field(session_id))
+        _touch_session(session_id)
     return now
 
 
@@ -248,7 +256,7 @@ def session_rebind(*, session_id: str, unbound_at: datetime) -> int:
         updated_at=now,
     )
     if count:
-        llm_touch(session_field(session_id))
+        _touch_session(session_id)
     return count
 
 

@@ -1,7 +1,7 @@
 """State every worker must agree on, with TTLs, one concern per module: presence and
 liveness (presence.py), open tasks (tasks.py), row stamps (stamps.py), leases (leases.py),
-tasks in flight per backend (slots.py), and the request path's fused round trip
-(dispatch.py).
+tasks in flight per backend (slots.py), and routing with the per-LLM queue (routing.py):
+the request path's round trip.
 
 With ``REDIS_URL`` it lives in Redis (Lua scripts in ``lua/``); without, in this process's
 memory (the embedded, one-process broker). Both implementations of each concern have the
@@ -24,9 +24,9 @@ from .base import (
     Presence,
     RedisConn,
 )
-from .dispatch import CheckedOpen, DispatchStore, MemoryDispatch, RedisDispatch
 from .leases import LeaseStore, MemoryLeases, RedisLeases
 from .presence import MemoryPresence, PresenceStore, RedisPresence
+from .routing import Candidate, MemoryQueue, MemoryRouting, RedisRouting, Routed, RoutingStore
 from .slots import MemorySlots, RedisSlots, SlotStore
 from .stamps import ALL_ROWS, MemoryStamps, RedisStamps, StampStore, name_field, session_field
 from .tasks import MemoryTasks, RedisTasks, TaskStore
@@ -38,8 +38,9 @@ __all__ = [
     "TASK_TTL_SECONDS",
     "WORKER_BEAT_SECONDS",
     "WORKER_TTL_MS",
-    "CheckedOpen",
+    "Candidate",
     "Presence",
+    "Routed",
     "SharedState",
     "current_state",
     "get_state",
@@ -55,7 +56,7 @@ class SharedState:
     tasks: TaskStore
     stamps: StampStore
     leases: LeaseStore
-    dispatch: DispatchStore
+    routing: RoutingStore
     slots: SlotStore
     # With Redis: its connections (closed per loop by aclose, and at reset).
     conn: RedisConn | None = None
@@ -68,14 +69,15 @@ class SharedState:
 
 def _memory() -> SharedState:
     store = MemoryStore()
-    presence, tasks, stamps = MemoryPresence(store), MemoryTasks(store), MemoryStamps()
+    presence, stamps, queue = MemoryPresence(store), MemoryStamps(), MemoryQueue()
+    slots = MemorySlots(store)
     return SharedState(
         presence=presence,
-        tasks=tasks,
+        tasks=MemoryTasks(store, slots, queue),
         stamps=stamps,
         leases=MemoryLeases(store),
-        dispatch=MemoryDispatch(stamps, presence, tasks),
-        slots=MemorySlots(store),
+        routing=MemoryRouting(store, stamps, presence, slots, queue),
+        slots=slots,
     )
 
 
@@ -86,7 +88,7 @@ def _redis(url: str, prefix: str) -> SharedState:
         tasks=RedisTasks(conn),
         stamps=RedisStamps(conn),
         leases=RedisLeases(conn),
-        dispatch=RedisDispatch(conn),
+        routing=RedisRouting(conn),
         slots=RedisSlots(conn),
         conn=conn,
     )

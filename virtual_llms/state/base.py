@@ -78,13 +78,26 @@ class MemoryStore:
         self.data.pop(key, None)
 
 
-# Every script of lua/, read once at import; registered per client (redis-py sends the
-# SHA with EVALSHA and the source only if Redis does not know it yet).
-SCRIPTS: dict[str, str] = {
-    entry.name.removesuffix(".lua"): entry.read_text()
-    for entry in resources.files(__package__).joinpath("lua").iterdir()
-    if entry.name.endswith(".lua")
-}
+def _load_scripts() -> dict[str, str]:
+    """Every script of lua/, read once at import. A script whose first line is
+    ``-- uses: lib/<file>.lua`` gets that file's functions put before it (Lua has no
+    imports), so helpers several scripts share are written once."""
+    folder = resources.files(__package__).joinpath("lua")
+    scripts = {}
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".lua"):
+            continue
+        source = entry.read_text()
+        first = source.split("\n", 1)[0]
+        if first.startswith("-- uses: "):
+            source = folder.joinpath(first.removeprefix("-- uses: ")).read_text() + source
+        scripts[entry.name.removesuffix(".lua")] = source
+    return scripts
+
+
+# Registered per client: redis-py sends the SHA with EVALSHA, the source only if Redis does
+# not know it yet.
+SCRIPTS: dict[str, str] = _load_scripts()
 
 
 class RedisConn:

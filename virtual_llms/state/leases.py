@@ -4,9 +4,20 @@ a holder killed with SIGKILL loses the lease when its TTL runs out."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from .base import MemoryStore, RedisConn
+
+
+@dataclass(frozen=True)
+class Joined:
+    """join()'s answer: a wake already running (``epoch``: wait for its outcome), an outcome
+    to take as it is (``record``), or the lease taken (``epoch``: lead the wake)."""
+
+    kind: Literal["running", "outcome", "lead"]
+    epoch: int = 0
+    record: str = ""
 
 
 class LeaseStore(Protocol):
@@ -18,6 +29,17 @@ class LeaseStore(Protocol):
 
     async def release(self, key: str, epoch: int) -> None:
         """Give the lease up, if it is still this epoch's."""
+
+    async def join(self, key: str, holder: str, ttl_ms: int, joined: int) -> Joined:
+        """Join the lease's current epoch, or learn an outcome (that of epoch ``joined`` or
+        later, for a caller that joined it before; a failure, while it is remembered for
+        everyone), or take the lease (lua/wake_join.lua)."""
+
+    async def end(
+        self, key: str, epoch: int, record: str, keep_seconds: int, failure_seconds: int
+    ) -> None:
+        """Release the lease of ``epoch`` and, in the same step, record its outcome for
+        ``keep_seconds``, and, for everyone, for ``failure_seconds`` (0: not)."""
 
 
 class MemoryLeases:
@@ -43,6 +65,28 @@ class MemoryLeases:
         if self._store.get(f"l:{key}") == epoch:
             self._store.delete(f"l:{key}")
 
+    async def join(self, key: str, holder: str, ttl_ms: int, joined: int) -> Joined:
+        running = self._store.get(f"l:{key}")
+        if running is not None:
+            return Joined("running", epoch=running)
+        record: str | None = self._store.get(f"lo:{key}")
+        if joined > 0 and record is not None and int(record.split(" ", 1)[0]) >= joined:
+            return Joined("outcome", record=record)
+        failed: str | None = self._store.get(f"lf:{key}")
+        if failed is not None:
+            return Joined("outcome", record=failed)
+        epoch_taken = await self.acquire(key, holder, ttl_ms)
+        assert epoch_taken is not None  # one loop, nothing ran in between
+        return Joined("lead", epoch=epoch_taken)
+
+    async def end(
+        self, key: str, epoch: int, record: str, keep_seconds: int, failure_seconds: int
+    ) -> None:
+        await self.release(key, epoch)
+        self._store.set(f"lo:{key}", f"{epoch} {record}", keep_seconds)
+        if failure_seconds > 0:
+            self._store.set(f"lf:{key}", f"{epoch} {record}", failure_seconds)
+
 
 class RedisLeases:
     def __init__(self, conn: RedisConn) -> None:
@@ -62,3 +106,22 @@ class RedisLeases:
 
     async def release(self, key: str, epoch: int) -> None:
         await self._conn.script("lease_release")(keys=[self._conn.key("l", key)], args=[epoch])
+
+    async def join(self, key: str, holder: str, ttl_ms: int, joined: int) -> Joined:
+        k = self._conn.key
+        kind, value = await self._conn.script("wake_join")(
+            keys=[k("l", key), k("le", key), k("lo", key), k("lf", key)],
+            args=[holder, ttl_ms, joined],
+        )
+        if kind == "outcome":
+            return Joined("outcome", record=str(value))
+        return Joined("running" if kind == "running" else "lead", epoch=int(value))
+
+    async def end(
+        self, key: str, epoch: int, record: str, keep_seconds: int, failure_seconds: int
+    ) -> None:
+        k = self._conn.key
+        await self._conn.script("wake_end")(
+            keys=[k("l", key), k("lo", key), k("lf", key)],
+            args=[epoch, record, keep_seconds, failure_seconds],
+        )

@@ -42,6 +42,20 @@ class MemorySlots:
             self._store.set(key, counts, float("inf"))
         return counts
 
+    def release(self, record: str) -> str | None:
+        """The task of ``record`` ended: its slot is free. The LLM's id, for a task that
+        held a slot (its queue's head is then told)."""
+        reply, _, rest = record.partition(" ")
+        llm_id, _, sid = rest.partition(" ")
+        if not sid:
+            return None
+        counts = self.held(llm_id, sid)
+        if counts.get(reply, 0) > 1:
+            counts[reply] -= 1
+        else:
+            counts.pop(reply, None)
+        return llm_id
+
     def counts_sync(self, llm_id: str, sids: list[str]) -> dict[str, int]:
         return {sid: sum(self.held(llm_id, sid).values()) for sid in sids}
 

@@ -7,9 +7,13 @@ None to send them itself."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .base import TASK_TTL_SECONDS, MemoryStore, RedisConn
+from .slots import MemorySlots
+
+if TYPE_CHECKING:
+    from .routing import MemoryQueue
 
 
 class TaskStore(Protocol):
@@ -32,10 +36,13 @@ class TaskStore(Protocol):
 
 class MemoryTasks:
     """One process: the requester is this process, always alive; nothing is published (the
-    in-memory layer's events.direct_payload is None, so no payload is ever passed)."""
+    in-memory layer's events.direct_payload is None, so no payload is ever passed). A taken
+    task gives its backend's slot back and tells the queue's head, as in Redis."""
 
-    def __init__(self, store: MemoryStore) -> None:
+    def __init__(self, store: MemoryStore, slots: MemorySlots, queue: MemoryQueue) -> None:
         self._store = store
+        self._slots = slots
+        self._queue = queue
 
     async def put(self, tid: str, token_id: int, record: str) -> None:
         self._store.set(f"t:{tid}:{token_id}", record, TASK_TTL_SECONDS)
@@ -56,6 +63,9 @@ class MemoryTasks:
         value: str | None = self._store.get(f"t:{tid}:{token_id}")
         if value is not None:
             self._store.delete(f"t:{tid}:{token_id}")
+            llm_id = self._slots.release(value)
+            if llm_id is not None:
+                self._queue.notify_head(llm_id)
         return value
 
 
@@ -83,7 +93,7 @@ class RedisTasks:
     async def _read(self, tid: str, token_id: int, take: bool, payload: bytes | None) -> str | None:
         value = await self._conn.script("task_read")(
             keys=[self._conn.key("t", tid, token_id)],
-            args=[self._conn.key("w", ""), "1" if take else "0", TASK_TTL_SECONDS, payload or b""],
+            args=[self._conn.prefix, "1" if take else "0", TASK_TTL_SECONDS, payload or b""],
         )
         return value if value is None else str(value)
 
