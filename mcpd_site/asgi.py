@@ -16,6 +16,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mcpd_site.settings")
 django.setup(set_prefix=False)
 
 
+from virtual_llms import drain  # noqa: E402 - after Django setup
 from virtual_llms.runtime.django_asgi import (  # noqa: E402 - after Django setup
     ApiASGIHandler,
     BrokerASGIHandler,
@@ -28,7 +29,9 @@ site_app = BrokerASGIHandler()  # the admin (and anything else): the full middle
 async def django_asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path: str = scope.get("path", "")
     app = api_app if path.startswith(("/api/", "/v1/")) else site_app
-    await app(scope, receive, send)
+    # Counted for a graceful drain, which also tells clients to reconnect elsewhere.
+    with drain.tracked(scope):
+        await app(scope, receive, drain.closing_send(send))
 
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402 - after Django setup

@@ -211,6 +211,8 @@ MCPD_WAKE_TIMEOUT_SECONDS = _env_float("MCPD_WAKE_TIMEOUT_SECONDS", 300.0)
 # once (with Retry-After) instead of waking a broken model again and again (SDKs retry 502s).
 # 0, the default, is the contract's rule: the next request after a failed wake wakes again.
 MCPD_WAKE_FAILURE_SECONDS = _env_float_or_zero("MCPD_WAKE_FAILURE_SECONDS", 0.0)
+# A worker told to stop (SIGTERM) lets its requests in flight finish this long (drain.py).
+MCPD_DRAIN_SECONDS = _env_float("MCPD_DRAIN_SECONDS", 30.0)
 # Largest request body accepted from a client or a publisher.
 MCPD_MAX_BODY_BYTES = _env_int("MCPD_MAX_BODY_BYTES", 10 * 1024 * 1024)
 # Requests waiting for a free slot of one LLM's backends (PROTOCOL.md "Routing, capacity

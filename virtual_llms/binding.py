@@ -12,12 +12,16 @@ from collections.abc import AsyncIterator
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from . import events, services
-from .hub import ControlStream, get_hub
+from . import events, selectors, services
+from .hub import Closing, ControlStream, Hub, get_hub
 from .protocol import Frame
 from .state import get_state
 
 log = logging.getLogger("mcpd.binding")
+
+# A publisher told to reconnect elsewhere (this worker drains) has this long to do so
+# before its session is unbound; the agent reconnects at once, in well under a second.
+HANDOVER_SECONDS = 5.0
 
 
 async def stream_open(stream: ControlStream) -> None:
@@ -32,22 +36,31 @@ async def stream_open(stream: ControlStream) -> None:
         await hub.send(
             previous, {"type": "stream.replace", "sid": session_id, "epoch": previous.epoch}
         )
+    # Requests queued for its LLMs (a publisher back after a hand-over or a drop) go now.
+    llm_ids = await sync_to_async(selectors.llm_ids_of_session)(session_id=session_id)
+    await get_state().routing.kick(llm_ids)
     log.info("session %s bound (epoch %s)", session_id, stream.epoch)
 
 
 async def stream_refresh(stream: ControlStream) -> bool:
     """Keep the presence record alive. False once another stream has taken the session, or
-    the stream's token was revoked (the check that holds even if a broadcast was lost)."""
+    the stream's token was revoked (the check that holds even if a broadcast was lost); the
+    stream is closed then, saying why."""
     hub = await get_hub()
     if await sync_to_async(services.token_is_revoked)(token_id=stream.token_id):
+        stream.close(Closing.END)
         return False
-    return await get_state().presence.refresh(stream.session_id, hub.channel, stream.epoch)
+    if not await get_state().presence.refresh(stream.session_id, hub.channel, stream.epoch):
+        stream.close(Closing.REPLACED)
+        return False
+    return True
 
 
 async def stream_frames(stream: ControlStream) -> AsyncIterator[Frame | None]:
     """What to send down a bound control stream: its task frames in order, and None each
     time a keep-alive is due (every MCPD_PING_SECONDS, when the presence record is refreshed
-    too). Ends when the stream is closed, replaced, or its token revoked."""
+    too). Ends when the stream is closed, replaced, or its token revoked (``stream.why``
+    says which)."""
     loop = asyncio.get_running_loop()
     next_ping = loop.time() + settings.MCPD_PING_SECONDS
     while True:
@@ -70,14 +83,35 @@ async def stream_frames(stream: ControlStream) -> AsyncIterator[Frame | None]:
 
 async def stream_close(stream: ControlStream) -> None:
     """The stream ended. Unless a newer stream took over, the session is unbound: its rows go
-    inactive and its tasks in flight fail with "publisher disconnected"."""
+    inactive and its tasks in flight fail with "publisher disconnected". A stream handed over
+    (this worker drains) first gives its publisher HANDOVER_SECONDS to reconnect elsewhere."""
     hub = await get_hub()
+    hub.closing_streams += 1
+    try:
+        await _close(hub, stream)
+    finally:
+        hub.closing_streams -= 1
+
+
+async def _close(hub: Hub, stream: ControlStream) -> None:
     stream.closed = True
     hub.by_epoch.pop(stream.epoch, None)
     if hub.streams.get(stream.session_id) is stream:
         del hub.streams[stream.session_id]
     presence = get_state().presence
     sid = stream.session_id
+    if stream.why == Closing.RECONNECT:
+        # The stream that replaces it, on another worker, tells this hub (stream.replace).
+        replaced = hub.handing_over[stream.epoch] = asyncio.Event()
+        try:
+            async with asyncio.timeout(HANDOVER_SECONDS):
+                await replaced.wait()
+            log.info("session %s handed over (epoch %s)", sid, stream.epoch)
+            return
+        except TimeoutError:
+            pass
+        finally:
+            hub.handing_over.pop(stream.epoch, None)
     if not await presence.release(sid, hub.channel, stream.epoch):
         log.info("session %s stream replaced (epoch %s)", sid, stream.epoch)
         return

@@ -16,7 +16,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from . import answers, binding, jsonio, services
 from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
 from .errors import ApiError
-from .hub import ControlStream
+from .hub import Closing, ControlStream
 from .models import ApiToken
 from .runtime.channels_layer import NoDatabaseCheckDispatch
 
@@ -27,6 +27,12 @@ log = logging.getLogger("mcpd.consumers")
 CLOSE_CODES = {401: 4401, 403: 4403, 404: 4404}
 # Frames of one socket handled at once; the next frame is read when one finishes.
 MAX_FRAMES_IN_FLIGHT = 64
+# Close codes of a socket the broker ends (RFC 6455 private range): reconnect elsewhere at
+# once (this worker drains), or another stream took the session; else a normal close.
+CLOSING_CODES = {
+    Closing.RECONNECT: (4503, "reconnect: the broker worker is draining"),
+    Closing.REPLACED: (4409, "replaced by a newer stream for this session"),
+}
 # When the socket closes, frames still being handed over get this long (then are dropped).
 FRAME_DRAIN_SECONDS = 10.0
 
@@ -88,7 +94,8 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
             raise
         except Exception:
             log.exception("control socket pump failed")
-        await self.close()
+        code, reason = CLOSING_CODES.get(stream.why, (1000, ""))
+        await self.close(code=code, reason=reason)
 
     async def websocket_disconnect(self, message: WebSocketDisconnectEvent) -> None:
         await self._cleanup()

@@ -11,7 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from .auth import authenticate_token, parse_bearer, require_role
-from .errors import ApiError
+from .errors import ApiError, unavailable
 from .models import ApiToken
 
 
@@ -66,8 +66,9 @@ def _flatten(detail: Any) -> str:
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """DRF's handler, reshaped to the contract's ``{"error": {"code", "message"}}``."""
-    if isinstance(exc, ApiError):
-        return Response(exc.api_body(), status=exc.status, headers=exc.headers)
+    refusal = exc if isinstance(exc, ApiError) else unavailable(exc)
+    if refusal is not None:
+        return Response(refusal.api_body(), status=refusal.status, headers=refusal.headers)
     if isinstance(exc, drf_exceptions.ParseError):
         exc = drf_exceptions.ParseError(f"Malformed JSON body: {exc.detail}")
     from rest_framework.views import exception_handler  # imports our auth class: keep lazy

@@ -70,3 +70,43 @@ class ApiError(Exception):
 
 def offline(message: str) -> ApiError:
     return ApiError(503, "publisher_offline", message)
+
+
+def unavailable(exc: BaseException) -> ApiError | None:
+    """A 503 for an exception that means a service the broker needs is away — Redis (the
+    shared state, the channel layer) or the database — rather than a bug: the request is
+    refused with ``Retry-After``, never answered 500 (and logged once per outage by the
+    hub, not with a traceback per request). None for anything else."""
+    import redis.exceptions
+    from django.db import InterfaceError, OperationalError
+
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return ApiError(
+            503,
+            "state_unavailable",
+            "The broker's shared state (Redis) is unreachable; retry shortly.",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, OperationalError | InterfaceError):
+        return ApiError(
+            503,
+            "database_unavailable",
+            "The broker's database is unreachable; retry shortly.",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(exc, ServiceTimeout):
+        return ApiError(
+            503,
+            "state_unavailable",
+            f"The broker's {exc.service} did not answer in time; retry shortly.",
+            headers={"Retry-After": "1"},
+        )
+    return None
+
+
+class ServiceTimeout(TimeoutError):
+    """A call to a service the broker needs (the channel layer) took too long."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"{service} did not answer in time")
+        self.service = service

@@ -8,6 +8,7 @@ LLM evicted, a session closed, a wake's outcome) are broadcast to every hub.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings
 
+from .errors import ServiceTimeout
 from .runtime import channels_layer
 
 WORKERS_GROUP = "mcpd.workers"
@@ -29,8 +31,18 @@ async def new_channel() -> str:
     return name
 
 
+# A send or broadcast that takes longer means the layer's Redis is stalled: the caller gets
+# ServiceTimeout (a 503 for a request) instead of waiting for ever (redis-py sets no socket
+# timeout on the layer's connections).
+SEND_TIMEOUT_SECONDS = 2.0
+
+
 async def send(channel: str, message: Mapping[str, Any]) -> None:
-    await layer().send(channel, message)
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+            await layer().send(channel, message)
+    except TimeoutError as exc:
+        raise ServiceTimeout("channel layer") from exc
 
 
 def direct_payload(message: Mapping[str, Any]) -> bytes | None:
@@ -69,7 +81,11 @@ async def leave_workers(channel: str) -> None:
 
 
 async def broadcast(message: Mapping[str, Any]) -> None:
-    await layer().group_send(WORKERS_GROUP, message)
+    try:
+        async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+            await layer().group_send(WORKERS_GROUP, message)
+    except TimeoutError as exc:
+        raise ServiceTimeout("channel layer") from exc
 
 
 def broadcast_sync(message: Mapping[str, Any]) -> None:

@@ -15,7 +15,7 @@ from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
 from . import jsonio
-from .errors import ApiError
+from .errors import ApiError, unavailable
 
 log = logging.getLogger("mcpd.http")
 
@@ -49,7 +49,10 @@ def json_view(*methods: str) -> Callable[[AsyncView], Any]:
                 return await view(request, *args, **kwargs)
             except ApiError as exc:
                 return exc.response(openai=openai)
-            except Exception:
+            except Exception as exc:
+                refusal = unavailable(exc)
+                if refusal is not None:
+                    return refusal.response(openai=openai)
                 log.exception("%s %s failed", request.method, request.path)
                 return internal_error().response(openai=openai)
 

@@ -10,6 +10,7 @@ come in (protocol.hub_message).
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import secrets
 import threading
@@ -69,6 +70,15 @@ class Pending:
     spare: bool = False
 
 
+class Closing(enum.Enum):
+    """Why a control stream ends, which the publisher is told as it ends (SSE: an event;
+    WebSocket: the close code). docs/design.md "Where the contract is silent"."""
+
+    END = "end"  # for good: the token was revoked, the stream failed
+    REPLACED = "replaced"  # another stream took the session (two agents, one session?)
+    RECONNECT = "reconnect"  # this worker is draining: reconnect elsewhere, at once
+
+
 class ControlStream:
     """A publisher's control stream held by this process (SSE response or WebSocket)."""
 
@@ -78,14 +88,15 @@ class ControlStream:
         self.epoch = secrets.token_hex(8)
         self.queue: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.closed = False
+        self.why = Closing.END
 
     def push(self, frame: Frame) -> None:
         if not self.closed:
             self.queue.put_nowait(frame)
 
-    def close(self) -> None:
+    def close(self, why: Closing = Closing.END) -> None:
         if not self.closed:
-            self.closed = True
+            self.closed, self.why = True, why
             self.queue.put_nowait(None)
 
 
@@ -121,6 +132,12 @@ class Hub:
         self.loop_tick = time.monotonic()
         self._beat_thread: threading.Thread | None = None
         self._beat_stop = threading.Event()
+        # Set by drain.py: this worker takes no new task for the streams it holds.
+        self.draining = False
+        # Streams whose close (binding.stream_close: a hand-over, an unbind) is under way,
+        # and those handed over that wait to hear of the stream replacing them, by epoch.
+        self.closing_streams = 0
+        self.handing_over: dict[str, asyncio.Event] = {}
         self._routes: dict[str, Callable[[Any], None]] = {
             "task.event": self._on_task_event,
             "task.push": self._on_task_push,
@@ -175,6 +192,14 @@ class Hub:
         except Exception:
             log.debug("hub stop cleanup failed", exc_info=True)
 
+    async def drain(self) -> None:
+        """This worker drains (drain.py): no new task for the streams held here, whose
+        publishers are told to reconnect elsewhere; the tasks already sent go on."""
+        self.draining = True
+        await get_state().presence.beat(self.channel, draining=True)
+        for stream in list(self.by_epoch.values()):
+            stream.close(Closing.RECONNECT)
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run work that must outlive the request that started it."""
         task = asyncio.create_task(coro)
@@ -201,7 +226,7 @@ class Hub:
             except Exception:
                 log.exception("hub could not route %s", raw.get("type"))
 
-    def _beat_thread_main(self, beat: Callable[[str], None]) -> None:
+    def _beat_thread_main(self, beat: Callable[[str, bool], None]) -> None:
         """Refresh this worker's liveness key every WORKER_BEAT_SECONDS from a thread, as long
         as the event loop ticked within LOOP_STALL_SECONDS: a loop that is only slow (a full
         machine) stays alive to the other workers; one that is stuck, or a process killed
@@ -211,7 +236,7 @@ class Hub:
             if time.monotonic() - self.loop_tick > LOOP_STALL_SECONDS:
                 continue
             try:
-                beat(self.channel)
+                beat(self.channel, self.draining)
                 failing = False
             except Exception:
                 if not failing:  # once per outage, not three times a second
@@ -228,7 +253,7 @@ class Hub:
             self.loop_tick = time.monotonic()
             try:
                 if self._beat_thread is None:
-                    await presence.beat(self.channel)
+                    await presence.beat(self.channel, self.draining)
                 if time.monotonic() - last_join > REJOIN_SECONDS:
                     await events.join_workers(self.channel)
                     last_join = time.monotonic()
@@ -293,7 +318,10 @@ class Hub:
     def _on_stream_replace(self, message: StreamReplace) -> None:
         stream = self.by_epoch.get(message["epoch"])
         if stream is not None:
-            stream.close()
+            stream.close(Closing.REPLACED)
+        handed_over = self.handing_over.get(message["epoch"])
+        if handed_over is not None:
+            handed_over.set()
 
     def _on_session_closed(self, message: SessionClosed) -> None:
         for p in list(self.pending.values()):

@@ -26,7 +26,7 @@ from django.http import HttpRequest
 from . import jsonio, proxy, queue, rowcache, sse, tasks
 from .answers import result_body
 from .auth import CLIENT_ROLES, aauthenticate
-from .errors import ApiError, offline
+from .errors import ApiError, offline, unavailable
 from .http import internal_error, read_json_object
 from .hub import Pending, get_hub
 from .models import Llm, LlmStatus
@@ -220,9 +220,11 @@ async def relay(request: HttpRequest, endpoint: str) -> AsyncGenerator[Head | by
     except GeneratorExit:
         out.client_left = True
         raise
-    except Exception:
-        log.exception("relaying a call for %s failed", call.name or "?")
-        failure = internal_error()
+    except Exception as exc:
+        failure = unavailable(exc)
+        if failure is None:
+            log.exception("relaying a call for %s failed", call.name or "?")
+            failure = internal_error()
         if out.status == 0:
             yield _error_head(out, failure)
             yield failure.body(openai=True)

@@ -18,3 +18,9 @@ def llm_list() -> QuerySet[Llm]:
 def llm_list_callable() -> QuerySet[Llm]:
     """What ``GET /v1/models`` shows: active and hibernating LLMs."""
     return Llm.objects.listed().only("name", "created_at", "kind")
+
+
+def llm_ids_of_session(*, session_id: str) -> list[str]:
+    """The ids of the rows the session serves."""
+    ids = Llm.objects.filter(provider_session_id=session_id).values_list("id", flat=True)
+    return [str(i) for i in ids]

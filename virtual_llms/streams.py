@@ -23,7 +23,7 @@ from . import binding, inference, selectors, services, sse
 from .auth import CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate, authenticate
 from .errors import ApiError
 from .http import json_view
-from .hub import ControlStream
+from .hub import Closing, ControlStream
 from .models import Llm
 from .protocol import Frame
 
@@ -68,6 +68,15 @@ async def _shielded(coro: Any) -> None:
 
 # --- the publisher's control stream (SSE) ---------------------------------------------------
 
+# What the publisher is told as its stream ends, when there is something to tell.
+CLOSING_EVENTS: dict[Closing, tuple[str, dict[str, str]]] = {
+    Closing.RECONNECT: ("reconnect", {"reason": "draining"}),
+    Closing.REPLACED: (
+        "replaced",
+        {"reason": "replaced", "message": "another stream holds this session now"},
+    ),
+}
+
 
 def _stream_owner(header: str | None, session_id: str) -> int:
     token = authenticate(header, PUBLISHER_ROLES)
@@ -88,6 +97,9 @@ async def _control_events(stream: ControlStream) -> AsyncIterator[bytes]:
         yield sse.event("ready", {"providerSessionId": stream.session_id})
         async for frame in binding.stream_frames(stream):
             yield sse.PING if frame is None else task_frame_event(frame)
+        signal = CLOSING_EVENTS.get(stream.why)
+        if signal is not None:
+            yield sse.event(*signal)
     finally:
         await _shielded(binding.stream_close(stream))
 

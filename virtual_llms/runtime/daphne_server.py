@@ -1,9 +1,15 @@
-"""Two switches daphne does not expose, set by replacing the classes it builds from.
+"""What daphne does not expose, set by replacing the classes it builds from.
 
-Relies on daphne 4.2 building its requests from ``daphne.http_protocol.WebRequest`` (a
-Twisted ``Request``, whose ``parsePOSTFormSubmission`` argument exists since Twisted 22.8)
-and its factory from ``daphne.server.HTTPFactory`` (a Twisted ``HTTPFactory`` with ``log``).
-tests/test_runtime.py checks both. Each can go if daphne gains the option.
+- Two switches: Twisted's form parsing and its request log line (below). Relies on daphne
+  4.2 building its requests from ``daphne.http_protocol.WebRequest`` (a Twisted ``Request``,
+  whose ``parsePOSTFormSubmission`` argument exists since Twisted 22.8) and its factory from
+  ``daphne.server.HTTPFactory`` (a Twisted ``HTTPFactory`` with ``log``).
+- A graceful stop: :class:`DrainingServer` keeps the listening ports daphne opens (its
+  ``listen_success``) and handles SIGTERM itself (daphne's ``signal_handlers`` off: Twisted's
+  handler stops the reactor at once, cutting every request), running drain.py first.
+  Relies on ``Server(signal_handlers=...)`` and ``CommandLineInterface.server_class``.
+
+tests/test_runtime.py checks each. Each can go if daphne gains the option.
 """
 
 from __future__ import annotations
@@ -55,3 +61,52 @@ def skip_twisted_request_log() -> None:
             return
 
     server.HTTPFactory = HTTPFactory
+
+
+def draining_cli() -> Any:
+    """daphne's command line, serving with :class:`DrainingServer`."""
+    import asyncio
+    import signal
+
+    from daphne.cli import CommandLineInterface
+    from daphne.server import Server
+    from twisted.internet import defer, reactor
+
+    from virtual_llms import drain
+
+    class DrainingServer(Server):  # type: ignore[misc,unused-ignore]  # daphne is untyped
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["signal_handlers"] = False
+            super().__init__(*args, **kwargs)
+            self.ports: list[Any] = []
+            self.stopping = False
+            self.draining: asyncio.Future[None] | None = None
+
+        def listen_success(self, port: Any) -> None:
+            self.ports.append(port)
+            super().listen_success(port)
+
+        def run(self) -> None:
+            reactor.callWhenRunning(self._install_signal_handlers)
+            super().run()
+
+        def _install_signal_handlers(self) -> None:
+            loop = asyncio.get_event_loop()
+            for number in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(number, self._on_signal)
+
+        def _on_signal(self) -> None:
+            if self.stopping:  # a second signal: exit at once
+                self.stop()
+                return
+            self.stopping = True
+            self.draining = asyncio.ensure_future(drain.drain(self._stop_listening, self.stop))
+
+        async def _stop_listening(self) -> None:
+            done = [defer.maybeDeferred(port.stopListening) for port in self.ports]
+            await defer.DeferredList(done).asFuture(asyncio.get_event_loop())
+
+    class DrainingCLI(CommandLineInterface):  # type: ignore[misc,unused-ignore]  # daphne is untyped
+        server_class = DrainingServer
+
+    return DrainingCLI()

@@ -32,7 +32,12 @@ PRESENCE_TTL_SECONDS = 60
 TASK_TTL_SECONDS = 3600
 # Redis connections per process for the shared state, and how long a caller waits for one.
 REDIS_POOL_SIZE = 64
-REDIS_POOL_WAIT_SECONDS = 10.0
+REDIS_POOL_WAIT_SECONDS = 5.0
+# Every command's bound: a stalled Redis (paused, or a network that drops packets) fails a
+# request with 503 after this long instead of holding it for ever (redis-py's default), and
+# a connection attempt fails after the second bound.
+REDIS_TIMEOUT_SECONDS = 2.0
+REDIS_CONNECT_TIMEOUT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,8 @@ class RedisConn:
             max_connections=REDIS_POOL_SIZE,
             timeout=REDIS_POOL_WAIT_SECONDS,
             decode_responses=True,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
         )
         client = redis_asyncio.Redis(connection_pool=pool)
         return client, {name: client.register_script(src) for name, src in SCRIPTS.items()}
@@ -146,7 +153,12 @@ class RedisConn:
             if self._sync is None:
                 import redis
 
-                client = redis.Redis.from_url(self.url, decode_responses=True)
+                client = redis.Redis.from_url(
+                    self.url,
+                    decode_responses=True,
+                    socket_timeout=REDIS_TIMEOUT_SECONDS,
+                    socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
+                )
                 self._sync = (
                     client,
                     {name: client.register_script(src) for name, src in SCRIPTS.items()},

@@ -32,10 +32,10 @@ class PresenceStore(Protocol):
     async def lookup(self, sid: str) -> Presence | None:
         """Who holds the session's stream, if that worker is alive."""
 
-    async def beat(self, channel: str) -> None:
-        """This worker is alive."""
+    async def beat(self, channel: str, draining: bool = False) -> None:
+        """This worker is alive (and, ``draining``, takes no new task for its streams)."""
 
-    def threaded_beat(self) -> Callable[[str], None] | None:
+    def threaded_beat(self) -> Callable[[str, bool], None] | None:
         """A beat callable from a thread, when liveness is shared with other processes."""
 
     async def gone(self, channel: str) -> None:
@@ -76,10 +76,10 @@ class MemoryPresence:
         found: Presence | None = self._store.get(f"s:{sid}")
         return found
 
-    async def beat(self, channel: str) -> None:
+    async def beat(self, channel: str, draining: bool = False) -> None:
         return None
 
-    def threaded_beat(self) -> Callable[[str], None] | None:
+    def threaded_beat(self) -> Callable[[str, bool], None] | None:
         return None
 
     async def gone(self, channel: str) -> None:
@@ -125,12 +125,14 @@ class RedisPresence:
         )
         return decode_presence(raw)
 
-    async def beat(self, channel: str) -> None:
-        await self._conn.client().set(self._conn.key("w", channel), "1", px=WORKER_TTL_MS)
+    async def beat(self, channel: str, draining: bool = False) -> None:
+        value = "d" if draining else "1"
+        await self._conn.client().set(self._conn.key("w", channel), value, px=WORKER_TTL_MS)
 
-    def threaded_beat(self) -> Callable[[str], None] | None:
-        def beat(channel: str) -> None:
-            self._conn.sync_client().set(self._conn.key("w", channel), "1", px=WORKER_TTL_MS)
+    def threaded_beat(self) -> Callable[[str, bool], None] | None:
+        def beat(channel: str, draining: bool) -> None:
+            value = "d" if draining else "1"
+            self._conn.sync_client().set(self._conn.key("w", channel), value, px=WORKER_TTL_MS)
 
         return beat
 

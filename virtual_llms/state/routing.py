@@ -97,6 +97,9 @@ class RoutingStore(Protocol):
     def depths_sync(self, llm_ids: list[str]) -> dict[str, int]:
         """How many requests wait for each LLM (from sync code: the REST API, metrics)."""
 
+    async def kick(self, llm_ids: list[str]) -> None:
+        """Tell the queue's head of each LLM that a slot may be free (a stream was bound)."""
+
     def on_notice(self, deliver: Callable[[str, Mapping[str, Any]], None]) -> None:
         """Where notices go when this store cannot publish them (the one-process broker:
         to the hub); the Redis store publishes them from its scripts."""
@@ -223,6 +226,10 @@ class MemoryRouting:
     def on_notice(self, deliver: Callable[[str, Mapping[str, Any]], None]) -> None:
         self._queue.deliver = deliver
 
+    async def kick(self, llm_ids: list[str]) -> None:
+        for llm_id in llm_ids:
+            self._queue.notify_head(llm_id)
+
 
 class RedisRouting:
     def __init__(self, conn: RedisConn) -> None:
@@ -318,3 +325,7 @@ class RedisRouting:
 
     def on_notice(self, deliver: Callable[[str, Mapping[str, Any]], None]) -> None:
         return None
+
+    async def kick(self, llm_ids: list[str]) -> None:
+        if llm_ids:
+            await self._conn.script("queue_kick")(args=[self._conn.prefix, *llm_ids])

@@ -1,4 +1,5 @@
-"""``manage.py serve``: run one daphne process with the flags mcpd needs.
+"""``manage.py serve``: run one daphne process with the flags mcpd needs, stopping
+gracefully on SIGTERM (drain.py).
 
 WebSocket messages and frames may carry a whole request body (MCPD_MAX_BODY_BYTES) plus
 framing, and daphne caps both at 1 MiB by default; keep-alive pings every 15 s keep proxies
@@ -65,9 +66,8 @@ class Command(BaseCommand):
     def handle(
         self, *args: Any, bind: str, port: int, backlog: int, daphne: list[str], **options: Any
     ) -> None:
-        from daphne.cli import CommandLineInterface
-
         from virtual_llms.runtime.daphne_server import (
+            draining_cli,
             skip_form_parsing,
             skip_twisted_request_log,
         )
@@ -77,7 +77,7 @@ class Command(BaseCommand):
         skip_form_parsing()
         skip_twisted_request_log()
         freeze_startup_objects()
-        CommandLineInterface().run(daphne_args(bind, port, daphne, backlog))
+        draining_cli().run(daphne_args(bind, port, daphne, backlog))
 
 
 # Allocations between two collections of the youngest generation (Python's default: 700).

@@ -12,6 +12,7 @@
 --   ARGV[9] the waiter id of a queued caller ('' for a new request)
 --   ARGV[10..] per candidate (in the caller's random order, so ties go to a random one):
 --           session id, publisher token id, slots (0 = no limit), '1' if draining
+-- A worker's liveness key (w:<hub>) is '1', or 'd' while it drains.
 -- Returns {stamp, verdict, ...}:
 --   'stale'                  the stamps moved: re-read the row, then route again
 --   'none'                   no candidate holds a live stream
@@ -30,9 +31,11 @@ for i = 1, n do
   local base = 10 + (i - 1) * 4
   local p = redis.call('GET', P .. 's:' .. ARGV[base])
   local hub = p and string.match(p, '^(%S+)')
-  if hub and redis.call('EXISTS', P .. 'w:' .. hub) == 1 then
+  local alive = hub and redis.call('GET', P .. 'w:' .. hub)
+  if alive then
     live = live + 1
-    if ARGV[base + 3] ~= '1' then
+    -- A draining backend, or a stream held by a draining worker (drain.py), takes none.
+    if ARGV[base + 3] ~= '1' and alive ~= 'd' then
       local busy = slot_count(P, P .. 'f:' .. ARGV[6] .. ':' .. ARGV[base])
       local max = tonumber(ARGV[base + 2])
       local free = UNLIMITED
