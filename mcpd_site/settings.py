@@ -232,7 +232,16 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {
+        "quiet_connection_errors": {
+            "()": "virtual_llms.runtime.channels_layer.QuietConnectionErrors",
+        }
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("MCPD_LOG_LEVEL", "INFO")},
-    "loggers": {"django.channels.server": {"level": "WARNING"}},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        # A lost Redis connection: one line per outage, not a traceback (runtime/).
+        "channels_redis.pubsub": {"filters": ["quiet_connection_errors"]},
+    },
 }

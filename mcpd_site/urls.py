@@ -3,7 +3,7 @@
 from django.contrib import admin
 from django.urls import path
 
-from virtual_llms import inference, streams, views
+from virtual_llms import health, inference, streams, views
 
 handler404 = "virtual_llms.http.not_found"
 handler500 = "virtual_llms.http.server_error"
@@ -28,5 +28,7 @@ urlpatterns = [
     # REST API
     path("api/v1/llms", views.LlmListView.as_view()),
     path("api/v1/llms/<path:name>", views.LlmDetailView.as_view()),
+    path("healthz", health.healthz),
+    path("readyz", health.readyz),
     path("admin/", admin.site.urls),
 ]

@@ -60,6 +60,33 @@ async def test_the_layer_carries_a_big_message_through_redis() -> None:
         await events.close_layer()
 
 
+async def test_a_dropped_subscription_is_opened_again() -> None:
+    """runtime/channels_layer.resubscribe_dropped leaves a live subscription alone, and its
+    forced PING (recovery.py) keeps messages flowing. Fails loudly if channels-redis renames
+    what it relies on (_get_layer, _shards, _pubsub, _lock)."""
+    if not settings.REDIS_URL:
+        pytest.skip("the in-memory layer has no Redis connections")
+    from virtual_llms.runtime.channels_layer import _shards
+
+    channel = await events.new_channel()
+    try:
+        await events.send(channel, {"type": "queue.ready", "llmId": "1", "waiter": "w"})
+        await asyncio.wait_for(events.receive(channel), 5)
+        shards = _shards(events.layer())
+        assert shards
+        assert all(hasattr(s, "_lock") and s._pubsub is not None for s in shards)
+        assert await events.resubscribe_dropped() == 0  # connected: nothing to do, no I/O
+        # What recovery.py does after an outage: a PING on every subscriber connection.
+        assert await events.resubscribe_dropped(force=True) == len(shards)
+        # The stuck case (the connection dropped while Redis was down, so redis-py's one
+        # reconnect failed) needs Redis down: tests/test_multiproc_restarts.py.
+        message = {"type": "queue.ready", "llmId": "1", "waiter": "again"}
+        await events.send(channel, message)
+        assert await asyncio.wait_for(events.receive(channel), 5) == message
+    finally:
+        await events.close_layer()
+
+
 def test_the_stock_parser_still_formats_every_message() -> None:
     """The reason for PubSubParser (redis/redis-py#4230). When this fails, the installed
     redis-py no longer formats pub/sub messages: drop PubSubParser and layer_host's entry."""
@@ -165,3 +192,40 @@ def test_channels_dispatch_still_checks_the_database_before_each_message() -> No
 
     assert "aclose_old_connections" in inspect.getsource(AsyncConsumer.dispatch)
     assert get_handler_name({"type": "websocket.receive"}) == "websocket_receive"
+
+
+def test_the_pubsub_layers_lost_connection_logs_one_line() -> None:
+    """channels-redis logs its receive loop's failures with a traceback; a lost Redis is one
+    line (settings.LOGGING), anything else keeps its traceback."""
+    import logging
+
+    import redis.exceptions
+
+    from virtual_llms.runtime.channels_layer import QuietConnectionErrors
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            import sys
+
+            return logging.LogRecord(
+                "channels_redis.pubsub",
+                logging.ERROR,
+                __file__,
+                1,
+                "Unexpected exception in receive task",
+                (),
+                sys.exc_info(),
+            )
+
+    lost = record(redis.exceptions.ConnectionError("Connection closed by server."))
+    assert QuietConnectionErrors().filter(lost)
+    assert lost.exc_info is None
+    assert lost.levelno == logging.WARNING
+    assert lost.getMessage() == "Unexpected exception in receive task: Connection closed by server."
+    bug = record(ValueError("a bug"))
+    assert QuietConnectionErrors().filter(bug)
+    assert bug.exc_info is not None
+    assert bug.levelno == logging.ERROR
+    assert logging.getLogger("channels_redis.pubsub").filters, "settings.LOGGING installs it"

@@ -13,15 +13,12 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from . import events, selectors, services
-from .hub import Closing, ControlStream, Hub, get_hub
+from .errors import unavailable
+from .hub import HANDOVER_SECONDS, Closing, ControlStream, Hub, get_hub
 from .protocol import Frame
 from .state import get_state
 
 log = logging.getLogger("mcpd.binding")
-
-# A publisher told to reconnect elsewhere (this worker drains) has this long to do so
-# before its session is unbound; the agent reconnects at once, in well under a second.
-HANDOVER_SECONDS = 5.0
 
 
 async def stream_open(stream: ControlStream) -> None:
@@ -47,12 +44,19 @@ async def stream_refresh(stream: ControlStream) -> bool:
     the stream's token was revoked (the check that holds even if a broadcast was lost); the
     stream is closed then, saying why."""
     hub = await get_hub()
-    if await sync_to_async(services.token_is_revoked)(token_id=stream.token_id):
-        stream.close(Closing.END)
-        return False
-    if not await get_state().presence.refresh(stream.session_id, hub.channel, stream.epoch):
-        stream.close(Closing.REPLACED)
-        return False
+    try:
+        if await sync_to_async(services.token_is_revoked)(token_id=stream.token_id):
+            stream.close(Closing.END)
+            return False
+        if not await get_state().presence.refresh(stream.session_id, hub.channel, stream.epoch):
+            stream.close(Closing.REPLACED)
+            return False
+    except Exception as exc:
+        # Redis or the database is away for a moment: the stream itself is fine, and what
+        # Redis lost is written back when it returns (recovery.py). The outage is logged
+        # once, by the hub.
+        if unavailable(exc) is None:
+            raise
     return True
 
 

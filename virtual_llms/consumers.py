@@ -15,7 +15,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from . import answers, binding, jsonio, services
 from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
-from .errors import ApiError
+from .errors import ApiError, unavailable
 from .hub import Closing, ControlStream
 from .models import ApiToken
 from .runtime.channels_layer import NoDatabaseCheckDispatch
@@ -35,6 +35,8 @@ CLOSING_CODES = {
 }
 # When the socket closes, frames still being handed over get this long (then are dropped).
 FRAME_DRAIN_SECONDS = 10.0
+# At most this many tasks with a lost answer are remembered per socket.
+LOST_ANSWERS_KEPT = 10_000
 
 
 class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
@@ -54,6 +56,9 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
         # would put a Redis round trip per frame in series for every task on the socket.
         self.frames: set[asyncio.Task[None]] = set()
         self.last_frame: dict[str, asyncio.Task[None]] = {}
+        # Tasks one of whose answer frames could not be handed over (Redis away): their later
+        # frames are refused, so no client gets an answer with a gap (_handle).
+        self.lost_answers: set[str] = set()
         self.frame_slots = asyncio.Semaphore(MAX_FRAMES_IN_FLIGHT)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -148,13 +153,24 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
             reply = await self._handle(frame)
         except ApiError as exc:
             reply = self._protocol_error(exc.message, raw, exc.code)
-        except Exception:
+        except Exception as exc:
             # A Redis or database hiccup must not kill the socket (and the session with it).
-            log.exception("control socket frame failed")
-            reply = self._protocol_error("internal error; retry the frame", raw, "internal_error")
+            lost = unavailable(exc)
+            if lost is None:
+                log.exception("control socket frame failed")
+                lost = ApiError(500, "internal_error", "internal error; retry the frame")
+            task_id = frame.get("taskId")
+            if isinstance(task_id, str) and frame["type"] != "error":
+                self._lost_answer(task_id)
+            reply = self._protocol_error(lost.message, raw, lost.code)
         if reply is not None:
             with contextlib.suppress(Exception):  # the socket may be gone by now
                 await self.send(json.dumps(reply))
+
+    def _lost_answer(self, task_id: str) -> None:
+        if len(self.lost_answers) >= LOST_ANSWERS_KEPT:
+            self.lost_answers.clear()  # a bound; an outage that long fails by timeouts anyway
+        self.lost_answers.add(task_id)
 
     @staticmethod
     def _protocol_error(message: str, raw: str | bytes | None, code: str) -> dict[str, Any]:
@@ -195,5 +211,12 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
             raise ApiError(400, "invalid_request", f"A '{kind}' frame needs a 'taskId'.")
         if kind not in ("result", "chunks", "error"):
             raise ApiError(400, "invalid_request", f"Unknown frame type '{kind}'.")
+        if task_id in self.lost_answers and kind != "error":
+            # The frames after a lost one would reach the client with a gap in its answer.
+            raise ApiError(
+                409,
+                "answer_lost",
+                "An earlier answer of this task was lost; the task can only end with an error.",
+            )
         await answers.answer(kind, token_id=self.token.pk, task_id=task_id, body=frame)
         return None

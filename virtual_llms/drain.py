@@ -24,8 +24,7 @@ from typing import Any
 
 from django.conf import settings
 
-from .binding import HANDOVER_SECONDS
-from .hub import current_hub
+from .hub import HANDOVER_SECONDS, current_hub
 from .protocol import error_event
 
 log = logging.getLogger("mcpd.drain")

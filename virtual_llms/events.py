@@ -37,6 +37,12 @@ async def new_channel() -> str:
 SEND_TIMEOUT_SECONDS = 2.0
 
 
+async def resubscribe_dropped(*, force: bool = False) -> int:
+    """Re-open the layer's subscriptions whose connection dropped (runtime/channels_layer.py);
+    how many connections were re-opened. No I/O unless one did (or ``force``)."""
+    return await channels_layer.resubscribe_dropped(layer(), force=force)
+
+
 async def send(channel: str, message: Mapping[str, Any]) -> None:
     try:
         async with asyncio.timeout(SEND_TIMEOUT_SECONDS):

@@ -10,6 +10,7 @@ come in (protocol.hub_message).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import secrets
@@ -21,7 +22,7 @@ from typing import Any
 
 from . import events
 from .auth import forget_token
-from .errors import ApiError
+from .errors import ApiError, unavailable
 from .loopcache import AsyncPerLoop
 from .protocol import (
     BackendEvicted,
@@ -48,6 +49,9 @@ log = logging.getLogger("mcpd.hub")
 # Group membership is re-asserted this often, so a Redis restart or flush loses broadcasts
 # (token revoked, session closed, LLM evicted, wake outcome) for at most this long.
 REJOIN_SECONDS = 30.0
+# A stream handed over by a draining worker waits this long for its successor (binding.py),
+# and so does a task routed to it meanwhile (_reroute).
+HANDOVER_SECONDS = 5.0
 
 EVICTED = (502, "llm_evicted", "the LLM was evicted")
 DISCONNECTED = (502, "publisher_disconnected", "publisher disconnected")
@@ -68,6 +72,10 @@ class Pending:
     # Other backends could take the task if its stream goes away before it sent anything
     # (a pool); a one-backend row fails as in v1 instead.
     spare: bool = False
+    # The task's record as the requester wrote it (state/tasks.py), to write again if Redis
+    # lost it (recovery.py): "<reply channel>", or "<reply channel> <llm id> <sid>" when the
+    # task holds one of that backend's slots.
+    record: str = ""
 
 
 class Closing(enum.Enum):
@@ -132,6 +140,7 @@ class Hub:
         self.loop_tick = time.monotonic()
         self._beat_thread: threading.Thread | None = None
         self._beat_stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Set by drain.py: this worker takes no new task for the streams it holds.
         self.draining = False
         # Streams whose close (binding.stream_close: a hand-over, an unbind) is under way,
@@ -152,6 +161,7 @@ class Hub:
         }
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.channel = await events.new_channel()
         await events.join_workers(self.channel)
         state = get_state()
@@ -215,10 +225,11 @@ class Hub:
                 raw = await events.receive(self.channel)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 if self._stopping:
                     return
-                log.exception("hub receive failed; retrying")
+                if unavailable(exc) is None:  # an outage is logged once, by the beat
+                    log.exception("hub receive failed; retrying")
                 await asyncio.sleep(0.5)
                 continue
             try:
@@ -226,22 +237,37 @@ class Hub:
             except Exception:
                 log.exception("hub could not route %s", raw.get("type"))
 
-    def _beat_thread_main(self, beat: Callable[[str, bool], None]) -> None:
+    def _beat_thread_main(self, beat: Callable[[str, bool], bool]) -> None:
         """Refresh this worker's liveness key every WORKER_BEAT_SECONDS from a thread, as long
         as the event loop ticked within LOOP_STALL_SECONDS: a loop that is only slow (a full
         machine) stays alive to the other workers; one that is stuck, or a process killed
-        with SIGKILL, stops beating and is taken for dead within WORKER_TTL_MS."""
-        failing = False
+        with SIGKILL, stops beating and is taken for dead within WORKER_TTL_MS. A beat that
+        finds its key gone (Redis restarted or flushed) has what this worker holds written
+        again at once (recovery.py). One log line per outage and one per recovery."""
+        from . import recovery
+
+        down_since: float | None = None
         while not self._beat_stop.wait(WORKER_BEAT_SECONDS):
             if time.monotonic() - self.loop_tick > LOOP_STALL_SECONDS:
                 continue
             try:
-                beat(self.channel, self.draining)
-                failing = False
-            except Exception:
-                if not failing:  # once per outage, not three times a second
-                    log.exception("hub heartbeat failed")
-                failing = True
+                found = beat(self.channel, self.draining)
+            except Exception as exc:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    recovery.log_outage(exc)
+                continue
+            if down_since is not None:
+                recovery.log_back(time.monotonic() - down_since)
+                down_since = None
+                found = False  # write back what may be lost, and re-open subscriptions
+            if not found and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._reassert)
+
+    def _reassert(self) -> None:
+        from . import recovery
+
+        self.spawn(recovery.reassert(self))
 
     async def _beat_loop(self) -> None:
         """Show the beat thread that the loop runs (or, without one, beat from here); rejoin
@@ -268,22 +294,37 @@ class Hub:
         while True:
             await asyncio.sleep(WORKER_BEAT_SECONDS)
             try:
+                if await events.resubscribe_dropped():
+                    log.warning("the channel layer's subscriptions dropped; subscribed again")
                 await self._check_holders()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 if self._stopping:
                     return
-                log.exception("hub could not check the stream holders")
+                if unavailable(exc) is None:  # an outage is logged once, by the beat
+                    log.exception("hub could not check the stream holders")
 
     async def _check_holders(self) -> None:
         """Fail the tasks whose stream was held by a worker that died without cleaning up."""
-        remote = {p.holder for p in self.pending.values() if p.holder != self.channel}
+        # A task being routed has no holder yet (routing.send sets it once route() answers).
+        remote = {p.holder for p in self.pending.values() if p.holder not in ("", self.channel)}
         if not remote:
             return
-        alive = await get_state().presence.live(sorted(remote))
+        presence = get_state().presence
+        alive = await presence.live(sorted(remote))
+        moved: dict[str, Presence | None] = {}
         for p in list(self.pending.values()):
             if p.holder in remote and p.holder not in alive:
+                # A worker that drained handed its streams over before it exited: the task
+                # was delivered, or forwarded to the session's new stream (_reroute), and
+                # its answer comes from the publisher as ever.
+                if p.session_id not in moved:
+                    moved[p.session_id] = await presence.lookup(p.session_id)
+                now = moved[p.session_id]
+                if now is not None and now.epoch != p.epoch:
+                    p.holder, p.epoch = now.channel, now.epoch
+                    continue
                 died = (503, "publisher_offline", "the worker holding the stream died")
                 self.spawn(self.lost(p, died[2], DISCONNECTED if p.got_data else died))
 
@@ -377,6 +418,10 @@ class Hub:
         (the publisher reconnected), forward the task there; else fail it, once."""
         frame = message["frame"]
         state = get_state()
+        handed_over = self.handing_over.get(message["epoch"])
+        if handed_over is not None:  # this worker drains: the stream's successor is near
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(handed_over.wait(), HANDOVER_SECONDS)
         presence = await state.presence.lookup(message["sid"])
         if presence is not None and presence.epoch != message["epoch"] and message["hops"] < 2:
             await self.send(

@@ -61,6 +61,7 @@ async def send(
     pending.session_id = routed.candidate.sid
     pending.token_id = routed.candidate.token_id
     pending.holder, pending.epoch = routed.presence.channel, routed.presence.epoch
+    pending.record = f"{hub.channel} {pending.llm_id} {pending.session_id}"
     if not routed.published:
         message: TaskPush = {
             **base,  # type: ignore[typeddict-item]  # base is a TaskPush less three keys

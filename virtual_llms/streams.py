@@ -21,7 +21,7 @@ from django.http.response import HttpResponseBase
 
 from . import binding, inference, selectors, services, sse
 from .auth import CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate, authenticate
-from .errors import ApiError
+from .errors import ApiError, unavailable
 from .http import json_view
 from .hub import Closing, ControlStream
 from .models import Llm
@@ -62,8 +62,11 @@ async def _shielded(coro: Any) -> None:
     """Run cleanup to the end even if the caller is being cancelled again."""
     try:
         await asyncio.shield(coro)
-    except Exception:
-        log.exception("cleanup failed")
+    except Exception as exc:
+        if unavailable(exc) is None:
+            log.exception("cleanup failed")
+        else:  # the outage is logged once, by the hub
+            log.warning("cleanup failed: %s: %s", type(exc).__name__, exc)
 
 
 # --- the publisher's control stream (SSE) ---------------------------------------------------

@@ -43,6 +43,7 @@ async def send_to_session(
         raise offline(f"The publisher of '{name}' holds no control stream.")
     task_id = secrets.token_urlsafe(18)
     pending = Pending(task_id, llm_id, session_id, token_id, presence.channel, presence.epoch)
+    pending.record = hub.channel
     message: TaskPush = {
         "type": "task.push",
         "sid": session_id,

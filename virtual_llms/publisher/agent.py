@@ -31,7 +31,7 @@ from . import transport
 from .backoff import Backoff
 from .broker import BrokerClient, BrokerError, TaskGone
 from .config import Config, LlmConfig
-from .control import Frame, StreamLost, StreamRefused, Uplink, open_stream
+from .control import Frame, Redirected, StreamLost, StreamRefused, Uplink, open_stream
 from .logs import human, log
 from .power import Power, WakeFailed
 from .sink import TaskSink
@@ -179,6 +179,10 @@ class Agent:
                 log.error("giving up: %s", exc)
                 await self._drain()
                 return 1
+            except Redirected as exc:  # a draining worker: straight to the next URL
+                log.info("%s; reconnecting now", exc)
+                self.broker.rotate(self.stream_url or self.broker.url)
+                continue
             except (BrokerError, httpx.HTTPError, StreamLost, StreamRefused, SessionLost) as exc:
                 self._on_drop(exc)
             except Exception:

@@ -33,6 +33,8 @@ WS_PING_INTERVAL = 20.0
 WS_PING_TIMEOUT = 20.0
 # WebSocket close codes of a refused handshake (PROTOCOL.md's 401/403/404, + 4000).
 WS_REFUSED = {4401: 401, 4403: 403, 4404: 404}
+# The close code of a draining worker's sockets (the broker's consumers.CLOSING_CODES).
+WS_RECONNECT = 4503
 
 
 # A result bigger than this goes over HTTP, where the broker can refuse it (413) without
@@ -78,6 +80,11 @@ class StreamLost(Exception):
     pass
 
 
+class Redirected(StreamLost):
+    """The broker worker is draining (SSE ``event: reconnect``, WebSocket close 4503): open
+    the stream again at once, on the next broker URL, without backing off."""
+
+
 def stream_path(session_id: str, transport: str) -> str:
     leaf = "ws" if transport == "ws" else "stream"
     return f"/api/v1/virtual/sessions/{session_id}/{leaf}"
@@ -113,6 +120,8 @@ async def _sse_frames(broker: BrokerClient, session_id: str) -> AsyncGenerator[F
                     raise StreamRefused(error.status, error.message)
                 raise StreamLost(f"the broker answered {error}")
             async for event in EventSource(response).aiter_sse():
+                if event.event == "reconnect":
+                    raise Redirected("the broker worker is draining")
                 # Other events are skipped unread: once a task event set the last event id,
                 # the SSE decoder reports every keep-alive comment as an empty event.
                 if event.event not in ("ready", "task"):
@@ -186,6 +195,8 @@ def _on_protocol_error(frame: Frame, uplink: Uplink | None) -> None:
 def _raise_for_close(code: int | None, reason: str | None, refusal: str) -> None:
     if code in WS_REFUSED:
         raise StreamRefused(WS_REFUSED[code], refusal or reason or "refused")
+    if code == WS_RECONNECT:
+        raise Redirected(f"the broker worker is draining (code {code})")
     if code is None:
         raise StreamLost("the connection broke (no close frame)")
     raise StreamLost(f"the broker closed the socket (code {code}{', ' + reason if reason else ''})")

@@ -60,3 +60,54 @@ class NoDatabaseCheckDispatch:
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
         await handler(message)
+
+
+def _shards(layer: Any) -> list[Any]:
+    """The pub/sub layer's per-loop shard connections (RedisSingleShardConnection), or []."""
+    if not hasattr(layer, "_get_layer"):
+        return []
+    return list(getattr(layer._get_layer(), "_shards", []))
+
+
+async def resubscribe_dropped(layer: Any, *, force: bool = False) -> int:
+    """Re-open the pub/sub layer's subscriptions whose connection dropped; how many shards.
+
+    channels-redis (4.3) never does it itself: once its receive loop's read fails (Redis
+    restarted, or it cut the client off at its output-buffer limit) and redis-py's one
+    reconnect attempt fails too, redis-py's ``get_message`` finds the connection closed and
+    answers None for ever, so every message to this worker's channels is lost. Any command
+    on the PubSub object reconnects it, and redis-py's ``on_connect`` subscribes again to
+    every channel it had: a PING is the cheapest. ``force``: PING where the connection looks
+    open too (after an outage: a socket that died quietly fails on the PING, and the next
+    call reconnects it). Can go once
+    channels-redis reconnects its subscriptions."""
+    done = 0
+    for shard in _shards(layer):
+        pubsub = shard._pubsub
+        if pubsub is None or not pubsub.subscribed:
+            continue
+        connection = pubsub.connection
+        if not force and connection is not None and connection.is_connected:
+            continue
+        async with shard._lock:
+            await pubsub.ping()
+        done += 1
+    return done
+
+
+class QuietConnectionErrors:
+    """A logging filter for channels-redis's receive loop: a lost or stalled Redis connection
+    is one line, not a traceback (the hub logs the outage once: recovery.py); anything else is
+    logged as it was."""
+
+    def filter(self, record: Any) -> bool:
+        import redis.exceptions
+
+        lost = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError)
+        if record.exc_info and isinstance(record.exc_info[1], lost):
+            record.msg = f"{record.getMessage()}: {record.exc_info[1]}"
+            record.args = ()
+            record.exc_info = None
+            record.levelname = "WARNING"
+            record.levelno = 30
+        return True

@@ -61,6 +61,11 @@ class SharedState:
     # With Redis: its connections (closed per loop by aclose, and at reset).
     conn: RedisConn | None = None
 
+    async def ping(self) -> None:
+        """Reach the shared state (health.py); raises when it is away."""
+        if self.conn is not None:
+            await self.conn.client().ping()
+
     async def aclose(self) -> None:
         """Close this event loop's connections."""
         if self.conn is not None:

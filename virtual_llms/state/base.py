@@ -40,6 +40,21 @@ REDIS_TIMEOUT_SECONDS = 2.0
 REDIS_CONNECT_TIMEOUT_SECONDS = 1.0
 
 
+def _reconnect_once(sync: bool = False) -> Any:
+    """A pooled connection that Redis closed (it restarted) fails its next command with a
+    ConnectionError: reconnect and send it once more, instead of refusing one request per
+    pooled connection after every restart. Only then: not on a timeout (a stalled Redis
+    may have run the command; the caller's deadline answers 503 instead)."""
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    if sync:
+        from redis.retry import Retry
+    else:
+        from redis.asyncio.retry import Retry  # type: ignore[assignment]
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
 @dataclass(frozen=True)
 class Presence:
     """Who holds a session's control stream: the hub's channel and the stream's epoch."""
@@ -132,6 +147,7 @@ class RedisConn:
             decode_responses=True,
             socket_timeout=REDIS_TIMEOUT_SECONDS,
             socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
+            retry=_reconnect_once(),
         )
         client = redis_asyncio.Redis(connection_pool=pool)
         return client, {name: client.register_script(src) for name, src in SCRIPTS.items()}
@@ -158,6 +174,7 @@ class RedisConn:
                     decode_responses=True,
                     socket_timeout=REDIS_TIMEOUT_SECONDS,
                     socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
+                    retry=_reconnect_once(sync=True),
                 )
                 self._sync = (
                     client,

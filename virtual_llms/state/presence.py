@@ -5,11 +5,12 @@ tasks within WORKER_TTL_MS."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from .base import (
     PRESENCE_TTL_SECONDS,
+    TASK_TTL_SECONDS,
     WORKER_TTL_MS,
     MemoryStore,
     Presence,
@@ -35,8 +36,18 @@ class PresenceStore(Protocol):
     async def beat(self, channel: str, draining: bool = False) -> None:
         """This worker is alive (and, ``draining``, takes no new task for its streams)."""
 
-    def threaded_beat(self) -> Callable[[str, bool], None] | None:
-        """A beat callable from a thread, when liveness is shared with other processes."""
+    def threaded_beat(self) -> Callable[[str, bool], bool] | None:
+        """A beat callable from a thread, when liveness is shared with other processes; it
+        answers whether the liveness key was still there (False: the shared state was lost,
+        or this worker was taken for dead)."""
+
+    async def reassert(
+        self, channel: str, streams: Sequence[tuple[str, str]], tasks: Sequence[tuple[str, str]]
+    ) -> tuple[int, int]:
+        """Write again, where nothing is, the presence of the streams this worker holds
+        (session id, epoch) and the records of its open tasks (key suffix, record), and its
+        slot counts: after Redis lost them (recovery.py). How many streams and tasks were
+        written."""
 
     async def gone(self, channel: str) -> None:
         """This worker stops (its sessions are offline at once)."""
@@ -79,8 +90,13 @@ class MemoryPresence:
     async def beat(self, channel: str, draining: bool = False) -> None:
         return None
 
-    def threaded_beat(self) -> Callable[[str, bool], None] | None:
+    def threaded_beat(self) -> Callable[[str, bool], bool] | None:
         return None
+
+    async def reassert(
+        self, channel: str, streams: Sequence[tuple[str, str]], tasks: Sequence[tuple[str, str]]
+    ) -> tuple[int, int]:
+        return (0, 0)  # in one process nothing is lost without the process
 
     async def gone(self, channel: str) -> None:
         return None
@@ -129,12 +145,31 @@ class RedisPresence:
         value = "d" if draining else "1"
         await self._conn.client().set(self._conn.key("w", channel), value, px=WORKER_TTL_MS)
 
-    def threaded_beat(self) -> Callable[[str, bool], None] | None:
-        def beat(channel: str, draining: bool) -> None:
+    def threaded_beat(self) -> Callable[[str, bool], bool] | None:
+        def beat(channel: str, draining: bool) -> bool:
             value = "d" if draining else "1"
-            self._conn.sync_client().set(self._conn.key("w", channel), value, px=WORKER_TTL_MS)
+            key = self._conn.key("w", channel)
+            before = self._conn.sync_client().set(key, value, px=WORKER_TTL_MS, get=True)
+            return before is not None
 
         return beat
+
+    async def reassert(
+        self, channel: str, streams: Sequence[tuple[str, str]], tasks: Sequence[tuple[str, str]]
+    ) -> tuple[int, int]:
+        args: list[str | int] = [
+            self._conn.prefix,
+            channel,
+            PRESENCE_TTL_SECONDS,
+            TASK_TTL_SECONDS,
+            len(streams),
+        ]
+        for sid, epoch in streams:
+            args += [sid, encode_presence(Presence(channel, epoch))]
+        for suffix, record in tasks:
+            args += [suffix, record]
+        written = await self._conn.script("reassert")(keys=[], args=args)
+        return int(written[0]), int(written[1])
 
     async def gone(self, channel: str) -> None:
         await self._conn.client().delete(self._conn.key("w", channel))
