@@ -88,3 +88,24 @@ async def test_a_busy_loop_stays_alive_to_other_workers_and_a_stuck_one_is_let_g
     assert not hub._beat_thread.is_alive()
     assert await shared.presence.live([hub.channel]) == set()
     await shared.aclose()
+
+
+async def test_a_wake_failure_reaches_a_request_that_arrived_before_it_but_not_after() -> None:
+    """Issue 26: leases.join gives a request the failure of a wake decided after the request
+    arrived, even if it never joined that wake's epoch; a request that arrives after the
+    failure takes the lease and wakes again (the contract's "the next request wakes again")."""
+    leases = state.get_state().leases
+    key = f"wake:test-{time.monotonic_ns()}"
+    before_ms = int(time.time() * 1000) - 50
+    lead = await leases.join(key, "hub-a", 5000, 0, before_ms)
+    assert lead.kind == "lead"
+    assert (await leases.join(key, "hub-b", 5000, 0, before_ms)).kind == "running"
+    decided = int(time.time() * 1000)
+    await leases.end(key, lead.epoch, f"0 502 wake_failed {decided} GPU on fire", 30, 0)
+    late_joiner = await leases.join(key, "hub-b", 5000, 0, before_ms)
+    assert late_joiner.kind == "outcome"
+    assert late_joiner.record.endswith("GPU on fire")
+    after = await leases.join(key, "hub-c", 5000, 0, decided + 1)
+    assert after.kind == "lead"
+    assert after.epoch == lead.epoch + 1
+    await leases.release(key, after.epoch)

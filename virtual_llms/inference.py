@@ -301,7 +301,7 @@ async def _prepare(call: _Call, llm: LlmRef) -> Pending:
             raise offline(f"The publisher of '{llm.name}' is inactive (publisher offline).")
         if llm.status == LlmStatus.HIBERNATING:
             call.waiting = "waking"
-            llm, woke = await awake(llm)
+            llm, woke = await awake(llm, out.started)
             call.waiting = ""
             out.wake_s += woke
             continue

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -51,11 +52,14 @@ def _wake_message(body: Any) -> str:
 
 
 def _record(outcome: WakeOutcome) -> str:
-    return f"{int(outcome.ok)} {outcome.status} {outcome.code or '-'} {outcome.message}"
+    """The outcome as the lease keeps it (after its epoch): ok, status, code, when it was
+    decided (ms since the epoch, this worker's clock) and the message."""
+    decided = int(time.time() * 1000)
+    return f"{int(outcome.ok)} {outcome.status} {outcome.code or '-'} {decided} {outcome.message}"
 
 
 def _parse_record(record: str) -> WakeOutcome:
-    epoch, ok, status, code, message = [*record.split(" ", 4), ""][:5]
+    epoch, ok, status, code, _decided, message = [*record.split(" ", 5), ""][:6]
     return WakeOutcome(ok == "1", int(status), "" if code == "-" else code, message, int(epoch))
 
 
@@ -80,26 +84,30 @@ async def _held(llm: LlmRef) -> set[str]:
     return {b.sid for b in llm.backends if await presence.lookup(b.sid) is not None}
 
 
-async def awake(llm: LlmRef) -> tuple[LlmRef, float]:
+async def awake(llm: LlmRef, arrived: float) -> tuple[LlmRef, float]:
     """A hibernating row woken (once across workers): the row as read after the wake, and
     the seconds the wake took. 503 at once if no hibernating backend holds a stream."""
     if _target(llm, await _held(llm)) is None:
         raise offline(f"The publisher of '{llm.name}' holds no control stream.")
-    woke = await ensure_awake(llm)
+    woke = await ensure_awake(llm, arrived)
     current = await rowcache.reload(llm.name)
     if current is None or current.id != llm.id:
         raise ApiError(502, "llm_evicted", "the LLM was evicted")
     return current, woke
 
 
-async def ensure_awake(llm: LlmRef) -> float:
+async def ensure_awake(llm: LlmRef, arrived: float) -> float:
     """Wait until a hibernating LLM is awake, waking it if nobody else is: one wake per LLM
-    across all workers. Returns the seconds waited. Raises ApiError for every failure."""
+    across all workers. ``arrived``: when the request came in (time.perf_counter()).
+    Returns the seconds waited. Raises ApiError for every failure."""
     hub = await get_hub()
     leases = get_state().leases
     key = f"wake:{llm.id}"
     loop = asyncio.get_running_loop()
     started = loop.time()
+    # When this request arrived, as far as the wake is concerned: a wake that fails after it
+    # is the wake it was waiting for, even if it had not joined it yet (issue 26).
+    since_ms = int(time.time() * 1000) - int((time.perf_counter() - arrived) * 1000)
     deadline = started + settings.MCPD_WAKE_TIMEOUT_SECONDS + WAKE_LEASE_MS / 1000
     future = hub.wake_wait(str(llm.id))  # subscribe first, then look: no lost outcome
     joined = 0
@@ -112,7 +120,7 @@ async def ensure_awake(llm: LlmRef) -> float:
                 return loop.time() - started
             if current.status == LlmStatus.INACTIVE:
                 raise offline(f"The publisher of '{llm.name}' is offline.")
-            step = await leases.join(key, hub.channel, WAKE_LEASE_MS, joined)
+            step = await leases.join(key, hub.channel, WAKE_LEASE_MS, joined, since_ms)
             if step.kind == "outcome":
                 outcome = _parse_record(step.record)
                 if outcome.ok:
@@ -158,6 +166,13 @@ async def _lead_wake(llm: LlmRef, key: str, epoch: int) -> WakeOutcome:
     keeper = asyncio.create_task(keep_lease())
     outcome = WakeOutcome(False, 502, "wake_failed", "wake failed", epoch)
     try:
+        # Read the row again now that this worker holds the lease: a request that read it
+        # just before the previous wake succeeded must not wake it a second time (the
+        # previous leader marks the row awake before it gives the lease back).
+        current = await rowcache.reload(llm.name)
+        if current is not None and current.id == llm.id and current.status == LlmStatus.ACTIVE:
+            outcome = WakeOutcome(True, epoch=epoch)
+            return outcome
         target = _target(llm, await _held(llm))
         if target is None:
             raise offline(f"The publisher of '{llm.name}' holds no control stream.")

@@ -30,10 +30,11 @@ class LeaseStore(Protocol):
     async def release(self, key: str, epoch: int) -> None:
         """Give the lease up, if it is still this epoch's."""
 
-    async def join(self, key: str, holder: str, ttl_ms: int, joined: int) -> Joined:
+    async def join(self, key: str, holder: str, ttl_ms: int, joined: int, since_ms: int) -> Joined:
         """Join the lease's current epoch, or learn an outcome (that of epoch ``joined`` or
-        later, for a caller that joined it before; a failure, while it is remembered for
-        everyone), or take the lease (lua/wake_join.lua)."""
+        later, for a caller that joined it before; a failure decided at or after
+        ``since_ms``, when the caller's request arrived; a failure, while it is remembered
+        for everyone), or take the lease (lua/wake_join.lua)."""
 
     async def end(
         self, key: str, epoch: int, record: str, keep_seconds: int, failure_seconds: int
@@ -65,13 +66,17 @@ class MemoryLeases:
         if self._store.get(f"l:{key}") == epoch:
             self._store.delete(f"l:{key}")
 
-    async def join(self, key: str, holder: str, ttl_ms: int, joined: int) -> Joined:
+    async def join(self, key: str, holder: str, ttl_ms: int, joined: int, since_ms: int) -> Joined:
         running = self._store.get(f"l:{key}")
         if running is not None:
             return Joined("running", epoch=running)
         record: str | None = self._store.get(f"lo:{key}")
-        if joined > 0 and record is not None and int(record.split(" ", 1)[0]) >= joined:
-            return Joined("outcome", record=record)
+        if record is not None:
+            epoch, ok, _status, _code, decided = record.split(" ", 5)[:5]
+            if joined > 0 and int(epoch) >= joined:
+                return Joined("outcome", record=record)
+            if ok == "0" and int(decided) >= since_ms:
+                return Joined("outcome", record=record)
         failed: str | None = self._store.get(f"lf:{key}")
         if failed is not None:
             return Joined("outcome", record=failed)
@@ -107,11 +112,11 @@ class RedisLeases:
     async def release(self, key: str, epoch: int) -> None:
         await self._conn.script("lease_release")(keys=[self._conn.key("l", key)], args=[epoch])
 
-    async def join(self, key: str, holder: str, ttl_ms: int, joined: int) -> Joined:
+    async def join(self, key: str, holder: str, ttl_ms: int, joined: int, since_ms: int) -> Joined:
         k = self._conn.key
         kind, value = await self._conn.script("wake_join")(
             keys=[k("l", key), k("le", key), k("lo", key), k("lf", key)],
-            args=[holder, ttl_ms, joined],
+            args=[holder, ttl_ms, joined, since_ms],
         )
         if kind == "outcome":
             return Joined("outcome", record=str(value))
