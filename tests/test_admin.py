@@ -106,3 +106,23 @@ def test_token_add_shows_the_token_once_and_revoke_refuses_it(admin_client: Clie
     with pytest.raises(ApiError):
         authenticate_token(plaintext)
     assert ApiToken.objects.get(pk=token.pk).revoked_at is not None
+
+
+def test_a_virtual_rows_publisher_fields_cannot_be_edited(admin_client: Client, rows: None) -> None:
+    """Issue 28: renaming a live virtual row (or changing its status) in the admin made the
+    broker and its publisher disagree. Those fields are read-only; a public row's are not."""
+    row = Llm.objects.get(name="alpha")
+    page = admin_client.get(f"/admin/virtual_llms/llm/{row.pk}/change/").content.decode()
+    assert 'name="name"' not in page
+    assert 'name="status"' not in page
+    response = admin_client.post(
+        f"/admin/virtual_llms/llm/{row.pk}/change/",
+        {"name": "alpha-renamed", "status": "inactive", "model": "other"},
+        follow=True,
+    )
+    assert response.status_code == 200
+    row.refresh_from_db()
+    assert (row.name, row.status, row.model) == ("alpha", "active", "model-alpha")
+    public = Llm.objects.get(name="public-one")
+    page = admin_client.get(f"/admin/virtual_llms/llm/{public.pk}/change/").content.decode()
+    assert 'name="name"' in page

@@ -14,6 +14,7 @@ import pytest
 from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
+from pytest_django import Settings
 
 from virtual_llms.auth import authenticate_token, token_create
 from virtual_llms.models import ApiToken, Llm, LlmKind, LlmStatus, ProviderSession
@@ -188,3 +189,20 @@ def test_serve_listens_with_a_backlog_and_refuses_a_bad_one() -> None:
     assert daphne_args("127.0.0.1", 8000, [])[1].endswith(":backlog=2048")
     with pytest.raises(CommandError, match="--backlog must be at least 1"):
         call_command("serve", "--backlog", "0")
+
+
+@pytest.mark.django_db
+def test_devtokens_file_can_be_sourced_by_a_shell(tmp_path: Path, settings: Settings) -> None:
+    """Issue 28: `source .mcpd-dev/tokens.env` exports the tokens to the programs run after
+    it, and a second run keeps (and reads back) the same tokens."""
+    settings.DEV_DIR = tmp_path
+    first, _ = run("devtokens")
+    again, _ = run("devtokens")
+    assert first == again
+    env_file = tmp_path / "tokens.env"
+    shown = subprocess.run(
+        ["bash", "-c", f"source {env_file}; env"], capture_output=True, text=True, check=True
+    ).stdout
+    exported = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+    assert authenticate_token(exported["MCPD_CLIENT_KEY"]).role == "client"
+    assert authenticate_token(exported["MCPD_PUBLISHER_TOKEN"]).role == "publisher"

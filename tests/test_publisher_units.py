@@ -317,3 +317,37 @@ async def test_a_wake_command_that_is_the_server_is_stopped_on_sleep(rig: PowerR
         await power.wake()
         await power.close()  # the agent's exit stops it too
         assert not rig.flag.exists()
+
+
+def test_check_finds_the_program_behind_exec_and_env_prefixes() -> None:
+    """Issue 28: publisher.example.toml's `exec llama-server …` pattern checks the program,
+    not `exec`; a missing program is still reported."""
+    from virtual_llms.publisher.check import check_command
+    from virtual_llms.publisher.config import LlmConfig
+
+    llm = LlmConfig(name="n", model="m", upstream="http://127.0.0.1:1/v1")
+    ok, message = check_command(llm, "wake_command", "exec sh -c 'sleep 1' --port 8081")
+    assert ok, message
+    assert "sh found" in message
+    ok, message = check_command(llm, "wake_command", "FOO=1 exec nohup no-such-program-xyz -m x")
+    assert not ok
+    assert "'no-such-program-xyz' not found" in message
+
+
+async def test_check_fails_a_model_the_upstream_does_not_list() -> None:
+    """Issue 28: every request would be refused by the upstream, so check says FAIL."""
+    import httpx
+
+    from virtual_llms.publisher.check import check_upstream
+    from virtual_llms.publisher.config import LlmConfig
+
+    def models(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"object": "list", "data": [{"id": "fake/fake-7b"}]})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(models)) as http:
+        listed = LlmConfig(name="n", model="fake/fake-7b", upstream="http://up/v1")
+        assert (await check_upstream(http, listed))[0]
+        missing = LlmConfig(name="n", model="fake-7b", upstream="http://up/v1")
+        ok, message = await check_upstream(http, missing)
+    assert not ok
+    assert "it lists: fake/fake-7b" in message

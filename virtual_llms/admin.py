@@ -59,6 +59,16 @@ class LlmAdmin(admin.ModelAdmin[Llm]):
         "updated_at",
     ]
     actions = ["evict", "mark_inactive"]
+    # A virtual row's fields are its publisher's: an edit here would make the broker and the
+    # publisher disagree (a renamed row 404s under its old name and 502s under the new one).
+    # Evict or mark inactive instead; the publisher's next registration sets them.
+    PUBLISHER_OWNED = ["name", "type", "model", "url", "tier", "description", "status"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Llm | None = None) -> Any:
+        fields = list(self.readonly_fields)
+        if obj is not None and obj.kind == LlmKind.VIRTUAL:
+            fields += self.PUBLISHER_OWNED
+        return fields
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Public LLMs carry an encrypted key: they are created through the REST API.

@@ -145,9 +145,14 @@ async def check_upstream(http: httpx.AsyncClient, llm: LlmConfig) -> tuple[bool,
     except (ValueError, KeyError, TypeError):
         return True, f"{where}: up (its model list is not OpenAI-shaped)"
     if llm.model not in ids:
+        # Every request would then be refused by the upstream (404): a failure, not a note.
         listed = ", ".join(ids[:10]) or "none"
-        return True, f"{where}: up, but it lists no model {llm.model!r} (it lists: {listed})"
+        return False, f"{where}: up, but it lists no model {llm.model!r} (it lists: {listed})"
     return True, f"{where}: up, serves {llm.model!r}"
+
+
+# Words in front of a shell command that run the program that follows them.
+SHELL_PREFIXES = frozenset({"exec", "nohup", "env", "command", "nice", "setsid", "time"})
 
 
 def check_command(llm: LlmConfig, what: str, command: Command) -> tuple[bool, str]:
@@ -160,8 +165,13 @@ def check_command(llm: LlmConfig, what: str, command: Command) -> tuple[bool, st
             words = shlex.split(command)
         except ValueError as exc:
             return False, f"{where}: cannot be parsed as a shell command ({exc})"
-        # Skip VAR=value assignments; a shell builtin or construct is not checked.
-        program = next((word for word in words if "=" not in word), "")
+        # Skip VAR=value assignments and the prefixes that only change how the program is
+        # run (`exec llama-server …`, as publisher.example.toml ships); another shell builtin
+        # or construct is not checked.
+        rest = [word for word in words if "=" not in word]
+        while rest and rest[0] in SHELL_PREFIXES:
+            rest = rest[1:]
+        program = rest[0] if rest else ""
     if not program or shutil.which(program):
         return True, f"{where}: {program or 'shell command'} found"
     return False, f"{where}: {program!r} not found (not on PATH, or not executable)"

@@ -174,4 +174,4 @@ async def _relay_stream(llm: LlmConfig, url: str, response: httpx.Response, sink
     if failure is not None:
         await sink.error(failure)
         return f"{response.status_code} stream broken after {batcher.chunks} chunks: {failure}"
-    return f"{response.status_code} stream: {batcher.chunks} chunks in {batcher.posts} posts"
+    return f"{response.status_code} stream: {batcher.chunks} chunks in {batcher.posts} batches"

@@ -22,7 +22,9 @@ class Command(BaseCommand):
                 continue
             _, tokens[var] = token_create(role=role, label=f"dev-{role}")
         path.parent.mkdir(exist_ok=True)
-        path.write_text("".join(f"{k}={v}\n" for k, v in tokens.items()))
+        # `export` lines: `source .mcpd-dev/tokens.env` then hands them to programs run after
+        # it (mcpd-publish, the openai SDK), as the printed lines do.
+        path.write_text("".join(f"export {k}={v}\n" for k, v in tokens.items()))
         path.chmod(0o600)
         self.stdout.write("Development tokens (also in .mcpd-dev/tokens.env):")
         for key, value in tokens.items():
@@ -32,7 +34,8 @@ class Command(BaseCommand):
     def _read(path: Path) -> dict[str, str]:
         if not path.exists():
             return {}
-        pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+        lines = (line.removeprefix("export ").strip() for line in path.read_text().splitlines())
+        pairs = (line.split("=", 1) for line in lines if "=" in line)
         return {k: v for k, v in pairs}
 
     @staticmethod
