@@ -72,6 +72,7 @@ async def test_wakes_answered_at_once_reach_every_waiter(broker: Broker) -> None
         )
         for w in range(3)
     ]
+    extra_wakes = 0
     try:
         for round_no in range(ROUNDS):
             failing = round_no % 2 == 0
@@ -93,10 +94,20 @@ async def test_wakes_answered_at_once_reach_every_waiter(broker: Broker) -> None
                 else:
                     assert not isinstance(result, BaseException), (round_no, result)
                     assert result.choices[0].message.content == "woke"
-            # One wake per round: a request that arrived before the wake failed gets that
-            # failure even if it had not joined the wake yet; it never starts another.
-            assert len(wakes) - before == 1, (round_no, len(wakes) - before)
+            count = len(wakes) - before
+            if failing:
+                # The contract: a failed wake leaves the row hibernating and "the next request
+                # wakes again". A request that reached its worker before the wake failed gets
+                # that failure even if it had not joined the wake yet, and never wakes again;
+                # one that reached it only after (a client slowed by a loaded machine) may
+                # start a second wake, which is answered too (no waiter is left without an
+                # answer: asserted above). Before issue 26 that was 15 of 18 failing rounds.
+                assert count >= 1
+                extra_wakes += count - 1
+            else:
+                assert count == 1, (round_no, count)
     finally:
         for c in clients:
             await c.close()
         await pub.aclose()
+    assert extra_wakes <= ROUNDS // 8, extra_wakes

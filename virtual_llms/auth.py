@@ -26,6 +26,10 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 # A verified token is remembered by this process for this long, so the hot path (inference,
 # result POSTs) skips the database. Revocation clears it on every worker at once through a
 # broadcast (hub.Hub, "token.revoked"); this bound covers a broadcast that was lost.
+# Only the async hot path reads it (aauthenticate); the /api/ views, stream opens and
+# WebSocket handshakes, which read the database anyway, check the row every time
+# (``fresh``), so a revoked token is refused there at once on every worker even before the
+# broadcast arrives.
 AUTH_CACHE_SECONDS = 5.0
 
 _verified: dict[str, tuple[ApiToken, float]] = {}
@@ -83,14 +87,15 @@ def parse_bearer(header: str | None) -> str | None:
     return value.strip()
 
 
-def authenticate_token(plaintext: str | None) -> ApiToken:
-    """The row of a valid, unrevoked token, or ApiError 401."""
+def authenticate_token(plaintext: str | None, *, fresh: bool = False) -> ApiToken:
+    """The row of a valid, unrevoked token, or ApiError 401. ``fresh``: read the row even
+    if this process verified the token a moment ago."""
     if not plaintext:
         raise ApiError(401, "unauthorized", "Missing bearer token (Authorization: Bearer …).")
     parts = plaintext.split("_", 2)
     if len(parts) != 3 or parts[0] != "mcpd":
         raise ApiError(401, "unauthorized", "Unknown or revoked token.")
-    cached = _cached(plaintext)
+    cached = None if fresh else _cached(plaintext)
     if cached is not None:
         return cached
     digest = _hash(plaintext)
@@ -120,7 +125,9 @@ def require_role(token: ApiToken, roles: Iterable[str]) -> None:
 
 
 def authenticate(header: str | None, roles: Iterable[str]) -> ApiToken:
-    token = authenticate_token(parse_bearer(header))
+    """The sync check (stream opens, WebSocket handshakes, the cache's miss path): always
+    reads the row."""
+    token = authenticate_token(parse_bearer(header), fresh=True)
     require_role(token, roles)
     return token
 

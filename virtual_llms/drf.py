@@ -21,7 +21,7 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[ApiToken, ApiToken] | None:
         header = request.META.get("HTTP_AUTHORIZATION")
         try:
-            token = authenticate_token(parse_bearer(header))
+            token = authenticate_token(parse_bearer(header), fresh=True)
         except ApiError as exc:
             raise exceptions.AuthenticationFailed(exc.message) from exc
         return token, token
