@@ -151,8 +151,9 @@ async def check_upstream(http: httpx.AsyncClient, llm: LlmConfig) -> tuple[bool,
     return True, f"{where}: up, serves {llm.model!r}"
 
 
-# Words in front of a shell command that run the program that follows them.
-SHELL_PREFIXES = frozenset({"exec", "nohup", "env", "command", "nice", "setsid", "time"})
+# Words in front of a shell command that run the program right after them (none takes an
+# option we would mistake for the program).
+SHELL_PREFIXES = frozenset({"exec", "nohup", "setsid"})
 
 
 def check_command(llm: LlmConfig, what: str, command: Command) -> tuple[bool, str]:

@@ -14,8 +14,11 @@ local joined = tonumber(ARGV[3])
 local o = redis.call('GET', KEYS[3])
 if o then
   local epoch, ok, decided = string.match(o, '^(%d+) (%d) %S+ %S+ (%d+)')
-  if joined > 0 and tonumber(epoch) >= joined then return {'outcome', o} end
-  if ok == '0' and tonumber(decided) >= tonumber(ARGV[4]) then return {'outcome', o} end
+  -- A record that does not read so (one written before this format) is not an outcome.
+  if epoch then
+    if joined > 0 and tonumber(epoch) >= joined then return {'outcome', o} end
+    if ok == '0' and tonumber(decided) >= tonumber(ARGV[4]) then return {'outcome', o} end
+  end
 end
 local failed = redis.call('GET', KEYS[4])
 if failed then return {'outcome', failed} end
