@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.test import Client
 from django.utils import timezone
 
@@ -126,3 +127,49 @@ def test_a_virtual_rows_publisher_fields_cannot_be_edited(admin_client: Client, 
     public = Llm.objects.get(name="public-one")
     page = admin_client.get(f"/admin/virtual_llms/llm/{public.pk}/change/").content.decode()
     assert 'name="name"' in page
+
+
+def test_the_token_change_page_revokes_with_a_post_button(admin_client: Client) -> None:
+    """Issue 28: the token change page has a Revoke button (only the list action before)."""
+    token, plaintext = token_create(role="publisher", label="box-b")
+    change = f"/admin/virtual_llms/apitoken/{token.pk}/change/"
+    page = admin_client.get(change).content.decode()
+    revoke = f"/admin/virtual_llms/apitoken/{token.pk}/revoke/"
+    assert f'action="{revoke}"' in page
+    assert admin_client.get(revoke).status_code == 405  # a GET never revokes
+    assert ApiToken.objects.get(pk=token.pk).revoked_at is None
+    response = admin_client.post(revoke, follow=True)
+    assert response.redirect_chain[-1][0] == change
+    assert "Revoked box-b." in response.content.decode()
+    assert ApiToken.objects.get(pk=token.pk).revoked_at is not None
+    with pytest.raises(ApiError):
+        authenticate_token(plaintext)
+    assert f'action="{revoke}"' not in admin_client.get(change).content.decode()
+
+
+def test_the_token_revoke_button_needs_the_csrf_token(admin_user: object) -> None:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(admin_user)  # type: ignore[arg-type]
+    token, _ = token_create(role="client", label="team-c")
+    response = client.post(f"/admin/virtual_llms/apitoken/{token.pk}/revoke/")
+    assert response.status_code == 403
+    assert ApiToken.objects.get(pk=token.pk).revoked_at is None
+
+
+def test_the_sessions_list_says_which_session_holds_a_stream(
+    admin_client: Client, rows: None
+) -> None:
+    from virtual_llms.state import get_state
+
+    token = ApiToken.objects.get(label="gpu-box")
+    ProviderSession.objects.create(pk="sess-b", token=token)
+    presence = get_state().presence
+    async_to_sync(presence.bind)("sess-a", "worker-channel", "epoch-1")
+    try:
+        page = admin_client.get("/admin/virtual_llms/providersession/").content.decode()
+    finally:
+        async_to_sync(presence.release)("sess-a", "worker-channel", "epoch-1")
+    assert "control stream" in page.lower()
+    row = r'/providersession/([^/]+)/change/">.*?<td class="field-stream">([^<]*)</td>'
+    cells = dict(re.findall(row, page))
+    assert cells == {"sess-a": "connected", "sess-b": "none"}, cells

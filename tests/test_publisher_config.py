@@ -247,3 +247,43 @@ def test_the_example_file_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "publisher.example.toml"
     config = load(Overrides(config_path=example), {**ENV, "VLLM_API_KEY": "k"})
     assert [llm.name for llm in config.llms] == ["qwen2.5-7b", "llama3.2:3b", "gemma-2b-cpu"]
+
+
+def test_every_mistake_is_reported_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = llm_with("max_concurrent = 0\ntier = 3").replace(
+        'broker = "http://a"', 'broker = "http://a"\nheartbeat_seconds = 300\ncolour = "blue"'
+    )
+    with pytest.raises(ConfigError) as exc:
+        from_toml(tmp_path, text, ENV, llms=["name=m,upstream=nope"])
+    problems = exc.value.problems
+    named = [
+        "heartbeat_seconds: must be",
+        "colour: unknown field",
+        "llm[0].max_concurrent (LLM 'qwen'): must be a whole number",
+        "llm[0].tier (LLM 'qwen'): must be a string",
+        "--llm #1.upstream (LLM 'm'): must be an http",
+    ]
+    assert len(problems) == len(named), problems
+    for want in named:
+        assert sum(want in got for got in problems) == 1, (want, problems)
+    path = tmp_path / "publisher.toml"
+    monkeypatch.setenv("MCPD_PUBLISHER_TOKEN", "tok")
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "bad configuration (4 problems):" in err
+    assert err.count("\n  ") == 4, err
+
+
+def test_the_help_shows_the_llm_example_whole_and_not_on_the_broker_port(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    example = "name=qwen,upstream=http://127.0.0.1:8080/v1"
+    assert example in out.replace("\n", " ").replace("  ", " ") or example in out
+    assert any(example in line for line in out.splitlines()), out
+    assert ":8000" not in out

@@ -5,12 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import URLPattern, path, reverse
+from django.views.decorators.http import require_POST
 
 from . import services
 from .auth import token_create, token_revoke
+from .errors import unavailable
 from .models import ApiToken, Llm, LlmKind, ProviderSession
+from .state import get_state
 
 
 @admin.register(Llm)
@@ -99,12 +105,48 @@ class LlmAdmin(admin.ModelAdmin[Llm]):
 
 @admin.register(ProviderSession)
 class ProviderSessionAdmin(admin.ModelAdmin[ProviderSession]):
-    list_display = ["id", "token", "created_at"]
+    list_display = ["id", "token", "created_at", "stream"]
     search_fields = ["id", "token__label"]
-    readonly_fields = ["id", "token", "created_at"]
+    readonly_fields = ["id", "token", "created_at", "stream"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        # One read of the shared state for the whole page, not one per row; the answer is
+        # kept on each row of this request (the ModelAdmin itself is shared by requests).
+        rows = list(changelist.result_list)
+        held = _held([row.pk for row in rows])
+        for row in rows:
+            row.mcpd_stream = _stream_text(row.pk, held)
+        return changelist
+
+    @admin.display(description="control stream")
+    def stream(self, obj: ProviderSession) -> str:
+        text = getattr(obj, "mcpd_stream", None)
+        return text if text is not None else _stream_text(obj.pk, _held([obj.pk]))
+
+
+_UNKNOWN: set[str] = set()
+
+
+def _stream_text(sid: str, held: set[str]) -> str:
+    if held is _UNKNOWN:
+        return "unknown (shared state unavailable)"
+    return "connected" if sid in held else "none"
+
+
+def _held(sids: list[str]) -> set[str]:
+    """Which sessions hold a stream on a live worker; _UNKNOWN when the state is away."""
+    if not sids:
+        return set()
+    try:
+        return get_state().presence.held_sync(sids)
+    except Exception as exc:
+        if unavailable(exc) is None:
+            raise
+        return _UNKNOWN
 
 
 @admin.register(ApiToken)
@@ -114,6 +156,24 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
     search_fields = ["label", "prefix"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]
+    # The change page has a Revoke button (a POST with the CSRF token, to revoke_view).
+    change_form_template = "admin/virtual_llms/apitoken/change_form.html"
+
+    def get_urls(self) -> list[URLPattern]:
+        revoke = path(
+            "<int:pk>/revoke/",
+            self.admin_site.admin_view(require_POST(self.revoke_view)),
+            name="virtual_llms_apitoken_revoke",
+        )
+        return [revoke, *super().get_urls()]
+
+    def revoke_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        token = get_object_or_404(ApiToken, pk=pk)
+        token_revoke(token=token)
+        self.message_user(request, f"Revoked {token.label}.", messages.SUCCESS)
+        return HttpResponseRedirect(reverse("admin:virtual_llms_apitoken_change", args=[pk]))
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:

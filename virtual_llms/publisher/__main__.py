@@ -44,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SPEC",
-        help="an LLM to publish, as key=value pairs: "
-        "name=qwen,model=Qwen/Qwen2.5-7B-Instruct,upstream=http://127.0.0.1:8000/v1 (repeatable)",
+        help="an LLM to publish, as comma-separated key=value pairs, e.g. "
+        "name=qwen,upstream=http://127.0.0.1:8080/v1 (repeatable)",
     )
     p.add_argument("--state-file", type=Path, help="where the session id is kept")
     p.add_argument("-v", "--verbose", action="store_true", help="one log line per task")
@@ -76,7 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(overrides)
     except ConfigError as exc:
-        print(f"mcpd-publish: bad configuration: {exc}", file=sys.stderr)
+        if len(exc.problems) == 1:
+            print(f"mcpd-publish: bad configuration: {exc}", file=sys.stderr)
+        else:
+            print(
+                f"mcpd-publish: bad configuration ({len(exc.problems)} problems):", file=sys.stderr
+            )
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
         return 2
     if args.command == "check":
         from .check import check

@@ -12,10 +12,11 @@ import hashlib
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 # PROTOCOL.md "The Llm row": what clients pass as `model`.
@@ -23,13 +24,39 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 TOKEN_ENV = "MCPD_PUBLISHER_TOKEN"
 BROKER_ENV = "MCPD_BROKER_URL"
 
+_T = TypeVar("_T")
+
 Transport = Literal["sse", "ws"]
 # A command is either one string, run by /bin/sh, or an argv list, run as is.
 Command = str | tuple[str, ...]
 
 
 class ConfigError(Exception):
-    """Bad configuration; the message names the field."""
+    """Bad configuration; each problem names its field, and every problem found is in
+    :attr:`problems` (the message has one per line), so one run reports all of them."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        self.problems = list(problems) or [message]
+        super().__init__("\n".join(self.problems))
+
+
+class _Problems:
+    """Collects the refusals of independent reads, so that a file with several mistakes
+    gets them all named at once instead of one per run."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def check(self, read: Callable[[], _T], fallback: _T) -> _T:
+        try:
+            return read()
+        except ConfigError as exc:
+            self.found.extend(exc.problems)
+            return fallback
+
+    def raise_any(self, prefix: str = "") -> None:
+        if self.found:
+            raise ConfigError("", [f"{prefix}{problem}" for problem in self.found])
 
 
 @dataclass(frozen=True)
@@ -224,30 +251,37 @@ def _power(table: _Table, upstream: str) -> PowerConfig | None:
 
 
 def parse_llm(table: _Table, environ: Mapping[str, str]) -> LlmConfig:
-    name = table.text("name", required=True, max_len=128)
-    assert name is not None
-    if not NAME_RE.match(name):
-        raise table.error(
-            "name",
-            f"{name!r} must be 1-128 characters of A-Z a-z 0-9 . _ : / -, "
-            "starting with a letter or digit",
+    p = _Problems()
+    name = p.check(lambda: table.text("name", required=True, max_len=128), None)
+    if name is not None and not NAME_RE.match(name):
+        p.found.append(
+            str(
+                table.error(
+                    "name",
+                    f"{name!r} must be 1-128 characters of A-Z a-z 0-9 . _ : / -, "
+                    "starting with a letter or digit",
+                )
+            )
         )
-    table.label = f"LLM {name!r}"
-    upstream = table.url("upstream", required=True)
-    assert upstream is not None
+    elif name is not None:
+        table.label = f"LLM {name!r}"
+    upstream = p.check(lambda: table.url("upstream", required=True), None) or "http://upstream"
     llm = LlmConfig(
-        name=name,
-        model=table.text("model", max_len=256) or name,
+        name=name or "",
+        model=p.check(lambda: table.text("model", max_len=256), None) or name or "",
         upstream=upstream,
-        api_key=_secret(table, "api_key", "api_key_env", environ),
-        type=table.text("type", max_len=32) or "openai",
-        tier=table.text("tier", max_len=32),
-        description=table.text("description", max_len=4096),
-        max_concurrent=table.integer("max_concurrent", 8, minimum=1),
-        timeout_seconds=table.number("timeout_seconds", 300.0, minimum=1, maximum=86400),
-        power=_power(table, upstream),
+        api_key=p.check(lambda: _secret(table, "api_key", "api_key_env", environ), None),
+        type=p.check(lambda: table.text("type", max_len=32), None) or "openai",
+        tier=p.check(lambda: table.text("tier", max_len=32), None),
+        description=p.check(lambda: table.text("description", max_len=4096), None),
+        max_concurrent=p.check(lambda: table.integer("max_concurrent", 8, minimum=1), 8),
+        timeout_seconds=p.check(
+            lambda: table.number("timeout_seconds", 300.0, minimum=1, maximum=86400), 300.0
+        ),
+        power=p.check(lambda: _power(table, upstream), None),
     )
-    table.finish()
+    p.check(table.finish, None)
+    p.raise_any()
     return llm
 
 
@@ -330,6 +364,14 @@ def _env_brokers(environ: Mapping[str, str]) -> tuple[str, ...]:
     return _Table({BROKER_ENV: items}, "").urls(BROKER_ENV) if items else ()
 
 
+def _one_llm(table: _Table, environ: Mapping[str, str]) -> list[LlmConfig]:
+    return [parse_llm(table, environ)]
+
+
+def _one_flag(spec: str, index: int, environ: Mapping[str, str]) -> list[LlmConfig]:
+    return [parse_llm_flag(spec, index, environ)]
+
+
 def load(overrides: Overrides, environ: Mapping[str, str] | None = None) -> Config:
     """Read the TOML file (if any), apply flags and environment, check everything.
     Precedence: flags, then environment variables, then the file."""
@@ -338,43 +380,60 @@ def load(overrides: Overrides, environ: Mapping[str, str] | None = None) -> Conf
     data = _read_toml(path) if path is not None else {}
     base = path.parent if path is not None else Path.cwd()
     top = _Table(data, "")
-    flag_brokers = (
-        _Table({"--broker": list(overrides.brokers)}, "").urls("--broker")
-        if overrides.brokers
-        else ()
+    flags, file = _Problems(), _Problems()
+    none: tuple[str, ...] = ()
+    flag_brokers = flags.check(
+        lambda: (
+            _Table({"--broker": list(overrides.brokers)}, "").urls("--broker")
+            if overrides.brokers
+            else none
+        ),
+        none,
     )
     if overrides.transport is not None and overrides.transport not in ("sse", "ws"):
-        raise ConfigError(f"--transport: must be 'sse' or 'ws' (got {overrides.transport!r})")
-    try:
-        brokers = flag_brokers or _env_brokers(env) or top.urls("broker")
-        top.read.add("broker")
-        if not brokers:
-            raise top.error("broker", f"no broker URL: give --broker, {BROKER_ENV} or broker")
-        if len(set(brokers)) != len(brokers):
-            raise top.error("broker", "lists the same URL twice")
-        transport = overrides.transport or top.text("transport") or "sse"
-        top.read.add("transport")
-        if transport not in ("sse", "ws"):
-            raise top.error("transport", f"must be 'sse' or 'ws' (got {transport!r})")
-        token = _token(top, env, base)
-        heartbeat = top.number("heartbeat_seconds", 30.0, minimum=1, maximum=60)
-        grace = top.number("shutdown_grace_seconds", 30.0, minimum=0, maximum=3600)
-        state_text = top.text("state_file")
-        raw_llms = data.get("llm", [])
-        top.read.add("llm")
-        if not isinstance(raw_llms, list) or not all(isinstance(t, dict) for t in raw_llms):
-            raise top.error("llm", "must be an array of tables ([[llm]])")
-        llms = [parse_llm(_Table(t, f"llm[{i}]"), env) for i, t in enumerate(raw_llms)]
-        top.finish()
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
-    llms += [parse_llm_flag(spec, i, env) for i, spec in enumerate(overrides.llms)]
+        flags.found.append(f"--transport: must be 'sse' or 'ws' (got {overrides.transport!r})")
+    brokers = flag_brokers or file.check(lambda: _env_brokers(env) or top.urls("broker"), none)
+    top.read.add("broker")
+    if not brokers and not flags.found and not file.found:
+        file.found.append(
+            str(top.error("broker", f"no broker URL: give --broker, {BROKER_ENV} or broker"))
+        )
+    if len(set(brokers)) != len(brokers):
+        file.found.append(str(top.error("broker", "lists the same URL twice")))
+    transport = overrides.transport or file.check(lambda: top.text("transport"), None) or "sse"
+    top.read.add("transport")
+    if transport not in ("sse", "ws") and overrides.transport is None:
+        file.found.append(str(top.error("transport", f"must be 'sse' or 'ws' (got {transport!r})")))
+    token = file.check(lambda: _token(top, env, base), "")
+    heartbeat = file.check(
+        lambda: top.number("heartbeat_seconds", 30.0, minimum=1, maximum=60), 30.0
+    )
+    grace = file.check(
+        lambda: top.number("shutdown_grace_seconds", 30.0, minimum=0, maximum=3600), 30.0
+    )
+    state_text = file.check(lambda: top.text("state_file"), None)
+    raw_llms = data.get("llm", [])
+    top.read.add("llm")
+    llms: list[LlmConfig] = []
+    if not isinstance(raw_llms, list) or not all(isinstance(t, dict) for t in raw_llms):
+        file.found.append(str(top.error("llm", "must be an array of tables ([[llm]])")))
+    else:
+        for i, t in enumerate(raw_llms):
+            table = _Table(t, f"llm[{i}]")
+            llms += file.check(partial(_one_llm, table, env), [])
+    file.check(top.finish, None)
+    for i, spec in enumerate(overrides.llms):
+        llms += flags.check(partial(_one_flag, spec, i, env), [])
+    problems = _Problems()
+    problems.found = [f"{path}: {p}" if path is not None else p for p in file.found]
+    problems.found += flags.found
+    problems.raise_any()
     if not llms:
         raise ConfigError("llm: nothing to publish: add an [[llm]] table or an --llm flag")
     names = [llm.name for llm in llms]
-    for name in names:
-        if names.count(name) > 1:
-            raise ConfigError(f"llm: the name {name!r} is published twice")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError("", [f"llm: the name {name!r} is published twice" for name in twice])
 
     if overrides.state_file is not None:
         state_file = overrides.state_file
