@@ -489,3 +489,24 @@ async def test_without_the_stream_urls_heartbeat_the_fastest_url_is_the_mark() -
     # b, the fastest, sets the mark: c is near it, d is not (2 x 40 ms + 25 ms = 105 ms).
     assert client.proven == {"http://b", "http://c"}
     await client.aclose()
+
+
+async def test_evicted_rows_are_registered_again_at_the_next_heartbeat(
+    scripted: tuple[ScriptedBroker, Callable[..., Running]],
+) -> None:
+    """Issue 28: a row an admin evicted (or gcsweep deleted) while the agent is connected is
+    published again at the next heartbeat, under the same session and without reconnecting
+    (it stayed gone until the next reconnect before)."""
+    broker, start = scripted
+    answers = iter([httpx.Response(200, json={"ok": True, "llms": 0})])
+    broker.on_heartbeat = lambda: next(answers, httpx.Response(200, json={"ok": True, "llms": 1}))
+    running = start(heartbeat_seconds=1.0, brokers=URLS[:1])
+    await broker.until(lambda: len(broker.registers) >= 2)
+    assert [session for _, session, _ in broker.registers[:2]] == [None, "new-session"]
+    assert broker.registers[1][2] == [
+        {"name": "m", "type": "openai", "model": "M", "status": "active"}
+    ]
+    await broker.until(lambda: broker.heartbeats >= 3)
+    assert len(broker.registers) == 2, "registered once more, not at every heartbeat"
+    assert len(broker.streams) == 1, "the stream stayed open"
+    assert await running.stop() == 0

@@ -130,7 +130,6 @@ class Agent:
         self.connected = False
         self.stream_url: str | None = None  # where the current stream is (or was) held
         self.ready_at: float | None = None  # when it said "ready"
-        self.heartbeat_count = len(self.served)
         self.draining = False
         self.stopping = asyncio.Event()
         self._abort = asyncio.Event()  # a second signal: stop waiting for tasks
@@ -306,14 +305,19 @@ class Agent:
         try:
             count = await self.broker.heartbeat(session_id)
             log.debug("heartbeat: %d LLM(s)", count)
-            if count < len(self.served) and count != self.heartbeat_count:
+            if count < len(self.served):
+                # An admin evicted some rows (or gcsweep deleted them) while we are connected:
+                # publish them again now, under the same session and with the stream kept open,
+                # rather than leave them gone until the next reconnect (issue 28). A revoked
+                # token never gets here: its heartbeat is refused (401) and the agent stops.
                 log.warning(
-                    "the broker holds %d of our %d LLM(s) (an admin evicted some?); "
-                    "they are published again at the next registration",
+                    "the broker holds %d of our %d LLM(s) (evicted?); registering them again",
                     count,
                     len(self.served),
                 )
-                self.heartbeat_count = count
+                await self._register()
+                if self.session_id != session_id:  # the broker forgot the session meanwhile
+                    raise SessionLost(f"the broker forgot session {session_id}")
         except BrokerError as exc:
             if exc.status == 404:
                 raise SessionLost(f"the broker forgot session {session_id}") from None
