@@ -510,3 +510,39 @@ async def test_evicted_rows_are_registered_again_at_the_next_heartbeat(
     assert len(broker.registers) == 2, "registered once more, not at every heartbeat"
     assert len(broker.streams) == 1, "the stream stayed open"
     assert await running.stop() == 0
+
+
+async def test_a_replaced_stream_says_another_agent_holds_the_session(
+    scripted: tuple[ScriptedBroker, Callable[..., Running]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 28: two agents sharing one state file fought silently ("the broker closed the
+    stream", again and again). The broker's `replaced` event is named, and the agent waits
+    its longest backoff before taking the session back."""
+    broker, start = scripted
+    replaced = b'event: replaced\ndata: {"reason": "replaced"}\n\n'
+
+    async def first_replaced(host: str) -> httpx.Response:
+        if len(broker.streams) == 1:
+            return httpx.Response(
+                200, headers={"content-type": "text/event-stream"}, content=replaced
+            )
+        return await broker.stream_ok(host)
+
+    broker.on_stream = first_replaced
+    with caplog.at_level("INFO", logger="mcpd.publish"):
+        running = start(brokers=URLS[:1])
+        await broker.until(lambda: len(broker.streams) >= 2)
+        await broker.live("after")
+    lines = [r.getMessage() for r in caplog.records if "replaced stream" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert "another agent holds this session (replaced stream)" in lines[0]
+    assert "taking the session back in" in lines[0]
+    assert [session for _, session, _ in broker.registers[:2]] == [None, "new-session"]
+    assert await running.stop() == 0
+
+
+def test_a_socket_closed_4409_is_a_replaced_stream() -> None:
+    from virtual_llms.publisher.control import Replaced, _raise_for_close
+
+    with pytest.raises(Replaced, match="another agent holds this session"):
+        _raise_for_close(4409, "replaced by a newer stream for this session", "")

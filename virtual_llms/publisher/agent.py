@@ -31,7 +31,7 @@ from . import transport
 from .backoff import Backoff
 from .broker import BrokerClient, BrokerError, TaskGone
 from .config import Config, LlmConfig
-from .control import Frame, Redirected, StreamLost, StreamRefused, Uplink, open_stream
+from .control import Frame, Redirected, Replaced, StreamLost, StreamRefused, Uplink, open_stream
 from .logs import human, log
 from .power import Power, WakeFailed
 from .sink import TaskSink
@@ -181,6 +181,12 @@ class Agent:
             except Redirected as exc:  # a draining worker: straight to the next URL
                 log.info("%s; reconnecting now", exc)
                 self.broker.rotate(self.stream_url or self.broker.url)
+                continue
+            except Replaced as exc:  # another agent: say so, and do not fight it
+                delay = self.backoff.cap
+                log.error("%s; taking the session back in %s", exc, human(delay))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
                 continue
             except (BrokerError, httpx.HTTPError, StreamLost, StreamRefused, SessionLost) as exc:
                 self._on_drop(exc)

@@ -35,6 +35,7 @@ WS_PING_TIMEOUT = 20.0
 WS_REFUSED = {4401: 401, 4403: 403, 4404: 404}
 # The close code of a draining worker's sockets (the broker's consumers.CLOSING_CODES).
 WS_RECONNECT = 4503
+WS_REPLACED = 4409  # a newer stream holds the session (virtual_llms/consumers.py)
 
 
 # A result bigger than this goes over HTTP, where the broker can refuse it (413) without
@@ -85,6 +86,18 @@ class Redirected(StreamLost):
     the stream again at once, on the next broker URL, without backing off."""
 
 
+class Replaced(StreamLost):
+    """Another stream took this session over (SSE ``event: replaced``, WebSocket close 4409):
+    most often a second agent started with the same state file. The agent says so and waits
+    its longest backoff before taking the session back, so two agents do not fight."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "another agent holds this session (replaced stream); is a second mcpd-publish "
+            "running with the same state file?"
+        )
+
+
 def stream_path(session_id: str, transport: str) -> str:
     leaf = "ws" if transport == "ws" else "stream"
     return f"/api/v1/virtual/sessions/{session_id}/{leaf}"
@@ -122,6 +135,8 @@ async def _sse_frames(broker: BrokerClient, session_id: str) -> AsyncGenerator[F
             async for event in EventSource(response).aiter_sse():
                 if event.event == "reconnect":
                     raise Redirected("the broker worker is draining")
+                if event.event == "replaced":
+                    raise Replaced()
                 # Other events are skipped unread: once a task event set the last event id,
                 # the SSE decoder reports every keep-alive comment as an empty event.
                 if event.event not in ("ready", "task"):
@@ -197,6 +212,8 @@ def _raise_for_close(code: int | None, reason: str | None, refusal: str) -> None
         raise StreamRefused(WS_REFUSED[code], refusal or reason or "refused")
     if code == WS_RECONNECT:
         raise Redirected(f"the broker worker is draining (code {code})")
+    if code == WS_REPLACED:
+        raise Replaced()
     if code is None:
         raise StreamLost("the connection broke (no close frame)")
     raise StreamLost(f"the broker closed the socket (code {code}{', ' + reason if reason else ''})")
