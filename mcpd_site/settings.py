@@ -222,6 +222,10 @@ MCPD_QUEUE_MAX = _env_int("MCPD_QUEUE_MAX", 256)
 MCPD_QUEUE_TIMEOUT_SECONDS = _env_float("MCPD_QUEUE_TIMEOUT_SECONDS", 60.0)
 # Idle control streams and waiting clients get a comment this often; proxies cut at 60 s.
 MCPD_PING_SECONDS = _env_float("MCPD_PING_SECONDS", 15.0)
+# daphne's access log, one line per HTTP request (every chunk batch a publisher posts too):
+# off by default, since each client call already gets its line on mcpd.request; "-" for
+# stdout, else a file to append to.
+MCPD_ACCESS_LOG = os.environ.get("MCPD_ACCESS_LOG", "").strip()
 # Optional key for encrypting public LLMs' API keys; derived from SECRET_KEY when unset.
 MCPD_ENCRYPTION_KEY = os.environ.get("MCPD_ENCRYPTION_KEY", "")
 
@@ -235,12 +239,15 @@ LOGGING = {
     "filters": {
         "quiet_connection_errors": {
             "()": "virtual_llms.runtime.channels_layer.QuietConnectionErrors",
-        }
+        },
+        "contract_responses": {"()": "virtual_llms.logfilters.ContractResponses"},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("MCPD_LOG_LEVEL", "INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
+        # An expected 4xx/503 on /api/ and /v1/ is not an ERROR line (virtual_llms/logfilters).
+        "django.request": {"filters": ["contract_responses"]},
         # A lost Redis connection: one line per outage, not a traceback (runtime/).
         "channels_redis.pubsub": {"filters": ["quiet_connection_errors"]},
     },

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 from django.db import connection
+from django.test import override_settings
 from django.utils import timezone
 from pytest_django import Settings
 
@@ -187,6 +188,12 @@ def test_serve_listens_with_a_backlog_and_refuses_a_bad_one() -> None:
     assert args[:2] == ["-e", r"tcp:port=8001:interface=\:\:1:backlog=100"]
     assert args[-3:] == ["--verbosity", "0", "mcpd_site.asgi:application"]
     assert daphne_args("127.0.0.1", 8000, [])[1].endswith(":backlog=2048")
+    # The access log: off by default (mcpd.request has a line per client call), or where
+    # MCPD_ACCESS_LOG says; options after -- win.
+    assert daphne_args("127.0.0.1", 8000, [])[-3:-1] == ["--verbosity", "0"]
+    with override_settings(MCPD_ACCESS_LOG="-"):
+        assert daphne_args("127.0.0.1", 8000, [])[-3:-1] == ["--access-log", "-"]
+        assert "--access-log" not in daphne_args("127.0.0.1", 8000, ["-v", "1"])
     with pytest.raises(CommandError, match="--backlog must be at least 1"):
         call_command("serve", "--backlog", "0")
 

@@ -44,9 +44,22 @@ def daphne_args(bind: str, port: int, extra: list[str], backlog: int = BACKLOG) 
         str(int(settings.MCPD_PING_SECONDS)),
         "--ping-timeout",
         "30",
+        *access_log(extra),
         *extra,
         "mcpd_site.asgi:application",
     ]
+
+
+def access_log(extra: list[str]) -> list[str]:
+    """daphne's access log as MCPD_ACCESS_LOG says, unless the daphne options given after
+    ``--`` choose it. Off, daphne writes none: its verbosity 0 only turns the access log off
+    here (Django's LOGGING is configured already, so daphne's logging.basicConfig does
+    nothing)."""
+    if any(option.split("=")[0] in ("--access-log", "-v", "--verbosity") for option in extra):
+        return []
+    if settings.MCPD_ACCESS_LOG:
+        return ["--access-log", settings.MCPD_ACCESS_LOG]
+    return ["--verbosity", "0"]
 
 
 class Command(BaseCommand):
