@@ -48,6 +48,10 @@ def json_view(*methods: str) -> Callable[[AsyncView], Any]:
             try:
                 return await view(request, *args, **kwargs)
             except ApiError as exc:
+                # An expected refusal needs no traceback, and one raised in sync_to_async
+                # keeps a cycle (traceback -> asgiref's frame -> its Future -> the error)
+                # that holds this request until a full gc pass.
+                exc.__traceback__ = None
                 return exc.response(openai=openai)
             except Exception as exc:
                 refusal = unavailable(exc)
