@@ -98,6 +98,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # WhiteNoise, async (a sync middleware would put a thread hop on every request): where
+    # WhiteNoise's docs put it, after SecurityMiddleware, before the rest.
+    "virtual_llms.runtime.static_files.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -188,6 +191,25 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# The broker serves its static files itself (WhiteNoise, virtual_llms/runtime/static_files.py).
+# After `manage.py collectstatic` (production): from STATIC_ROOT, gzip and brotli versions
+# made ahead, names with a content hash, cached for a year. Before it (`make run`, the
+# tests, a broker started from a checkout): straight from the apps' static directories
+# (WhiteNoise's finders, indexed at startup; looked up again per request under DEBUG), plain
+# names, so the admin is styled with no build step. The hashed storage cannot work without
+# the manifest collectstatic writes: every admin page would fail.
+MCPD_STATIC_COLLECTED = (STATIC_ROOT / "staticfiles.json").is_file()
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            if MCPD_STATIC_COLLECTED
+            else "django.contrib.staticfiles.storage.StaticFilesStorage"
+        )
+    },
+}
+WHITENOISE_USE_FINDERS = DEBUG or not MCPD_STATIC_COLLECTED
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["virtual_llms.drf.BearerTokenAuthentication"],

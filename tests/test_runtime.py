@@ -229,3 +229,22 @@ def test_the_pubsub_layers_lost_connection_logs_one_line() -> None:
     assert bug.exc_info is not None
     assert bug.levelno == logging.ERROR
     assert logging.getLogger("channels_redis.pubsub").filters, "settings.LOGGING installs it"
+
+
+def test_whitenoise_still_has_what_the_static_files_middleware_uses() -> None:
+    from whitenoise.middleware import WhiteNoiseMiddleware
+
+    from virtual_llms.runtime.static_files import StaticFilesMiddleware, _Settings
+
+    whitenoise = WhiteNoiseMiddleware(get_response=None, settings=_Settings())
+    assert isinstance(whitenoise.autorefresh, bool)
+    assert isinstance(whitenoise.files, dict)
+    assert whitenoise.static_prefix == "/static/"
+    assert list(inspect.signature(whitenoise.find_file).parameters) == ["url"]
+    assert list(inspect.signature(WhiteNoiseMiddleware.serve).parameters) == [
+        "static_file",
+        "request",
+    ]
+    assert isinstance(inspect.getattr_static(WhiteNoiseMiddleware, "serve"), staticmethod)
+    assert StaticFilesMiddleware.async_capable
+    assert not StaticFilesMiddleware.sync_capable
