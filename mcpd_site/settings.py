@@ -215,7 +215,9 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["virtual_llms.drf.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["virtual_llms.drf.HasRole"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["virtual_llms.drf.LenientJSONParser"],
+    # JSON whatever Accept and Content-Type say, as on /v1/ (PROTOCOL.md "OpenAI surface").
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "virtual_llms.drf.JsonOnly",
     "EXCEPTION_HANDLER": "virtual_llms.drf.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
