@@ -92,6 +92,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served under /static/ (no CDN)
     "channels",
     "virtual_llms",
 ]
@@ -220,6 +222,41 @@ REST_FRAMEWORK = {
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "virtual_llms.drf.JsonOnly",
     "EXCEPTION_HANDLER": "virtual_llms.drf.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+_OPENAPI_DESCRIPTION = """\
+mcpd relays OpenAI-compatible calls to models whose publishers dial out to it.
+
+Every call carries `Authorization: Bearer <token>` (a publisher, client or admin token,
+made with `manage.py createtoken`); `/healthz`, `/readyz` and this document need none.
+Errors on `/api/` are `{"error": {"code", "message"}}`, on `/v1/` OpenAI's
+`{"error": {"message", "type", "code"}}`. Bodies are read as JSON whatever their
+`Content-Type`, and `/api/` answers JSON whatever `Accept` says.
+
+A publisher may hold its control stream as a WebSocket instead of SSE:
+`GET /api/v1/virtual/sessions/{session_id}/ws` (an upgrade, bearer token in the
+handshake), JSON text frames; see PROTOCOL.md, "The control stream".
+"""
+
+# The OpenAPI document at /api/schema/ and Swagger UI at /api/docs/ (virtual_llms/openapi.py):
+# public, like the source; the page's files ship in drf-spectacular-sidecar.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "mcpd",
+    "DESCRIPTION": _OPENAPI_DESCRIPTION,
+    "VERSION": "1.1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "PREPROCESSING_HOOKS": ["virtual_llms.openapi.add_plain_views"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True},
+    "ENUM_NAME_OVERRIDES": {
+        "LlmStatusEnum": "virtual_llms.models.LlmStatus",
+        "PublishedStatusEnum": ["active", "hibernating"],  # what a publisher may set
+    },
 }
 
 # --- mcpd knobs (PROTOCOL.md "Operations") -------------------------------------------------

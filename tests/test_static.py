@@ -27,7 +27,8 @@ from virtual_llms.runtime.static_files import StaticFilesMiddleware
 CSS = "/static/admin/css/base.css"
 
 
-def _scope(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+def _scope(url: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+    path, _, query = url.partition("?")
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -37,7 +38,7 @@ def _scope(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[
         "path": path,
         "raw_path": path.encode(),
         "root_path": "",
-        "query_string": b"",
+        "query_string": query.encode(),
         "headers": [(b"host", b"testserver"), *(headers or [])],
         "client": ("127.0.0.1", 5000),
         "server": ("testserver", 80),

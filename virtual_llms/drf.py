@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from rest_framework import authentication, exceptions, permissions
 from rest_framework import exceptions as drf_exceptions
-from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.negotiation import BaseContentNegotiation, DefaultContentNegotiation
 from rest_framework.parsers import BaseParser, JSONParser
 from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
@@ -66,6 +66,23 @@ class JsonOnly(BaseContentNegotiation):
     ) -> tuple[BaseRenderer, str]:
         renderer = next(iter(renderers))
         return renderer, renderer.media_type or "application/json"
+
+
+class Negotiated(DefaultContentNegotiation):
+    """DRF's negotiation (``?format=`` and ``Accept``) for a view with several formats (the
+    OpenAPI document), but an ``Accept`` none of them meets gets the first, never 406."""
+
+    def select_renderer(
+        self, request: Request, renderers: Iterable[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        renderers = list(renderers)
+        try:
+            chosen: tuple[BaseRenderer, str] = super().select_renderer(
+                request, renderers, format_suffix
+            )
+            return chosen
+        except drf_exceptions.NotAcceptable:
+            return JsonOnly().select_renderer(request, renderers, format_suffix)
 
 
 class InvalidJson(drf_exceptions.ParseError):
