@@ -11,6 +11,7 @@ from pathlib import Path
 import dj_database_url
 import django_stubs_ext
 from django.core.management.utils import get_random_secret_key
+from whitenoise.compress import Compressor  # no Django in it: safe to import here
 
 # Lets ModelAdmin[Llm] and friends be subscripted at run time, as the type stubs spell them.
 django_stubs_ext.monkeypatch()
@@ -196,22 +197,18 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 # The broker serves its static files itself (WhiteNoise, virtual_llms/runtime/static_files.py).
 # After `manage.py collectstatic` (production): from STATIC_ROOT, gzip and brotli versions
 # made ahead, names with a content hash, cached for a year. Before it (`make run`, the
-# tests, a broker started from a checkout): straight from the apps' static directories
-# (WhiteNoise's finders, indexed at startup; looked up again per request under DEBUG), plain
-# names, so the admin is styled with no build step. The hashed storage cannot work without
-# the manifest collectstatic writes: every admin page would fail.
+# tests, a broker started from a checkout): the plain names, straight from the apps' static
+# directories (WhiteNoise's finders, indexed at startup; looked up per request under DEBUG),
+# so the admin is styled with no build step.
 MCPD_STATIC_COLLECTED = (STATIC_ROOT / "staticfiles.json").is_file()
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {
-        "BACKEND": (
-            "whitenoise.storage.CompressedManifestStaticFilesStorage"
-            if MCPD_STATIC_COLLECTED
-            else "django.contrib.staticfiles.storage.StaticFilesStorage"
-        )
-    },
+    "staticfiles": {"BACKEND": "virtual_llms.runtime.static_files.StaticFilesStorage"},
 }
 WHITENOISE_USE_FINDERS = DEBUG or not MCPD_STATIC_COLLECTED
+# Source maps (4 MB of Swagger UI's and Redoc's) are fetched by a browser's developer tools
+# only: not worth brotli's time at collectstatic.
+WHITENOISE_SKIP_COMPRESS_EXTENSIONS = [*Compressor.SKIP_COMPRESS_EXTENSIONS, "map"]
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["virtual_llms.drf.BearerTokenAuthentication"],

@@ -1,4 +1,5 @@
-"""WhiteNoise's static file serving as an async-only Django middleware, for daphne.
+"""WhiteNoise's static file serving as an async-only Django middleware, for daphne, and its
+storage usable before collectstatic.
 
 WhiteNoise's ``WhiteNoiseMiddleware`` is sync-only. In an async handler Django adapts a
 sync middleware by running it on a thread (``sync_to_async``) and the rest of the chain,
@@ -18,10 +19,18 @@ largest static file is about 1.5 MB (Swagger UI's bundle; its compressed twin ~4
 and a ``FileResponse`` would hand Django a sync file iterator, which it reads with a
 warning on a thread anyway.
 
+:class:`StaticFilesStorage` is WhiteNoise's compressed, hashed storage, which needs the
+manifest collectstatic writes: without it every page naming a static file fails. Before
+collectstatic (``make run``, the tests, a broker started from a checkout, and collectstatic
+itself) it gives the plain names, and WhiteNoise serves them from the apps' directories
+(``WHITENOISE_USE_FINDERS``, settings.py).
+
 Relies on whitenoise 6's ``WhiteNoiseMiddleware``: its constructor reading the settings
 and scanning ``STATIC_ROOT`` (and the finders), ``autorefresh``, ``files``, ``find_file``,
-``static_prefix`` and the static ``serve``. tests/test_runtime.py checks each. It can go
-once WhiteNoise ships an async middleware (whitenoise issue #179).
+``static_prefix`` and the static ``serve``; and on Django's ``ManifestFilesMixin``:
+``hashed_files`` (the manifest's names, empty without one) and ``stored_name``.
+tests/test_runtime.py checks each. The middleware can go once WhiteNoise ships an async
+one (whitenoise issue #179).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 from whitenoise.middleware import WhiteNoiseMiddleware
+from whitenoise.storage import CompressedManifestStaticFilesStorage
 
 GetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 
@@ -94,3 +104,13 @@ class StaticFilesMiddleware:
         for key, value in served.items():
             response[key] = value
         return response
+
+
+class StaticFilesStorage(CompressedManifestStaticFilesStorage):  # type: ignore[misc,unused-ignore]  # untyped
+    """Hashed names once collectstatic has written its manifest; the plain names before."""
+
+    def stored_name(self, name: str) -> str:
+        if not self.hashed_files:  # no manifest (yet): nothing was collected
+            return name
+        stored: str = super().stored_name(name)
+        return stored
