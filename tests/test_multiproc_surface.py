@@ -1,20 +1,24 @@
 """First contact, black-box, on real daphne workers (issue 20): the admin is styled with no
-collectstatic, the API docs load their own assets, and a publisher written with httpx-sse
+collectstatic, the API docs load their own assets, a publisher written with httpx-sse
 (which sets ``Accept: text/event-stream`` on the headers it is given) heartbeats and reports
-its status with bodies sent without a ``Content-Type``."""
+its status with bodies sent without a ``Content-Type``, and the OpenAI SDK's
+``models.retrieve`` and ``responses.create`` (streamed and not) work."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from typing import Any
 
 import httpx
+import openai
 import pytest
 from httpx_sse import aconnect_sse
 from openapi_spec_validator import validate
 
 from tests.cluster import Broker
-from tests.contract_support import uname
+from tests.contract_support import provider, publisher, sdk, sdk_error_code, uname
 
 pytestmark = pytest.mark.multiproc
 
@@ -85,3 +89,86 @@ async def test_an_httpx_sse_publisher_heartbeats_and_sets_its_status(broker: Bro
             )
             assert not_json.status_code == 400
             assert not_json.json()["error"]["code"] == "invalid_json"
+
+
+# --- the OpenAI SDK's first calls: models.retrieve, responses ---------------------------------
+
+
+async def test_models_retrieve_with_the_sdk(broker: Broker) -> None:
+    name = f"{uname('team')}/qwen2.5:7b"  # "/" and ":" are allowed in names
+    async with publisher(broker, "sse", [provider(name)]):
+        for worker in range(broker.n):
+            async with sdk(broker, worker=worker) as client:
+                model = await client.models.retrieve(name)
+                assert (model.id, model.object, model.owned_by) == (name, "model", "mcpd:virtual")
+                listed = {m.id: m for m in (await client.models.list()).data}
+                assert listed[name].created == model.created
+                with pytest.raises(openai.NotFoundError) as missing:
+                    await client.models.retrieve(f"{name}-nope")
+                assert sdk_error_code(missing.value) == "model_not_found"
+
+
+def _response(text: str) -> dict[str, Any]:
+    """A minimal Responses API ``response`` object the SDK parses."""
+    return {
+        "id": "resp_test",
+        "object": "response",
+        "created_at": 1,
+        "status": "completed",
+        "model": "m",
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_test",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+    }
+
+
+async def test_responses_with_the_sdk_streamed_and_not(broker: Broker) -> None:
+    name = uname("responses")
+    async with (
+        publisher(broker, "sse", [provider(name, model="up-resp")]) as pub,
+        sdk(broker) as client,
+    ):
+        call = asyncio.create_task(client.responses.create(model=name, input="Hi"))
+        frame = await pub.next_frame("infer")
+        assert frame["endpoint"] == "/v1/responses"
+        assert frame["body"] == {"model": "up-resp", "input": "Hi"}
+        posted = await pub.result(frame["taskId"], 200, _response("Hello!"), url=broker.url(2))
+        assert posted.status_code == 204
+        answer = await asyncio.wait_for(call, 10.0)
+        assert answer.output_text == "Hello!"
+
+        async def consume() -> list[str]:
+            stream = await client.responses.create(model=name, input="Hi", stream=True)
+            return [event.type async for event in stream]
+
+        streamed = asyncio.create_task(consume())
+        frame = await pub.next_frame("infer")
+        assert frame["endpoint"] == "/v1/responses"
+        assert frame["streaming"] is True
+        delta = {
+            "type": "response.output_text.delta",
+            "item_id": "msg_test",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": "Hel",
+            "sequence_number": 1,
+        }
+        done = {"type": "response.completed", "response": _response("Hel"), "sequence_number": 2}
+        chunks = [{"data": json.dumps(delta)}, {"data": json.dumps(done)}]
+        posted = await pub.chunks(
+            frame["taskId"], [*chunks, {"data": "[DONE]", "done": True}], url=broker.url(1)
+        )
+        assert posted.status_code == 204
+        assert await asyncio.wait_for(streamed, 10.0) == [
+            "response.output_text.delta",
+            "response.completed",
+        ]
