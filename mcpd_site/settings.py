@@ -250,6 +250,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "SWAGGER_UI_SETTINGS": {"persistAuthorization": True},
+    "TAGS": [  # in this order on the page (virtual_llms/openapi.py names them)
+        {"name": "OpenAI-compatible", "description": "What clients call, with a client token."},
+        {"name": "Publisher", "description": "What publishers call, with a publisher token."},
+        {"name": "LLM rows", "description": "The registry: read it, add public rows, evict."},
+        {"name": "Health", "description": "Liveness and readiness, for load balancers."},
+    ],
     "ENUM_NAME_OVERRIDES": {
         "LlmStatusEnum": "virtual_llms.models.LlmStatus",
         "PublishedStatusEnum": ["active", "hibernating"],  # what a publisher may set

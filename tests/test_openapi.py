@@ -47,11 +47,15 @@ async def test_the_document_is_valid_openapi_and_describes_every_route() -> None
     } - NOT_DESCRIBED
     assert len(routes) >= 17
     assert routes <= set(document["paths"])
+    tags = [tag["name"] for tag in document["tags"]]
+    assert tags[0] == "OpenAI-compatible"
     for route in routes:
         operations = document["paths"][route]
         assert operations, route
         for operation in operations.values():
             assert operation["summary"], route
+            assert len(operation["tags"]) == 1, route
+            assert set(operation["tags"]) <= set(tags), route
             assert (
                 "200" in operation["responses"]
                 or "201" in operation["responses"]
