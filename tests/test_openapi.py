@@ -21,6 +21,7 @@ from openapi_spec_validator import validate
 from mcpd_site import asgi
 from mcpd_site import urls as site_urls
 from tests.test_static import _get
+from virtual_llms import openapi
 
 SCHEMA = "/api/schema/"
 NOT_DESCRIBED = {"/admin/", SCHEMA, "/api/docs/"}
@@ -92,6 +93,7 @@ async def test_json_yaml_and_any_accept() -> None:
     head, body = await _document("", (b"accept", b"application/json"))
     assert head["content-type"].startswith("application/json")
     assert json.loads(body) == document
+    assert openapi.document.cache_info().misses == 1  # made once per process
 
 
 def test_the_generator_warns_about_nothing(tmp_path: Path) -> None:
