@@ -45,6 +45,7 @@ from rest_framework.views import APIView
 
 from . import inference
 from .drf import Negotiated
+from .models import LlmStatus
 from .serializers import LlmSerializer
 
 Endpoint = tuple[str, str, str, Callable[..., Any]]
@@ -93,6 +94,30 @@ class OpenAIErrorSerializer(serializers.Serializer[Any]):
     """An error on /v1/, in OpenAI's shape."""
 
     error = _OpenAIErrorBody()
+
+
+class BackendSerializer(serializers.Serializer[Any]):
+    """One publisher session serving a virtual row (serializers.backend_json)."""
+
+    providerSessionId = serializers.CharField()
+    model = serializers.CharField()
+    status = serializers.ChoiceField(choices=LlmStatus.choices)
+    maxConcurrency = serializers.IntegerField()
+    inFlight = serializers.IntegerField(help_text="tasks in flight now, across workers")
+    lastHeartbeatAt = serializers.DateTimeField(allow_null=True)
+    inactiveSince = serializers.DateTimeField(allow_null=True)
+    draining = serializers.BooleanField()
+
+
+class LlmDetailSerializer(LlmSerializer):
+    """A row as ``GET /api/v1/llms/<name>`` shows it: a virtual one with its backends (a
+    publisher sees its own sessions' only)."""
+
+    backends = BackendSerializer(many=True, required=False)
+
+    class Meta(LlmSerializer.Meta):
+        fields = [*LlmSerializer.Meta.fields, "backends"]
+        read_only_fields = fields
 
 
 class RegisterResponseSerializer(serializers.Serializer[Any]):

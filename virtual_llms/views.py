@@ -15,20 +15,23 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import answers, selectors, services
+from . import answers, backends, selectors, services
 from .auth import ADMIN_ROLES, CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate
 from .errors import ApiError
 from .http import json_view, read_json_object
-from .models import ApiToken, Llm
+from .models import ApiToken, Llm, LlmKind, Role
 from .openapi import (
     TAG_PUBLISHER,
     TAG_REST,
+    BackendSerializer,
     HeartbeatResponseSerializer,
+    LlmDetailSerializer,
     RegisterResponseSerializer,
     api_errors,
 )
 from .protocol import AnswerKind
 from .serializers import (
+    DrainSerializer,
     HeartbeatSerializer,
     LlmSerializer,
     PublicLlmCreateSerializer,
@@ -146,26 +149,39 @@ _NAME = OpenApiParameter(
 )
 
 
+def _row(name: str) -> Llm:
+    row = selectors.llm_get(name=name)
+    if row is None:
+        raise ApiError(404, "llm_not_found", f"No LLM named '{name}'.")
+    return row
+
+
 class LlmDetailView(APIView):
     @property
     def roles(self) -> tuple[str, ...]:
-        return ADMIN_ROLES if self.request.method == "DELETE" else CLIENT_ROLES
+        if self.request.method == "DELETE":
+            return ADMIN_ROLES
+        # v1.1: a publisher may read a row too, and sees its own sessions' backends only.
+        return (*CLIENT_ROLES, *PUBLISHER_ROLES)
 
     def _row(self, name: str) -> Llm:
-        row = selectors.llm_get(name=name)
-        if row is None:
-            raise ApiError(404, "llm_not_found", f"No LLM named '{name}'.")
-        return row
+        return _row(name)
 
     @extend_schema(
         operation_id="retrieveLlm",
-        summary="One LLM row",
+        summary="One LLM row, with its backends",
         tags=[TAG_REST],
         parameters=[_NAME],
-        responses={200: LlmSerializer, **api_errors(401, 403, 404)},
+        responses={200: LlmDetailSerializer, **api_errors(401, 403, 404)},
     )
     def get(self, request: Request, name: str) -> Response:
-        return Response(LlmSerializer(self._row(name)).data)
+        row = self._row(name)
+        data = dict(LlmSerializer(row).data)
+        if row.kind == LlmKind.VIRTUAL:
+            token = _token(request)
+            mine = token.pk if token.role == Role.PUBLISHER else None
+            data["backends"] = selectors.backends_json(row, token_id=mine)
+        return Response(data)
 
     @extend_schema(
         operation_id="evictLlm",
@@ -177,6 +193,27 @@ class LlmDetailView(APIView):
     def delete(self, request: Request, name: str) -> Response:
         services.llm_evict(llm=self._row(name))
         return Response(status=204)
+
+
+class BackendDrainView(APIView):
+    """``POST /api/v1/llms/<name>/backends/<session>/drain`` (admin): the backend gets no
+    new task and finishes the ones it has; ``{"draining": false}`` ends the drain."""
+
+    roles = ADMIN_ROLES
+
+    @extend_schema(
+        operation_id="drainBackend",
+        summary="Drain a backend, or end its drain (admin)",
+        tags=[TAG_REST],
+        parameters=[_NAME, OpenApiParameter("session_id", str, OpenApiParameter.PATH)],
+        request=DrainSerializer,
+        responses={200: BackendSerializer, **api_errors(400, 401, 403, 404)},
+    )
+    def post(self, request: Request, name: str, session_id: str) -> Response:
+        data = _validated(DrainSerializer, request) if request.data else {"draining": True}
+        backend = backends.backend_get(name=name, session_id=session_id)
+        backends.backend_set_draining(backend=backend, draining=data["draining"])
+        return Response(selectors.backend_json(backend))
 
 
 # --- task results: plain async views on the hot path ---------------------------------------
