@@ -193,7 +193,8 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# Where collectstatic puts the static files and the workers serve them from.
+STATIC_ROOT = Path(os.environ.get("MCPD_STATIC_ROOT", "").strip() or BASE_DIR / "staticfiles")
 # The broker serves its static files itself (WhiteNoise, virtual_llms/runtime/static_files.py).
 # After `manage.py collectstatic` (production): from STATIC_ROOT, gzip and brotli versions
 # made ahead, names with a content hash, cached for a year. Before it (`make run`, the
