@@ -83,10 +83,12 @@ async def test_the_admin_css_answers_through_the_asgi_app() -> None:
     assert status == 404
 
 
-async def test_the_admin_css_answers_under_debug() -> None:
+async def test_the_admin_css_answers_under_debug(monkeypatch: pytest.MonkeyPatch) -> None:
     with override_settings(DEBUG=True):
-        app = BrokerASGIHandler()  # WhiteNoise looks files up per request (autorefresh)
-        status, head, body = await _get(app, CSS)
+        # The site's handler as a worker started with DJANGO_DEBUG=1 builds it: WhiteNoise
+        # looks files up per request (autorefresh).
+        monkeypatch.setattr(asgi, "site_app", BrokerASGIHandler())
+        status, head, body = await _get(asgi.application, CSS)
     assert status == 200
     assert head["content-type"].startswith("text/css")
     assert head["cache-control"] == "max-age=0, public"
