@@ -3,7 +3,7 @@
 from django.contrib import admin
 from django.urls import path
 
-from virtual_llms import health, inference, streams, views
+from virtual_llms import health, inference, openapi, streams, views
 
 handler404 = "virtual_llms.http.not_found"
 handler500 = "virtual_llms.http.server_error"
@@ -32,6 +32,9 @@ urlpatterns = [
         views.BackendDrainView.as_view(),
     ),
     path("api/v1/llms/<path:name>", views.LlmDetailView.as_view()),
+    # The OpenAPI document and its page
+    path("api/schema/", openapi.SchemaView.as_view(), name="openapi-schema"),
+    path("api/docs/", openapi.DocsView.as_view(), name="openapi-docs"),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("admin/", admin.site.urls),
