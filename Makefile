@@ -78,4 +78,4 @@ soak: $(VENV)/.installed-bench
 	$(PY) -m bench.run --soak
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .test-db.sqlite3*
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .test-db.sqlite3* staticfiles
