@@ -163,13 +163,24 @@ def test_the_sessions_list_says_which_session_holds_a_stream(
 
     token = ApiToken.objects.get(label="gpu-box")
     ProviderSession.objects.create(pk="sess-b", token=token)
-    presence = get_state().presence
-    async_to_sync(presence.beat)("worker-channel")  # a live worker holds it (Redis checks)
-    async_to_sync(presence.bind)("sess-a", "worker-channel", "epoch-1")
+
+    async def hold(held: bool) -> None:
+        """Bind (or release) sess-a to a live worker; this loop's connections closed."""
+        state = get_state()
+        try:
+            if held:
+                await state.presence.beat("worker-channel")  # Redis believes live workers
+                await state.presence.bind("sess-a", "worker-channel", "epoch-1")
+            else:
+                await state.presence.release("sess-a", "worker-channel", "epoch-1")
+        finally:
+            await state.aclose()
+
+    async_to_sync(hold)(True)
     try:
         page = admin_client.get("/admin/virtual_llms/providersession/").content.decode()
     finally:
-        async_to_sync(presence.release)("sess-a", "worker-channel", "epoch-1")
+        async_to_sync(hold)(False)
     assert "control stream" in page.lower()
     row = r'/providersession/([^/]+)/change/">.*?<td class="field-stream">([^<]*)</td>'
     cells = dict(re.findall(row, page))
