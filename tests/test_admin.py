@@ -109,6 +109,39 @@ def test_token_add_shows_the_token_once_and_revoke_refuses_it(admin_client: Clie
     assert ApiToken.objects.get(pk=token.pk).revoked_at is not None
 
 
+def test_token_limits_are_set_edited_and_listed_in_the_admin(admin_client: Client) -> None:
+    response = admin_client.post(
+        "/admin/virtual_llms/apitoken/add/",
+        {"role": "client", "label": "capped", "rpm": "30", "tpm": "", "max_concurrency": "2"},
+        follow=True,
+    )
+    assert response.status_code == 200
+    token = ApiToken.objects.get(label="capped")
+    assert (token.rpm, token.tpm, token.max_concurrency) == (30, None, 2)
+    change = f"/admin/virtual_llms/apitoken/{token.pk}/change/"
+    response = admin_client.post(
+        change, {"label": "capped", "rpm": "", "tpm": "500", "max_concurrency": "2"}
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    token.refresh_from_db()
+    assert (token.rpm, token.tpm, token.max_concurrency) == (None, 500, 2)
+    listing = admin_client.get("/admin/virtual_llms/apitoken/").content.decode()
+    assert "column-tpm" in listing
+    assert "column-max_concurrency" in listing
+    assert '<td class="field-tpm">500</td>' in listing
+    # Limits are for client tokens; a zero is no limit at all.
+    response = admin_client.post(
+        "/admin/virtual_llms/apitoken/add/", {"role": "admin", "label": "boss", "rpm": "5"}
+    )
+    assert response.status_code == 200
+    assert "client tokens only" in response.content.decode()
+    response = admin_client.post(change, {"label": "capped", "rpm": "0"})
+    assert response.status_code == 200
+    token.refresh_from_db()
+    assert token.rpm is None
+    assert not ApiToken.objects.filter(label="boss").exists()
+
+
 def test_a_virtual_rows_publisher_fields_cannot_be_edited(admin_client: Client, rows: None) -> None:
     """Issue 28: renaming a live virtual row (or changing its status) in the admin made the
     broker and its publisher disagree. Those fields are read-only; a public row's are not."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
@@ -15,7 +16,7 @@ from django.views.decorators.http import require_POST
 from . import services
 from .auth import token_create, token_revoke
 from .errors import unavailable
-from .models import ApiToken, Llm, LlmKind, ProviderSession
+from .models import ApiToken, Llm, LlmKind, ProviderSession, Role
 from .state import get_state
 
 
@@ -149,10 +150,37 @@ def _held(sids: list[str]) -> set[str]:
         return _UNKNOWN
 
 
+# A client token's limits (PROTOCOL.md "Client limits and usage"); workers see an edit
+# within AUTH_CACHE_SECONDS (their cache of verified tokens).
+LIMIT_FIELDS = ["rpm", "tpm", "max_concurrency"]
+
+
+class ApiTokenForm(forms.ModelForm[ApiToken]):
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        role = data.get("role", self.instance.role)
+        if role != Role.CLIENT:
+            for name in LIMIT_FIELDS:
+                if data.get(name) is not None:
+                    self.add_error(name, "Limits apply to client tokens only.")
+        return data
+
+
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
-    list_display = ["label", "role", "prefix", "created_at", "last_used_at", "revoked_at"]
+    list_display = [
+        "label",
+        "role",
+        "prefix",
+        "rpm",
+        "tpm",
+        "max_concurrency",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
     list_filter = ["role", ("revoked_at", admin.EmptyFieldListFilter)]
+    form = ApiTokenForm
     search_fields = ["label", "prefix"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]
@@ -177,8 +205,16 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:
-            return ["role", "label"]
-        return ["role", "label", "prefix", "created_at", "last_used_at", "revoked_at"]
+            return ["role", "label", *LIMIT_FIELDS]
+        return [
+            "role",
+            "label",
+            *LIMIT_FIELDS,
+            "prefix",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
+        ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:
@@ -189,7 +225,11 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
         if change:
             super().save_model(request, obj, form, change)
             return
-        token, plaintext = token_create(role=obj.role, label=obj.label)
+        token, plaintext = token_create(
+            role=obj.role,
+            label=obj.label,
+            **{name: getattr(obj, name) for name in LIMIT_FIELDS},
+        )
         obj.pk = token.pk
         obj.prefix = token.prefix
         obj.token_hash = token.token_hash

@@ -1,4 +1,5 @@
-"""``manage.py createtoken ROLE LABEL``: make a token; its plaintext is the last stdout line."""
+"""``manage.py createtoken ROLE LABEL [--rpm N] [--tpm N] [--max-concurrency N]``: make a token
+(a client token with limits, if given); its plaintext is the last stdout line."""
 
 from typing import Any
 
@@ -14,10 +15,26 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("role", choices=Role.values)
         parser.add_argument("label")
+        parser.add_argument("--rpm", type=int, help="client limit: requests per minute")
+        parser.add_argument("--tpm", type=int, help="client limit: tokens per minute")
+        parser.add_argument(
+            "--max-concurrency", type=int, help="client limit: requests in flight at once"
+        )
 
-    def handle(self, *args: Any, role: str, label: str, **options: Any) -> None:
+    def handle(
+        self,
+        *args: Any,
+        role: str,
+        label: str,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrency: int | None = None,
+        **options: Any,
+    ) -> None:
         try:
-            token, plaintext = token_create(role=role, label=label)
+            token, plaintext = token_create(
+                role=role, label=label, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         self.stderr.write(f"Created {role} token '{label}' (id {token.pk}). It is shown once:")
