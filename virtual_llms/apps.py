@@ -12,6 +12,7 @@ class VirtualLlmsConfig(AppConfig):
         from django.db.models.signals import post_delete, post_save
 
         from . import checks  # noqa: F401 - registers the system checks
+        from . import inference, usage  # isort: skip
         from .models import Llm
         from .services import llm_saved
 
@@ -22,3 +23,6 @@ class VirtualLlmsConfig(AppConfig):
         # whole querysets): every worker's cached copy is dropped (rowcache.llm_lookup).
         post_save.connect(touch, sender=Llm, weak=False, dispatch_uid="mcpd-llm-saved")
         post_delete.connect(touch, sender=Llm, weak=False, dispatch_uid="mcpd-llm-deleted")
+        # Every finished inference call becomes a usage record (written in batches).
+        if usage.record not in inference.observers:
+            inference.observers.append(usage.record)
