@@ -28,6 +28,8 @@ urlpatterns = [
     # REST API
     path("api/v1/llms", views.LlmListView.as_view()),
     path("api/v1/llms/<path:name>", views.LlmDetailView.as_view()),
+    path("api/v1/usage", views.UsageView.as_view()),
+    path("api/v1/usage/me", views.UsageMeView.as_view()),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("admin/", admin.site.urls),

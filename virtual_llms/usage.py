@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import IntegrityError, transaction
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
@@ -152,7 +153,23 @@ def record(out: Any) -> None:
 
 
 def _write(rows: list[UsageRecord]) -> None:
-    UsageRecord.objects.bulk_create(rows, batch_size=1000)
+    try:
+        with transaction.atomic():
+            UsageRecord.objects.bulk_create(rows, batch_size=1000)
+    except IntegrityError:
+        # A token deleted since its call (tokens are revoked, not deleted, but a shell can):
+        # its records keep no token rather than keep the whole batch out for ever.
+        ids = {row.token_id for row in rows}
+        known = set(ApiToken.objects.filter(pk__in=ids).values_list("pk", flat=True))
+        for row in rows:
+            if row.token_id not in known:
+                row.token_id = None
+        UsageRecord.objects.bulk_create(rows, batch_size=1000)
+
+
+def reset() -> None:
+    """Forget the buffered records (tests)."""
+    _buffer.clear()
 
 
 def flush_sync() -> int:
