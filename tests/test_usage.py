@@ -84,6 +84,20 @@ def test_usage_of_whole_answers() -> None:
     responses = outcome()
     usage.note_body(responses, {"usage": {"input_tokens": 4, "output_tokens": 9}})
     assert (responses.prompt_tokens, responses.completion_tokens) == (4, 9)
+    # A long answer: its usage is read from its end, even with the word in its content.
+    text = "x" * 100_000 + '{"usage": {"prompt_tokens": 99}}'
+    long = json.dumps(
+        {
+            "choices": [{"message": {"content": text}}],
+            "usage": {"prompt_tokens": 6, "completion_tokens": 1},
+        }
+    ).encode()
+    big = outcome()
+    usage.note_body(big, long)
+    assert (big.prompt_tokens, big.completion_tokens) == (6, 1)
+    inside = outcome()
+    usage.note_body(inside, json.dumps({"choices": [{"text": text}]}).encode())
+    assert (inside.prompt_tokens, inside.completion_tokens) == (None, None)
     none = outcome()
     for body in (b'{"choices": []}', b"{oops", {"usage": {"prompt_tokens": -1}}, [1]):
         usage.note_body(none, body)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -39,7 +40,9 @@ MAX_BUFFERED = 50_000
 # The endpoints whose streams can carry a usage chunk (OpenAI's stream_options).
 USAGE_STREAMS = ("/v1/chat/completions", "/v1/completions")
 
-_buffer: list[UsageRecord] = []
+# A finished call's record, as the observer takes it (see record()).
+Pending = tuple[Any, ...]
+_buffer: list[Pending] = []
 _flushers: PerLoop[asyncio.Task[None]] = PerLoop()
 
 
@@ -76,10 +79,34 @@ def note_usage(out: Any, usage: Any) -> None:
         out.prompt_tokens, out.completion_tokens = prompt, completion
 
 
+_decoder = json.JSONDecoder()
+
+
+def _usage_at_end(body: bytes) -> Any:
+    """The object after the last ``"usage":`` key of a JSON body, parsed alone (an answer's
+    usage comes last: a long answer is not parsed whole), or None when that is not it."""
+    at = body.rfind(b'"usage"')
+    if at <= 0 or body[at - 1 : at] == b"\\":  # inside a string: "\"usage\""
+        return None
+    tail = body[at + 7 : at + 7 + 1024].lstrip()
+    if not tail.startswith(b":"):
+        return None
+    try:
+        value, _ = _decoder.raw_decode(tail[1:].lstrip().decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def note_body(out: Any, body: Any) -> None:
     """The usage of a whole answer (its JSON bytes, or parsed)."""
     if isinstance(body, bytes | bytearray | memoryview):
+        body = bytes(body)
         if b'"usage"' not in body:
+            return
+        found = _usage_at_end(body)
+        if found is not None and ("prompt_tokens" in found or "input_tokens" in found):
+            note_usage(out, found)
             return
         try:
             body = orjson.loads(body)
@@ -131,28 +158,50 @@ def record(out: Any) -> None:
     Calls no token was verified for are not anyone's usage."""
     if out.client_token_id is None:
         return
+    # A tuple: the model instances are made by the flush, off the request path.
     _buffer.append(
-        UsageRecord(
-            token_id=out.client_token_id,
-            llm_name=(out.model or "")[:128],
-            endpoint=out.endpoint,
-            status=out.status,
-            code=(out.code or "")[:64],
-            streamed=out.streaming,
-            prompt_tokens=out.prompt_tokens,
-            completion_tokens=out.completion_tokens,
-            ttfb_ms=_ms(out.first_byte_s),
-            queue_ms=_ms(out.queue_s) or 0.0,
-            wake_ms=_ms(out.wake_s) or 0.0,
-            duration_ms=_ms(out.total_s) or 0.0,
-            created_at=datetime.fromtimestamp(time.time(), UTC),
+        (
+            out.client_token_id,
+            out.model,
+            out.endpoint,
+            out.status,
+            out.code,
+            out.streaming,
+            out.prompt_tokens,
+            out.completion_tokens,
+            out.first_byte_s,
+            out.queue_s,
+            out.wake_s,
+            out.total_s,
+            time.time(),
         )
     )
     with contextlib.suppress(RuntimeError):  # no running loop (sync code): flush() writes it
         _flushers.get(lambda: asyncio.create_task(_flush_loop(), name="mcpd-usage-flush"))
 
 
-def _write(rows: list[UsageRecord]) -> None:
+def _model(item: Pending) -> UsageRecord:
+    token_id, model, endpoint, status, code, streamed, prompt, completion = item[:8]
+    ttfb, queue, wake, total, when = item[8:]
+    return UsageRecord(
+        token_id=token_id,
+        llm_name=(model or "")[:128],
+        endpoint=endpoint,
+        status=status,
+        code=(code or "")[:64],
+        streamed=streamed,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        ttfb_ms=_ms(ttfb),
+        queue_ms=_ms(queue) or 0.0,
+        wake_ms=_ms(wake) or 0.0,
+        duration_ms=_ms(total) or 0.0,
+        created_at=datetime.fromtimestamp(when, UTC),
+    )
+
+
+def _write(items: list[Pending]) -> None:
+    rows = [_model(item) for item in items]
     try:
         with transaction.atomic():
             UsageRecord.objects.bulk_create(rows, batch_size=1000)
@@ -204,13 +253,13 @@ async def flush_at_exit() -> None:
         log.warning("usage: %d record(s) lost at exit", len(_buffer), exc_info=True)
 
 
-def _take() -> list[UsageRecord]:
+def _take() -> list[Pending]:
     global _buffer
     rows, _buffer = _buffer, []
     return rows
 
 
-def _put_back(rows: list[UsageRecord]) -> None:
+def _put_back(rows: list[Pending]) -> None:
     global _buffer
     _buffer = rows + _buffer
     if len(_buffer) > MAX_BUFFERED:
