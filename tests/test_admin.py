@@ -206,3 +206,49 @@ def test_the_sessions_list_says_which_session_holds_a_stream(
     row = r'/providersession/([^/]+)/change/">.*?<td class="field-stream">([^<]*)</td>'
     cells = dict(re.findall(row, page))
     assert cells == {"sess-a": "connected", "sess-b": "none"}, cells
+
+
+def test_the_usage_page_shows_totals_per_token_and_model_and_a_chart(
+    admin_client: Client,
+) -> None:
+    from datetime import timedelta
+
+    from virtual_llms.models import UsageRecord
+
+    token, _ = token_create(role="client", label="team-chart")
+    now = timezone.now()
+    for days, model, prompt in ((0, "alpha", 10), (1, "alpha", 20), (2, "beta", 5), (40, "old", 1)):
+        UsageRecord.objects.create(
+            token=token,
+            llm_name=model,
+            endpoint="/v1/chat/completions",
+            status=200,
+            prompt_tokens=prompt,
+            completion_tokens=1,
+            duration_ms=1.0,
+            created_at=now - timedelta(days=days),
+        )
+    index = admin_client.get("/admin/").content.decode()
+    assert "/admin/virtual_llms/usagerecord/" in index
+    page = admin_client.get("/admin/virtual_llms/usagerecord/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'id="usage-chart"' in html
+    assert html.count('class="usage-bar"') == 8  # each day of the last 7, today included
+    assert 'class="usage-tokens"' in html
+    found = re.search(r'id="usage-totals">(.*?)</p>', html, re.S)
+    assert found
+    totals = re.sub(r"\s+", " ", found[1])
+    assert "<strong>3</strong> requests" in totals
+    assert "<strong>35</strong> prompt" in totals
+    table = re.search(r'id="usage-by-model">(.*?)</table>', html, re.S)
+    assert table
+    by_model = table[1]
+    assert "<td>alpha</td><td>2</td><td>0</td><td>30</td><td>2</td>" in by_model
+    assert "<td>beta</td>" in by_model
+    assert "old" not in by_model
+    assert "<td>team-chart</td><td>3</td>" in html
+    month = admin_client.get("/admin/virtual_llms/usagerecord/?days=90").content.decode()
+    assert "<td>old</td>" in month
+    # Nothing to add, change or delete: records are the broker's.
+    assert admin_client.get("/admin/virtual_llms/usagerecord/add/").status_code == 403

@@ -1,4 +1,5 @@
-"""Django admin for operators: watch LLM rows and sessions, evict, revoke tokens."""
+"""Django admin for operators: watch LLM rows and sessions, evict, revoke tokens, set client
+limits; the Usage page is usage_admin.py's."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from django.shortcuts import get_object_or_404
 from django.urls import URLPattern, path, reverse
 from django.views.decorators.http import require_POST
 
-from . import services
+from . import (
+    services,
+    usage_admin,  # noqa: F401 - registers the Usage page
+)
 from .auth import token_create, token_revoke
 from .errors import unavailable
 from .models import ApiToken, Llm, LlmKind, ProviderSession, Role

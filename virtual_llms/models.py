@@ -220,6 +220,8 @@ class UsageRecord(models.Model):
     objects = UsageRecordQuerySet.as_manager()
 
     class Meta:
+        verbose_name = "usage record"
+        verbose_name_plural = "usage"
         indexes = [
             models.Index(fields=["token", "created_at"], name="usage_token_time_idx"),
         ]
