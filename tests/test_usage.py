@@ -104,6 +104,23 @@ def test_usage_of_whole_answers() -> None:
     assert (none.prompt_tokens, none.completion_tokens) == (None, None)
 
 
+def test_usage_of_a_stream_passed_through_as_bytes() -> None:
+    out = outcome()
+    seen = usage.StreamUsage(out)
+    stream = (
+        f"data: {chunk('hi')}\n\n"
+        f"data: {chunk(None, usage={'prompt_tokens': 21, 'completion_tokens': 2})}\n\n"
+        "data: [DONE]\n\n"
+    ).encode()
+    cut = stream.index(b"prompt_tokens")  # the usage line arrives in two reads
+    for piece in (stream[:10], stream[10:cut], stream[cut:]):
+        seen.feed(piece)
+    assert (out.prompt_tokens, out.completion_tokens) == (21, 2)
+    quiet = outcome()
+    usage.StreamUsage(quiet).feed(f"data: {chunk('usage')}\n\n".encode())
+    assert quiet.prompt_tokens is None
+
+
 # --- reading records back --------------------------------------------------------------------
 
 

@@ -576,8 +576,11 @@ async def _public(call: _Call, row: Llm) -> AsyncGenerator[Head | bytes, None]:
         out, Head(upstream.status, upstream.content_type, headers, streaming=upstream.streaming)
     )
     out.first_byte_s = call.since_start()
-    if not upstream.streaming:
+    seen = usage.StreamUsage(out) if upstream.streaming else None
+    if seen is None:
         usage.note_body(out, upstream.content)
     async with contextlib.aclosing(upstream.body()) as body:
         async for chunk in body:
+            if seen is not None:
+                seen.feed(chunk)
             yield chunk

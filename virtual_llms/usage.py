@@ -146,6 +146,32 @@ def relayed_chunk(out: Any, data: str, added: bool) -> str | None:
     return data
 
 
+class StreamUsage:
+    """The usage of a stream passed through as bytes (a public row's): its ``data:`` lines
+    that name a ``usage`` are parsed as they pass (a line cut between two reads is put back
+    together; the others cost a substring search)."""
+
+    # A line longer than this without a newline is not an event we can read.
+    MAX_LINE = 65_536
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.rest = b""
+
+    def feed(self, chunk: bytes) -> None:
+        data = self.rest + chunk if self.rest else chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            self.rest = data[-self.MAX_LINE :]
+            return
+        self.rest = data[end + 1 : end + 1 + self.MAX_LINE]
+        if data.find(b'"usage"', 0, end) < 0:
+            return
+        for line in data[:end].split(b"\n"):
+            if line.startswith(b"data:") and b'"usage"' in line:
+                note_body(self.out, line[5:].strip())
+
+
 # --- records, buffered and written in batches ------------------------------------------------
 
 
