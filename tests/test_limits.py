@@ -125,11 +125,18 @@ async def test_max_concurrency_refuses_at_once_and_admits_when_one_ends(hub: obj
     assert one is not None
     assert two is not None
     assert one.member != two.member
-    assert one.headers == {}  # no rpm or tpm: no x-ratelimit-* headers to give
+    # No rpm: the requests headers tell the places in flight.
+    assert one.headers == {
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "0s",
+    }
+    assert two.headers["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(ApiError) as refused:
         await limits.admit(t)
     assert refused.value.status == 429
     assert refused.value.headers["Retry-After"] == "1"
+    assert refused.value.headers["x-ratelimit-remaining-requests"] == "0"
     await limits.end(one, None)
     three = await limits.admit(t)
     assert three is not None

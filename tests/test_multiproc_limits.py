@@ -194,10 +194,13 @@ async def test_max_concurrency_refuses_while_held_and_admits_when_it_ends(
             await ask(broker, worker, token, llm.name)
         assert time.monotonic() - started < 1.0
         assert refused.value.response.headers["Retry-After"] == "1"
+        assert refused.value.response.headers["x-ratelimit-limit-requests"] == "1"
+        assert refused.value.response.headers["x-ratelimit-remaining-requests"] == "0"
     llm.hold.set()
     assert (await asyncio.wait_for(first, 20)).http_response.status_code == 200
     again = await ask(broker, 2, token, llm.name)
     assert again.http_response.status_code == 200
+    assert again.headers["x-ratelimit-remaining-requests"] == "0"  # itself in flight
 
 
 async def test_tpm_counts_the_usage_answers_report(broker: Broker, llm: Publisher) -> None:

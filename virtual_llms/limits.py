@@ -55,6 +55,13 @@ def _headers(token: ApiToken, verdict: Verdict) -> dict[str, str]:
         headers["x-ratelimit-limit-requests"] = str(token.rpm)
         headers["x-ratelimit-remaining-requests"] = str(verdict.requests_left)
         headers["x-ratelimit-reset-requests"] = reset_text(verdict.requests_reset_ms)
+    elif token.max_concurrency is not None:
+        # No window of requests: the requests headers tell the places in flight instead
+        # (a place is free again when a request ends, so there is nothing to wait for).
+        left = max(0, token.max_concurrency - verdict.in_flight)
+        headers["x-ratelimit-limit-requests"] = str(token.max_concurrency)
+        headers["x-ratelimit-remaining-requests"] = str(left)
+        headers["x-ratelimit-reset-requests"] = "0s"
     if token.tpm is not None:
         headers["x-ratelimit-limit-tokens"] = str(token.tpm)
         headers["x-ratelimit-remaining-tokens"] = str(verdict.tokens_left)

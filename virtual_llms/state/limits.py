@@ -33,6 +33,7 @@ class Verdict:
     requests_reset_ms: int
     tokens_left: int
     tokens_reset_ms: int
+    in_flight: int = 0  # the token's requests in flight, this one included if admitted
 
 
 class LimitStore(Protocol):
@@ -55,6 +56,7 @@ def _verdict(raw: list[object]) -> Verdict:
         requests_reset_ms=int(str(raw[4])),
         tokens_left=int(str(raw[5])),
         tokens_reset_ms=int(str(raw[6])),
+        in_flight=int(str(raw[7])),
     )
 
 
@@ -139,6 +141,7 @@ class MemoryLimits:
             if max_concurrency > 0:
                 inflight.add(member)
         return Verdict(
+            in_flight=len(inflight) if max_concurrency > 0 else 0,
             admitted=not refused,
             refused_by=refused,
             retry_ms=math.ceil(retry),

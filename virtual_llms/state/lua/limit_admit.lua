@@ -9,7 +9,8 @@
 --       [5] the liveness key prefix (a member whose worker died is dropped as it is read),
 --       [6] the in-flight zset's backstop TTL in ms
 -- Returns {admitted 0|1, refused by ("requests"|"tokens"|"concurrency"|""), retry ms,
---          requests remaining, requests reset ms, tokens remaining, tokens reset ms}
+--          requests remaining, requests reset ms, tokens remaining, tokens reset ms,
+--          requests in flight (this one included when admitted)}
 local WINDOW = 60000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -17,6 +18,7 @@ local rpm, tpm, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local refused, retry = '', 0
 local rpm_next, rpm_left, rpm_reset = 0, 0, 0
 local tpm_left, tpm_reset = 0, 0
+local live = 0
 
 if rpm > 0 then
   local step = WINDOW / rpm
@@ -44,7 +46,6 @@ if tpm > 0 then
 end
 
 if maxc > 0 then
-  local live = 0
   for _, member in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
     local channel = string.match(member, '^(%S+)')
     if redis.call('EXISTS', ARGV[5] .. channel) == 1 then
@@ -62,7 +63,7 @@ end
 
 if refused ~= '' then
   return {0, refused, math.ceil(retry), rpm_left, math.ceil(rpm_reset), tpm_left,
-          math.ceil(tpm_reset)}
+          math.ceil(tpm_reset), live}
 end
 if rpm > 0 then
   redis.call('SET', KEYS[1], string.format('%.3f', rpm_next), 'PX',
@@ -71,5 +72,6 @@ end
 if maxc > 0 then
   redis.call('ZADD', KEYS[3], now, ARGV[4])
   redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[6]))
+  live = live + 1
 end
-return {1, '', 0, rpm_left, math.ceil(rpm_reset), tpm_left, math.ceil(tpm_reset)}
+return {1, '', 0, rpm_left, math.ceil(rpm_reset), tpm_left, math.ceil(tpm_reset), live}
