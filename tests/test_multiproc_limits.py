@@ -317,3 +317,17 @@ async def test_a_killed_workers_requests_in_flight_stop_counting(
     finally:
         llm.hold.set()
         broker.start_worker(0)
+
+
+async def test_a_stopped_worker_writes_its_usage_records_as_it_drains(
+    broker: Broker, llm: Publisher
+) -> None:
+    token = new_client_token(broker)
+    await ask(broker, 2, token, llm.name)
+    broker.restart(2)  # SIGTERM at once, mostly before its next one-second write
+    rows = broker.sql(
+        "SELECT count(*) FROM virtual_llms_usagerecord r JOIN virtual_llms_apitoken t"
+        " ON t.id = r.token_id WHERE t.prefix = %s",
+        token[5:17],
+    )
+    assert rows == [(1,)]
