@@ -302,3 +302,52 @@ def test_the_admin_shows_backends_and_drains_undrains_and_evicts_them(
     admin_client.post(changelist, {"action": "evict", "_selected_action": ids[:1]})
     assert list(Backend.objects.values_list("session_id", flat=True)) == ["sb"]
     assert Llm.objects.get(name="pool").provider_session_id == "sb"
+
+
+def test_quotas_per_owner_refuse_more_names_and_sessions(admin: str, settings: Any) -> None:
+    """Issue 29: one owner's tokens hold at most MCPD_MAX_NAMES_PER_OWNER names and
+    MCPD_MAX_SESSIONS_PER_OWNER sessions; past either, 409 quota_exceeded, nothing applied."""
+    settings.MCPD_MAX_NAMES_PER_OWNER = 2
+    settings.MCPD_MAX_SESSIONS_PER_OWNER = 2
+    _, a = publisher("box-a", owner="gpu-team")
+    _, b = publisher("box-b", owner="gpu-team")
+    assert register(a, "sa", name="one").status_code == 200
+    assert register(b, "sb", name="two").status_code == 200
+    assert error_code(register(a, "sa", name="three"), 409) == "quota_exceeded"
+    assert not Llm.objects.filter(name="three").exists()
+    assert register(a, "sa", name="one").status_code == 200  # what it holds stays fine
+    assert error_code(register(b, "sc", name="two"), 409) == "quota_exceeded"  # 3rd session
+    assert not ProviderSession.objects.filter(pk="sc").exists()
+    _, other = publisher("elsewhere")  # another owner has its own quota
+    assert register(other, "so", name="three").status_code == 200
+
+
+def test_gcsweep_deletes_old_sessions_that_own_nothing(admin: str) -> None:
+    _, a = publisher("box-a")
+    assert register(a, "keep").status_code == 200
+    assert post("/api/v1/virtual/register", {"providerSessionId": "empty", "providers": []}, a)
+    long_ago = timezone.now() - timedelta(days=1)
+    ProviderSession.objects.update(created_at=long_ago)
+    assert services.gc_sweep(dry_run=True).sessions_deleted == 1
+    assert ProviderSession.objects.filter(pk="empty").exists()
+    assert services.gc_sweep().sessions_deleted == 1
+    assert list(ProviderSession.objects.values_list("pk", flat=True)) == ["keep"]
+
+
+def test_the_llm_list_pages_on_request(admin: str, client_token: str) -> None:
+    """Issue 29: ?limit= gives a page in name order and a Link to the next; without it
+    every row, as in v1."""
+    _, a = publisher("box-a")
+    for name in ("a1", "a2", "a3"):
+        assert register(a, f"s-{name}", name=name).status_code == 200
+    everything = Client().get("/api/v1/llms", headers=auth(client_token))
+    assert [row["name"] for row in everything.json()] == ["a1", "a2", "a3"]
+    first = Client().get("/api/v1/llms?limit=2", headers=auth(client_token))
+    assert [row["name"] for row in first.json()] == ["a1", "a2"]
+    assert first["Link"] == '</api/v1/llms?limit=2&after=a2>; rel="next"'
+    last = Client().get("/api/v1/llms?limit=2&after=a2", headers=auth(client_token))
+    assert [row["name"] for row in last.json()] == ["a3"]
+    assert "Link" not in last
+    for bad in ("0", "1001", "x", "-1"):
+        response = Client().get(f"/api/v1/llms?limit={bad}", headers=auth(client_token))
+        assert error_code(response, 400) == "invalid_request"

@@ -19,7 +19,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
-from . import crypto
+from . import crypto, quotas
 from .backends import derive, derive_many
 from .errors import ApiError
 from .models import ApiToken, Backend, Llm, LlmKind, LlmStatus, ProviderSession
@@ -45,6 +45,7 @@ class GcResult:
     marked_inactive: int  # rows outside pools, and backends of pools, that went stale
     deleted: int  # rows deleted (a pool's with its last backend)
     backends_deleted: int = 0  # backends of pools deleted while the row stays
+    sessions_deleted: int = 0  # sessions that owned nothing (quotas.sweep_empty_sessions)
 
 
 def llm_touch(*fields: str) -> None:
@@ -124,9 +125,11 @@ def llm_register(
 def _register_locked(*, token: ApiToken, sid: str, providers: list[ProviderSpec]) -> list[Llm]:
     session = ProviderSession.objects.select_for_update().filter(pk=sid).first()
     if session is None:
+        quotas.check_new_session(token)
         session = ProviderSession.objects.create(pk=sid, token=token)
     elif session.token_id != token.pk:
         raise ApiError(403, "forbidden", "This session belongs to another publisher token.")
+    quotas.check_names(token, [p.name for p in providers])
 
     now = timezone.now()
     result: dict[str, Llm] = {}
@@ -460,4 +463,9 @@ def _sweep(now: datetime) -> GcResult:
     pool_ids |= set(stale.values_list("llm_id", flat=True))
     marked += stale.update(status=LlmStatus.INACTIVE, inactive_since=now)
     derive_many(pool_ids)
-    return GcResult(marked_inactive=marked, deleted=deleted, backends_deleted=backends_deleted)
+    return GcResult(
+        marked_inactive=marked,
+        deleted=deleted,
+        backends_deleted=backends_deleted,
+        sessions_deleted=quotas.sweep_empty_sessions(now),
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
@@ -43,6 +44,9 @@ from .serializers import (
     RegisterSerializer,
     StatusSerializer,
 )
+
+# GET /api/v1/llms?limit=: the largest page (issue 29: 10,240 rows were 6.2 MB at once).
+PAGE_MAX = 1000
 
 
 def _token(request: Request) -> ApiToken:
@@ -123,10 +127,34 @@ class LlmListView(APIView):
         operation_id="listLlms",
         summary="Every LLM row",
         tags=[TAG_REST],
-        responses={200: LlmSerializer(many=True), **api_errors(401, 403)},
+        parameters=[
+            OpenApiParameter(
+                "limit",
+                int,
+                description=f"at most this many rows (1-{PAGE_MAX}), in name order; a "
+                'Link header (rel="next") names the next page',
+            ),
+            OpenApiParameter("after", str, description="rows whose name sorts after this"),
+        ],
+        responses={200: LlmSerializer(many=True), **api_errors(400, 401, 403)},
     )
     def get(self, request: Request) -> Response:
-        return Response(LlmSerializer(selectors.llm_list(), many=True).data)
+        rows = selectors.llm_list()
+        after = request.query_params.get("after")
+        if after:
+            rows = rows.filter(name__gt=after)
+        raw = request.query_params.get("limit")
+        if raw is None:  # v1: every row
+            return Response(LlmSerializer(rows, many=True).data)
+        if not raw.isdigit() or not 1 <= int(raw) <= PAGE_MAX:
+            raise ApiError(400, "invalid_request", f"'limit' must be 1-{PAGE_MAX}.")
+        limit = int(raw)
+        page = list(rows[: limit + 1])
+        response = Response(LlmSerializer(page[:limit], many=True).data)
+        if len(page) > limit:
+            query = urlencode({"limit": limit, "after": page[limit - 1].name})
+            response["Link"] = f'<{request.path}?{query}>; rel="next"'
+        return response
 
     @extend_schema(
         operation_id="createPublicLlm",

@@ -26,7 +26,9 @@ class Command(BaseCommand):
         prefix = "dryRun " if dry_run else ""
         if not dry_run:
             # On stderr: stdout keeps its one line, which scripts read.
-            self.stderr.write(f"usagePruned={usage.prune()}")
+            self.stderr.write(
+                f"usagePruned={usage.prune()} sessionsDeleted={result.sessions_deleted}"
+            )
         self.stdout.write(
             f"{prefix}markedInactive={result.marked_inactive} deleted={result.deleted}"
         )
