@@ -287,8 +287,8 @@ MCPD_QUEUE_MAX = _env_int("MCPD_QUEUE_MAX", 256)
 MCPD_QUEUE_TIMEOUT_SECONDS = _env_float("MCPD_QUEUE_TIMEOUT_SECONDS", 60.0)
 # Quotas per owner (issue 29): the names its tokens publish, and the sessions they hold
 # (a register past either: 409 quota_exceeded). gcsweep deletes sessions that own nothing.
-MCPD_MAX_NAMES_PER_OWNER = _env_int("MCPD_MAX_NAMES_PER_OWNER", 1024)
-MCPD_MAX_SESSIONS_PER_OWNER = _env_int("MCPD_MAX_SESSIONS_PER_OWNER", 256)
+MCPD_MAX_NAMES_PER_OWNER = _env_int("MCPD_MAX_NAMES_PER_OWNER", 4096)
+MCPD_MAX_SESSIONS_PER_OWNER = _env_int("MCPD_MAX_SESSIONS_PER_OWNER", 4096)
 # Usage records (virtual_llms/usage.py) older than this are deleted by gcsweep.
 MCPD_USAGE_RETENTION_DAYS = _env_int("MCPD_USAGE_RETENTION_DAYS", 90)
 # Idle control streams and waiting clients get a comment this often; proxies cut at 60 s.
