@@ -44,12 +44,11 @@ def check_new_session(token: ApiToken) -> None:
 def check_names(token: ApiToken, names: list[str]) -> None:
     """``names`` may be registered: with the names the owner holds, within the quota."""
     limit = settings.MCPD_MAX_NAMES_PER_OWNER
-    held = set(
-        Backend.objects.filter(token__in=owner_tokens(token))
-        .values_list("llm__name", flat=True)
-        .distinct()
-    )
-    if len(held | set(names)) > limit:
+    owned = Backend.objects.filter(token__in=owner_tokens(token))
+    new = set(names) - set(owned.filter(llm__name__in=names).values_list("llm__name", flat=True))
+    if not new:  # a re-register of what it holds: two small reads, no count
+        return
+    if owned.values("llm_id").distinct().count() + len(new) > limit:
         raise _refuse("names", limit, "MCPD_MAX_NAMES_PER_OWNER")
 
 
