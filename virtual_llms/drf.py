@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rest_framework import authentication, exceptions, permissions
+from rest_framework import authentication, exceptions, negotiation, permissions
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -28,6 +28,20 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request: Request) -> str:
         return "Bearer"
+
+
+class JsonOnly(negotiation.BaseContentNegotiation):
+    """/api/ answers JSON whatever the request's Accept header says (PROTOCOL.md v1.1): a
+    publisher whose HTTP client also accepts ``text/event-stream`` gets its 401, not a 406.
+    Bodies are read by http.read_json, whatever their Content-Type."""
+
+    def select_parser(self, request: Request, parsers: Any) -> Any:
+        return parsers[0] if parsers else None
+
+    def select_renderer(
+        self, request: Request, renderers: Any, format_suffix: str | None = None
+    ) -> tuple[Any, str]:
+        return renderers[0], renderers[0].media_type
 
 
 class HasRole(permissions.BasePermission):

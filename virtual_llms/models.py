@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timedelta
 
@@ -14,6 +15,21 @@ from django.db.models import Q
 LLM_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 # Session ids come from publishers (a UUID by default, or their own sticky id).
 SESSION_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+
+_LLM_NAME = re.compile(LLM_NAME_RE)
+_SESSION_ID = re.compile(SESSION_ID_RE)
+
+
+def is_llm_name(value: str) -> bool:
+    """Whether ``value`` could name an LLM: anything else names none, with no lookup (a NUL
+    byte would even fail PostgreSQL's)."""
+    return _LLM_NAME.fullmatch(value) is not None
+
+
+def is_session_id(value: str) -> bool:
+    """Whether ``value`` could name a session."""
+    return _SESSION_ID.fullmatch(value) is not None
+
 
 llm_name_validator = RegexValidator(
     LLM_NAME_RE,

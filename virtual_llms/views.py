@@ -35,9 +35,9 @@ def _token(request: Request) -> ApiToken:
 
 
 def _validated(serializer_class: Any, request: Request) -> dict[str, Any]:
-    if not isinstance(request.data, dict):
-        raise ApiError(400, "invalid_request", "The request body must be a JSON object.")
-    serializer = serializer_class(data=request.data)
+    # The body as every JSON endpoint reads it (http.read_json: size, depth, any
+    # Content-Type), not through DRF's parsers, whose json recurses without a bound.
+    serializer = serializer_class(data=read_json_object(request._request))
     serializer.is_valid(raise_exception=True)
     return dict(serializer.validated_data)
 
