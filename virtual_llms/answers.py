@@ -10,7 +10,15 @@ from typing import Any
 from . import events, jsonio
 from .errors import ApiError
 from .hub import deliver_event, task_event_message
-from .protocol import PARSERS, AnswerKind, Chunk, ResultEvent, TaskEvent, error_event
+from .protocol import (
+    PARSERS,
+    AnswerKind,
+    AnswerRefused,
+    Chunk,
+    ResultEvent,
+    TaskEvent,
+    error_event,
+)
 from .state import get_state
 
 TASK_GONE = "No open task with this id for this publisher."
@@ -63,7 +71,13 @@ async def post_error(*, token_id: int, task_id: str, message: str) -> bool:
 async def answer(kind: AnswerKind, *, token_id: int, task_id: str, body: dict[str, Any]) -> None:
     """Check one answer (400 if malformed) and hand it over (404 if there is no such open
     task of this token): the one path of the HTTP endpoints and the socket's frames."""
-    parsed: Any = PARSERS[kind](body)
+    try:
+        parsed: Any = PARSERS[kind](body)
+    except AnswerRefused as exc:
+        # The task ends with a 502 for its client; an unknown task is a 404, as always.
+        if not await post_error(token_id=token_id, task_id=task_id, message=exc.client_message):
+            raise ApiError(404, "task_not_found", TASK_GONE) from None
+        raise
     if kind == "result":
         ok = await post_result(
             token_id=token_id, task_id=task_id, status=parsed["status"], body=parsed["body"]
