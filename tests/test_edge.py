@@ -343,6 +343,7 @@ def test_djangos_handlers_answer_json_on_the_api_and_html_elsewhere(
         assert response.status_code == status
         assert (response["Content-Type"] == "application/json") is json_expected
     response = edge.server_error(RequestFactory().get("/api/v1/llms"))
+    assert isinstance(response, HttpResponse)
     assert response.status_code == 500
     assert json.loads(response.content)["error"]["code"] == "internal_error"
 
@@ -454,7 +455,7 @@ async def test_a_result_status_outside_200_599_is_refused_and_the_client_gets_50
     event = dict(await tasks.next_event(pending, 5))
     assert event["kind"] == "error"
     assert event["status"] == 502
-    assert "invalid HTTP status" in event["message"]
+    assert "invalid HTTP status" in str(event["message"])
     # The task is over: a good answer now is a 404.
     got = await call(
         "POST",
@@ -496,7 +497,8 @@ async def test_a_bad_status_for_an_unknown_task_is_404_and_changes_nothing(
 
 def spec_events(stream: bytes) -> list[str]:
     """The data of each event, read as the SSE spec says (lines end at CRLF, CR or LF)."""
-    events, data = [], []
+    events: list[str] = []
+    data: list[str] = []
     text = stream.decode()
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     for line in lines:
