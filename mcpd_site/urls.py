@@ -30,6 +30,10 @@ urlpatterns = [
     path("api/v1/virtual/sessions/<str:session_id>/stream", streams.control_stream),
     # REST API
     path("api/v1/llms", views.LlmListView.as_view()),
+    path(
+        "api/v1/llms/<path:name>/backends/<str:session_id>/drain",
+        views.BackendDrainView.as_view(),
+    ),
     path("api/v1/llms/<path:name>", views.LlmDetailView.as_view()),
     path("healthz", health.healthz),
     path("readyz", health.readyz),

@@ -164,6 +164,7 @@ def test_the_sessions_list_says_which_session_holds_a_stream(
     token = ApiToken.objects.get(label="gpu-box")
     ProviderSession.objects.create(pk="sess-b", token=token)
     presence = get_state().presence
+    async_to_sync(presence.beat)("worker-channel")  # a live worker holds it (Redis checks)
     async_to_sync(presence.bind)("sess-a", "worker-channel", "epoch-1")
     try:
         page = admin_client.get("/admin/virtual_llms/providersession/").content.decode()

@@ -483,16 +483,29 @@ async def test_a_result_frame_with_status_1xx_gets_protocol_error_and_the_client
     await sock.disconnect()
 
 
-async def test_a_bad_status_for_an_unknown_task_is_404_and_changes_nothing(
-    upkeep: None, tokens: Tokens, hub: hub_mod.Hub
+async def test_a_bad_status_for_another_tokens_task_is_400_and_changes_nothing(
+    upkeep: None, tokens: Tokens, virtual_llm: None, hub: hub_mod.Hub
 ) -> None:
+    sock, pending = await bound(tokens)
+    for task_id in ("nope", pending.task_id):
+        got = await call(
+            "POST",
+            f"/api/v1/virtual/tasks/{task_id}/result",
+            token=tokens.other_publisher_plain,
+            body=b'{"status": 101, "body": {}}',
+        )
+        assert api_error(got, 400)["code"] == "invalid_request"
+    # The task is still open for its own publisher.
     got = await call(
         "POST",
-        "/api/v1/virtual/tasks/nope/result",
+        f"/api/v1/virtual/tasks/{pending.task_id}/result",
         token=tokens.publisher_plain,
-        body=b'{"status": 101, "body": {}}',
+        body=b'{"status": 200, "body": {"ok": 1}}',
     )
-    assert api_error(got, 404)["code"] == "task_not_found"
+    assert got[0] == 204, got[2]
+    event = dict(await tasks.next_event(pending, 5))
+    assert (event["kind"], event["status"]) == ("result", 200)
+    await sock.disconnect()
 
 
 def spec_events(stream: bytes) -> list[str]:

@@ -151,9 +151,17 @@ def _held(sids: list[str]) -> set[str]:
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
-    list_display = ["label", "role", "prefix", "created_at", "last_used_at", "revoked_at"]
+    list_display = [
+        "label",
+        "role",
+        "owner",
+        "prefix",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
     list_filter = ["role", ("revoked_at", admin.EmptyFieldListFilter)]
-    search_fields = ["label", "prefix"]
+    search_fields = ["label", "prefix", "owner"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]
     # The change page has a Revoke button (a POST with the CSRF token, to revoke_view).
@@ -177,8 +185,8 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:
-            return ["role", "label"]
-        return ["role", "label", "prefix", "created_at", "last_used_at", "revoked_at"]
+            return ["role", "label", "owner"]
+        return ["role", "label", "owner", "prefix", "created_at", "last_used_at", "revoked_at"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:
@@ -189,7 +197,11 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
         if change:
             super().save_model(request, obj, form, change)
             return
-        token, plaintext = token_create(role=obj.role, label=obj.label)
+        try:
+            token, plaintext = token_create(role=obj.role, label=obj.label, owner=obj.owner)
+        except ValueError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return
         obj.pk = token.pk
         obj.prefix = token.prefix
         obj.token_hash = token.token_hash

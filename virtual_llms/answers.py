@@ -74,9 +74,9 @@ async def answer(kind: AnswerKind, *, token_id: int, task_id: str, body: dict[st
     try:
         parsed: Any = PARSERS[kind](body)
     except AnswerRefused as exc:
-        # The task ends with a 502 for its client; an unknown task is a 404, as always.
-        if not await post_error(token_id=token_id, task_id=task_id, message=exc.client_message):
-            raise ApiError(404, "task_not_found", TASK_GONE) from None
+        # A bad body is a 400 as always; an open task of this token also ends, with a 502
+        # for its client (an unknown task changes nothing).
+        await post_error(token_id=token_id, task_id=task_id, message=exc.client_message)
         raise
     if kind == "result":
         ok = await post_result(

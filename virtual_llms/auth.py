@@ -39,16 +39,21 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def token_create(*, role: str, label: str) -> tuple[ApiToken, str]:
-    """Make a token; the plaintext is returned once and never stored."""
+def token_create(*, role: str, label: str, owner: str = "") -> tuple[ApiToken, str]:
+    """Make a token; the plaintext is returned once and never stored. ``owner``: publisher
+    tokens with the same owner share their names (PROTOCOL.md v1.1 "Owners")."""
     if role not in Role.values:
         raise ValueError(f"role must be one of {', '.join(Role.values)}")
     if not label or len(label) > 128:
         raise ValueError("label must be 1-128 characters")
+    if len(owner) > 128 or owner != owner.strip():
+        raise ValueError("owner must be at most 128 characters, without surrounding spaces")
+    if owner and role != Role.PUBLISHER:
+        raise ValueError("only publisher tokens have an owner")
     prefix = secrets.token_hex(6)
     plaintext = f"mcpd_{prefix}_{secrets.token_urlsafe(32)}"
     token = ApiToken.objects.create(
-        role=role, label=label, prefix=prefix, token_hash=_hash(plaintext)
+        role=role, label=label, prefix=prefix, token_hash=_hash(plaintext), owner=owner
     )
     return token, plaintext
 

@@ -64,8 +64,9 @@ def json_view(*methods: str) -> Callable[[AsyncView], Any]:
     return decorate
 
 
-def read_json(request: HttpRequest) -> Any:
-    """The request's JSON body, or ApiError 413 (too big) / 400 (not JSON)."""
+def read_json(request: HttpRequest, *, empty: Any = None) -> Any:
+    """The request's JSON body, or ApiError 413 (too big) / 400 (not JSON); ``empty`` for an
+    empty body, if not None (else 400)."""
     limit = settings.MCPD_MAX_BODY_BYTES
     declared = request.META.get("CONTENT_LENGTH") or "0"
     too_big = ApiError(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
@@ -78,6 +79,8 @@ def read_json(request: HttpRequest) -> Any:
     if len(raw) > limit:
         raise too_big
     if not raw:
+        if empty is not None:
+            return empty
         raise ApiError(400, "invalid_json", "The request body is empty; send a JSON object.")
     try:
         return jsonio.loads(raw, settings.MCPD_MAX_JSON_DEPTH)
@@ -85,8 +88,10 @@ def read_json(request: HttpRequest) -> Any:
         raise ApiError(400, "invalid_json", f"Malformed JSON body: {exc}") from None
 
 
-def read_json_object(request: HttpRequest) -> dict[str, Any]:
-    body = read_json(request)
+def read_json_object(
+    request: HttpRequest, *, empty: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    body = read_json(request, empty=empty)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "The request body must be a JSON object.")
     return body

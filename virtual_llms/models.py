@@ -1,4 +1,5 @@
-"""The registry's tables: LLM rows, provider sessions and API tokens. No I/O beyond the ORM."""
+"""The registry's tables: LLM rows, their backends, provider sessions and API tokens. No I/O
+beyond the ORM."""
 
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ class ApiToken(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    owner = models.CharField(
+        max_length=128,
+        blank=True,
+        default="",
+        help_text="Publisher tokens with the same owner share their names: one may adopt "
+        "another's inactive row, and both may serve one name as a pool. Empty: the token is "
+        "its own owner.",
+    )
 
     class Meta:
         constraints = [
@@ -62,6 +71,11 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}:{self.label} ({self.prefix}…)"
+
+    @property
+    def owner_key(self) -> str:
+        """Who owns the names this token publishes: its owner, or the token itself."""
+        return f"owner:{self.owner}" if self.owner else f"token:{self.pk}"
 
 
 class ProviderSession(models.Model):
@@ -149,6 +163,11 @@ class Llm(models.Model):
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     inactive_since = models.DateTimeField(null=True, blank=True)
     version = models.PositiveIntegerField(default=1)
+    pool = models.BooleanField(
+        default=False,
+        help_text='First registered with "pool": true: sessions of the same owner may join it '
+        "as more backends.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -175,3 +194,65 @@ class Llm(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class BackendQuerySet(models.QuerySet["Backend"]):
+    def live(self) -> BackendQuerySet:
+        return self.filter(status__in=[LlmStatus.ACTIVE, LlmStatus.HIBERNATING])
+
+    def stale(self, now: datetime, stale_seconds: int) -> BackendQuerySet:
+        """Live backends whose publisher stopped heartbeating."""
+        return self.live().filter(last_heartbeat_at__lt=now - timedelta(seconds=stale_seconds))
+
+    def expired(self, now: datetime, retention_seconds: int) -> BackendQuerySet:
+        """Backends inactive for longer than the retention window."""
+        return self.filter(
+            status=LlmStatus.INACTIVE,
+            inactive_since__lt=now - timedelta(seconds=retention_seconds),
+        )
+
+
+class Backend(models.Model):
+    """One session serving a virtual row's name (PROTOCOL.md v1.1 "Pools"). The row's own
+    status, ``inactive_since``, ``provider_session_id`` and ``publisher_token`` are derived
+    from its backends (services.llm_derive); a row that is not a pool has exactly one."""
+
+    llm = models.ForeignKey(Llm, on_delete=models.CASCADE, related_name="backends")
+    session = models.ForeignKey(ProviderSession, on_delete=models.CASCADE, related_name="backends")
+    # The session's token, kept here so the relay reads a backend without a join.
+    token = models.ForeignKey(ApiToken, on_delete=models.CASCADE, related_name="backends")
+    model = models.CharField(max_length=256)
+    max_concurrency = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Tasks this session runs at once; empty: no limit."
+    )
+    status = models.CharField(max_length=16, choices=LlmStatus.choices, default=LlmStatus.ACTIVE)
+    withdrawn = models.BooleanField(default=False)
+    draining = models.BooleanField(
+        default=False, help_text="Gets no new task; finishes the ones it has."
+    )
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    inactive_since = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = BackendQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+        indexes = [
+            models.Index(fields=["status", "last_heartbeat_at"], name="backend_gc_stale_idx"),
+            models.Index(fields=["status", "inactive_since"], name="backend_gc_expired_idx"),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["llm", "session"], name="backend_one_per_session"),
+            models.CheckConstraint(
+                condition=Q(status__in=LlmStatus.values), name="backend_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(max_concurrency__isnull=True)
+                | Q(max_concurrency__gte=1, max_concurrency__lte=4096),
+                name="backend_max_concurrency_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.llm_id}@{self.session_id}"

@@ -62,6 +62,8 @@ async def send(
     pending.token_id = routed.candidate.token_id
     pending.holder, pending.epoch = routed.presence.channel, routed.presence.epoch
     pending.record = f"{hub.channel} {pending.llm_id} {pending.session_id}"
+    # A pool's task may fail over to another backend; a one-backend row's fails as in v1.
+    pending.spare = len(llm.backends) > 1
     if not routed.published:
         message: TaskPush = {
             **base,  # type: ignore[typeddict-item]  # base is a TaskPush less three keys

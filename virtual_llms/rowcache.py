@@ -64,18 +64,17 @@ class LlmRef:
 
 
 def _backends(row: Llm) -> tuple[BackendRef, ...]:
-    manager = getattr(row, "backends", None)
-    if manager is None:  # a row of the one-backend schema
-        assert row.provider_session_id is not None
-        assert row.publisher_token_id is not None
-        return (
-            BackendRef(
-                row.provider_session_id, row.publisher_token_id, row.model, None, row.status
-            ),
-        )
-    return tuple(
+    backends = tuple(
         BackendRef(b.session_id, b.token_id, b.model, b.max_concurrency, b.status, b.draining)
-        for b in manager.all()
+        for b in row.backends.all()
+    )
+    if backends:
+        return backends
+    # A row without backend rows (written behind the services' back): the one it implies.
+    assert row.provider_session_id is not None
+    assert row.publisher_token_id is not None
+    return (
+        BackendRef(row.provider_session_id, row.publisher_token_id, row.model, None, row.status),
     )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from django.core.validators import RegexValidator, URLValidator
 from rest_framework import serializers
 
-from .models import LLM_NAME_RE, SESSION_ID_RE, Llm, LlmStatus
+from .models import LLM_NAME_RE, SESSION_ID_RE, Backend, Llm, LlmStatus
 
 
 class StrictCharField(serializers.CharField):
@@ -17,6 +17,24 @@ class StrictCharField(serializers.CharField):
         if not isinstance(data, str):
             self.fail("invalid")
         return str(super().to_internal_value(data))
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """true or false only (DRF's BooleanField also takes "yes", 1, "on", ...)."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer only (DRF's IntegerField also takes "4", 4.0 and true)."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return int(super().to_internal_value(data))
 
 
 NAME_MESSAGE = "must be 1-128 characters of A-Z a-z 0-9 . _ : / -, starting with a letter or digit"
@@ -72,6 +90,25 @@ class LlmSerializer(serializers.ModelSerializer[Llm]):
         read_only_fields = fields
 
 
+def backend_json(backend: Backend, in_flight: int) -> dict[str, Any]:
+    """One entry of a row's ``backends`` (PROTOCOL.md v1.1 "Pools")."""
+    field = serializers.DateTimeField()
+    return {
+        "providerSessionId": backend.session_id,
+        "model": backend.model,
+        "status": backend.status,
+        "maxConcurrency": backend.max_concurrency,
+        "inFlight": in_flight,
+        "lastHeartbeatAt": field.to_representation(backend.last_heartbeat_at)
+        if backend.last_heartbeat_at
+        else None,
+        "inactiveSince": field.to_representation(backend.inactive_since)
+        if backend.inactive_since
+        else None,
+        "draining": backend.draining,
+    }
+
+
 class ProviderSerializer(serializers.Serializer[Any]):
     name = name_field()
     type = StrictCharField(max_length=32)
@@ -80,6 +117,16 @@ class ProviderSerializer(serializers.Serializer[Any]):
     description = StrictCharField(max_length=4096, required=False, default="", allow_blank=True)
     status = serializers.ChoiceField(
         choices=[LlmStatus.ACTIVE, LlmStatus.HIBERNATING], required=False, default="active"
+    )
+    # v1.1 "Pools": join the name as one more backend; how many tasks it runs at once.
+    pool = StrictBooleanField(required=False, default=False)
+    maxConcurrency = StrictIntegerField(
+        source="max_concurrency",
+        min_value=1,
+        max_value=4096,
+        required=False,
+        allow_null=True,
+        default=None,
     )
 
 
@@ -96,7 +143,11 @@ class HeartbeatSerializer(serializers.Serializer[Any]):
 class StatusSerializer(serializers.Serializer[Any]):
     providerSessionId = session_field()
     llmName = name_field()
-    status = serializers.ChoiceField(choices=[LlmStatus.ACTIVE, LlmStatus.HIBERNATING])
+    status = serializers.ChoiceField(choices=[LlmStatus.ACTIVE, LlmStatus.HIBERNATING, "draining"])
+
+
+class DrainSerializer(serializers.Serializer[Any]):
+    draining = StrictBooleanField(required=False, default=True)
 
 
 class PublicLlmCreateSerializer(serializers.Serializer[Any]):

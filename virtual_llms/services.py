@@ -2,8 +2,9 @@
 
 The semantics are those of the original VirtualLlmService (register, heartbeat, unbind,
 gcSweep) plus PROTOCOL.md's rules: a session belongs to the token that created it, a name
-never passes to another publisher token while its row exists, and one register call is
-applied whole or not at all.
+never passes to another owner while its row exists, and one register call is applied whole
+or not at all. Since v1.1 they act on a row's backends (one per session serving the name;
+backends.py derives the row from them).
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from . import crypto
+from .backends import derive, derive_many, mirror_missing
 from .errors import ApiError
-from .models import ApiToken, Llm, LlmKind, LlmStatus, ProviderSession, is_session_id
+from .models import ApiToken, Backend, Llm, LlmKind, LlmStatus, ProviderSession, is_session_id
 from .state import get_state, name_field, session_field
 
 
@@ -33,12 +36,15 @@ class ProviderSpec:
     tier: str = "fast"
     description: str = ""
     status: str = LlmStatus.ACTIVE
+    pool: bool = False
+    max_concurrency: int | None = None
 
 
 @dataclass(frozen=True)
 class GcResult:
-    marked_inactive: int
-    deleted: int
+    marked_inactive: int  # backends that stopped heartbeating (one per row outside pools)
+    deleted: int  # rows deleted with their last backend
+    backends_deleted: int = 0  # backends of pools deleted while the row stays
 
 
 def llm_touch(*fields: str) -> None:
@@ -54,8 +60,22 @@ def llm_touch(*fields: str) -> None:
 def _touch_session(sid: str) -> None:
     """A write to every row of a session: touch each row's name (what cached rows are
     checked against) and the session's stamp."""
-    names = Llm.objects.filter(provider_session_id=sid).values_list("name", flat=True)
+    names = Llm.objects.filter(backends__session_id=sid).values_list("name", flat=True)
     llm_touch(session_field(sid), *[name_field(name) for name in names])
+
+
+def _session_backends(sid: str) -> QuerySet[Backend]:
+    return Backend.objects.filter(session_id=sid, llm__kind=LlmKind.VIRTUAL)
+
+
+def _update_backends(backends: QuerySet[Backend], **fields: Any) -> set[uuid.UUID]:
+    """Update these backends; re-derive their rows. Returns the rows' ids (empty: no
+    backend matched)."""
+    ids = set(backends.values_list("llm_id", flat=True))
+    if ids and backends.update(**fields):
+        derive_many(ids)
+        return ids
+    return set()
 
 
 def llm_saved(*, llm: Llm) -> None:
@@ -106,7 +126,7 @@ def llm_register(
 def _register_locked(*, token: ApiToken, sid: str, providers: list[ProviderSpec]) -> list[Llm]:
     session = ProviderSession.objects.select_for_update().filter(pk=sid).first()
     if session is None:
-        ProviderSession.objects.create(pk=sid, token=token)
+        session = ProviderSession.objects.create(pk=sid, token=token)
     elif session.token_id != token.pk:
         raise ApiError(403, "forbidden", "This session belongs to another publisher token.")
 
@@ -116,7 +136,7 @@ def _register_locked(*, token: ApiToken, sid: str, providers: list[ProviderSpec]
     for spec in sorted(providers, key=lambda p: p.name):
         row = Llm.objects.select_for_update().filter(name=spec.name).first()
         if row is None:
-            row = Llm.objects.create(
+            row = Llm(
                 name=spec.name,
                 type=spec.type,
                 model=spec.model,
@@ -126,139 +146,198 @@ def _register_locked(*, token: ApiToken, sid: str, providers: list[ProviderSpec]
                 provider_session_id=sid,
                 publisher_token=token,
                 status=spec.status,
+                pool=spec.pool,
                 last_heartbeat_at=now,
                 inactive_since=None,
             )
+            row.mcpd_managed = True  # type: ignore[attr-defined] # backends.mirror: not needed
+            row.save(force_insert=True)
+            _backend_apply(row, session, spec, now=now, token=token)
         elif row.kind == LlmKind.PUBLIC:
             raise _conflict(f"Cannot publish over public LLM '{spec.name}'")
-        elif row.provider_session_id == sid:
-            _apply(row, spec, sid=sid, token=token, now=now)  # sticky reconnect
-        elif row.status != LlmStatus.INACTIVE:
-            raise _conflict(f"'{spec.name}' is already active under a different session")
-        elif row.publisher_token_id == token.pk:
-            _apply(row, spec, sid=sid, token=token, now=now)  # adopt after a lapse
         else:
-            raise _conflict(
-                f"'{spec.name}' belongs to another publisher; an admin must evict it first"
-            )
+            _register_on(row, session, spec, token=token, now=now)
         result[spec.name] = row
 
-    # Rows this session owned before and the new list leaves out go inactive, withdrawn: the
-    # publisher no longer serves them, so its heartbeats must not bring them back.
-    left_out = Llm.objects.filter(provider_session_id=sid).exclude(name__in=list(result))
-    if left_out.exclude(status=LlmStatus.INACTIVE).update(
-        status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
+    # Backends this session had before and the new list leaves out go inactive, withdrawn:
+    # the publisher no longer serves them, so its heartbeats must not bring them back.
+    left_out = _session_backends(sid).exclude(llm__name__in=list(result))
+    if _update_backends(
+        left_out.exclude(status=LlmStatus.INACTIVE), status=LlmStatus.INACTIVE, inactive_since=now
     ):
         _touch_session(sid)
-    left_out.update(withdrawn=True)
+    _update_backends(left_out, withdrawn=True)
     return [result[p.name] for p in providers]
 
 
-def _apply(row: Llm, spec: ProviderSpec, *, sid: str, token: ApiToken, now: datetime) -> None:
+def _register_on(
+    row: Llm, session: ProviderSession, spec: ProviderSpec, *, token: ApiToken, now: datetime
+) -> None:
+    """One provider of a register call naming an existing virtual row (locked): a sticky
+    reconnect, an adoption after a lapse, or a join of a pool (PROTOCOL.md v1.1)."""
+    backends = list(Backend.objects.select_for_update().filter(llm=row))
+    mine = next((b for b in backends if b.session_id == session.pk), None)
+    others_live = [
+        b for b in backends if b.session_id != session.pk and b.status != LlmStatus.INACTIVE
+    ]
+    same_owner = _owner_of(row) == token.owner_key
+    if mine is not None and not (others_live and spec.pool != row.pool):
+        pass  # sticky reconnect (its pool flag cannot change while others serve it)
+    elif not same_owner:
+        if row.status != LlmStatus.INACTIVE or others_live:
+            raise _conflict(f"'{spec.name}' is already active under a different session")
+        raise _conflict(f"'{spec.name}' belongs to another publisher; an admin must evict it first")
+    elif others_live:
+        if not (row.pool and spec.pool):
+            raise _conflict(f"'{spec.name}' is already active under a different session")
+        # join the pool
+    else:
+        # Adopt after a lapse: as a fresh registration of the name. A pool keeps its other
+        # (inactive) backends when it is joined again; a row that is not one has one backend.
+        if not (row.pool and spec.pool):
+            Backend.objects.filter(llm=row).exclude(session=session).delete()
+        row.pool = spec.pool
     row.type = spec.type
-    row.model = spec.model
     row.tier = spec.tier
     row.description = spec.description
-    row.status = spec.status
-    row.provider_session_id = sid
-    row.publisher_token = token
-    row.last_heartbeat_at = now
-    row.inactive_since = None
-    row.withdrawn = False
     row.version += 1
     row.save()
+    _backend_apply(row, session, spec, now=now, token=token)
+
+
+def _owner_of(row: Llm) -> str | None:
+    token = row.publisher_token
+    return None if token is None else token.owner_key
+
+
+def _backend_apply(
+    row: Llm, session: ProviderSession, spec: ProviderSpec, *, now: datetime, token: ApiToken
+) -> None:
+    Backend.objects.update_or_create(
+        llm=row,
+        session=session,
+        defaults={
+            "token": token,
+            "model": spec.model,
+            "max_concurrency": spec.max_concurrency,
+            "status": spec.status,
+            "withdrawn": False,
+            "draining": False,
+            "last_heartbeat_at": now,
+            "inactive_since": None,
+        },
+    )
+    derive(row, now=now)
+    llm_touch(name_field(row.name))
 
 
 def llm_heartbeat(*, token: ApiToken, session_id: str) -> int:
-    """Bump every row of the session and revive inactive ones. Returns the row count."""
+    """Bump every backend of the session and revive inactive ones. Returns their count."""
     with transaction.atomic():
         session_get_owned(token=token, session_id=session_id)
         now = timezone.now()
-        rows = Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)
-        count = rows.count()
-        if rows.filter(status=LlmStatus.INACTIVE, withdrawn=False).update(
+        backends = _session_backends(session_id)
+        count = backends.count()
+        revived = _update_backends(
+            backends.filter(status=LlmStatus.INACTIVE, withdrawn=False),
             status=LlmStatus.ACTIVE,
             inactive_since=None,
             last_heartbeat_at=now,
-            version=F("version") + 1,
-            updated_at=now,
-        ):
+        )
+        if revived:
             _touch_session(session_id)
-        rows.exclude(status=LlmStatus.INACTIVE).update(last_heartbeat_at=now)
+        backends.exclude(status=LlmStatus.INACTIVE).update(last_heartbeat_at=now)
+        # The rows' own heartbeat, for v1 readers (one statement, no re-derive).
+        Llm.objects.filter(backends__session_id=session_id, backends__status__in=_LIVE).exclude(
+            pk__in=list(revived)
+        ).update(last_heartbeat_at=now)
     return count
 
 
+_LIVE = [LlmStatus.ACTIVE, LlmStatus.HIBERNATING]
+STATUSES = (LlmStatus.ACTIVE, LlmStatus.HIBERNATING, "draining")
+
+
 def llm_set_status(*, token: ApiToken, session_id: str, llm_name: str, status: str) -> Llm:
-    """The publisher says its model went to sleep or woke by itself."""
-    if status not in (LlmStatus.ACTIVE, LlmStatus.HIBERNATING):
-        raise ApiError(400, "invalid_request", "status must be 'active' or 'hibernating'.")
+    """The publisher says its backend went to sleep, woke by itself, or drains (no new task;
+    ``active`` ends the drain)."""
+    if status not in STATUSES:
+        raise ApiError(
+            400, "invalid_request", "status must be 'active', 'hibernating' or 'draining'."
+        )
     with transaction.atomic():
         session_get_owned(token=token, session_id=session_id)
-        row = (
-            Llm.objects.select_for_update()
-            .filter(name=llm_name, provider_session_id=session_id, kind=LlmKind.VIRTUAL)
+        backend = (
+            Backend.objects.select_for_update()
+            .select_related("llm")
+            .filter(llm__name=llm_name, session_id=session_id, llm__kind=LlmKind.VIRTUAL)
             .first()
         )
-        if row is None:
+        if backend is None:
             raise ApiError(
                 404, "llm_not_found", f"No LLM '{llm_name}' is registered by this session."
             )
         now = timezone.now()
-        row.status = status
-        row.inactive_since = None
-        row.last_heartbeat_at = now
-        row.version += 1
-        row.save()
+        if status == "draining":
+            backend.draining = True
+        else:
+            backend.status = status
+            backend.draining = False
+            backend.inactive_since = None
+            backend.withdrawn = False
+        backend.last_heartbeat_at = now
+        backend.save()
+        row = backend.llm
+        if not derive(row, now=now):
+            row.version += 1
+            row.save()
+        llm_touch(name_field(row.name))
     return row
 
 
 def llm_mark_awake(*, llm_id: uuid.UUID, name: str, session_id: str) -> bool:
     """A wake of the session's backend succeeded: hibernating → active, heartbeat bumped.
-    False if the row moved on."""
+    False if the backend moved on."""
     now = timezone.now()
-    changed = Llm.objects.filter(pk=llm_id, status=LlmStatus.HIBERNATING).update(
-        status=LlmStatus.ACTIVE, last_heartbeat_at=now, version=F("version") + 1, updated_at=now
-    )
-    if changed:
-        llm_touch(name_field(name))
-    return changed == 1
+    with transaction.atomic():
+        changed = bool(
+            _update_backends(
+                Backend.objects.filter(
+                    llm_id=llm_id, session_id=session_id, status=LlmStatus.HIBERNATING
+                ),
+                status=LlmStatus.ACTIVE,
+                last_heartbeat_at=now,
+            )
+        )
+        if changed:
+            llm_touch(name_field(name))
+    return changed
 
 
 def session_unbind(*, session_id: str) -> datetime:
-    """The session's stream closed: all its rows go inactive at once. Returns the moment
+    """The session's stream closed: all its backends go inactive at once. Returns the moment
     written to their ``inactive_since`` (session_rebind's key)."""
     now = timezone.now()
-    if (
-        Llm.objects.filter(provider_session_id=session_id, kind=LlmKind.VIRTUAL)
-        .exclude(status=LlmStatus.INACTIVE)
-        .update(
+    with transaction.atomic():
+        if _update_backends(
+            _session_backends(session_id).exclude(status=LlmStatus.INACTIVE),
             status=LlmStatus.INACTIVE,
             inactive_since=now,
-            version=F("version") + 1,
-            updated_at=now,
-        )
-    ):
-        _touch_session(session_id)
+        ):
+            _touch_session(session_id)
     return now
 
 
 def session_rebind(*, session_id: str, unbound_at: datetime) -> int:
-    """Undo one session_unbind (a newer stream bound the session meanwhile): the rows it
-    made inactive become active again. Rows made inactive otherwise stay so."""
-    now = timezone.now()
-    count = Llm.objects.filter(
-        provider_session_id=session_id,
-        kind=LlmKind.VIRTUAL,
-        status=LlmStatus.INACTIVE,
-        inactive_since=unbound_at,
-    ).update(
-        status=LlmStatus.ACTIVE,
-        inactive_since=None,
-        version=F("version") + 1,
-        updated_at=now,
-    )
-    if count:
-        _touch_session(session_id)
+    """Undo one session_unbind (a newer stream bound the session meanwhile): the backends it
+    made inactive become active again. Backends made inactive otherwise stay so."""
+    with transaction.atomic():
+        backends = _session_backends(session_id).filter(
+            status=LlmStatus.INACTIVE, inactive_since=unbound_at
+        )
+        count = backends.count()
+        if _update_backends(backends, status=LlmStatus.ACTIVE, inactive_since=None):
+            _touch_session(session_id)
     return count
 
 
@@ -267,17 +346,21 @@ def token_is_revoked(*, token_id: int) -> bool:
 
 
 def llm_mark_inactive(*, names: list[str]) -> int:
-    """Operator action: take virtual rows out of service until their publisher heartbeats."""
+    """Operator action: take virtual rows (all their backends) out of service until their
+    publishers heartbeat. Returns how many rows went inactive."""
     now = timezone.now()
-    count = (
-        Llm.objects.filter(name__in=names, kind=LlmKind.VIRTUAL)
-        .exclude(status=LlmStatus.INACTIVE)
-        .update(
-            status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
+    with transaction.atomic():
+        live = Llm.objects.filter(name__in=names, kind=LlmKind.VIRTUAL).exclude(
+            status=LlmStatus.INACTIVE
         )
-    )
-    if count:
-        llm_touch(*[name_field(name) for name in names])
+        count = live.count()
+        _update_backends(
+            Backend.objects.filter(llm__in=live).exclude(status=LlmStatus.INACTIVE),
+            status=LlmStatus.INACTIVE,
+            inactive_since=now,
+        )
+        if count:
+            llm_touch(*[name_field(name) for name in names])
     return count
 
 
@@ -318,24 +401,49 @@ def llm_evict(*, llm: Llm) -> None:
 
 
 def gc_sweep(*, now: datetime | None = None, dry_run: bool = False) -> GcResult:
-    """Stale live virtual rows → inactive; long-inactive virtual rows → deleted.
+    """Stale live backends → inactive; long-inactive backends → deleted, and a virtual row
+    with its last backend. ``dry_run``: the same sweep, rolled back.
 
     Each step is one conditional statement, so two sweeps at the same moment never count a
-    row twice: PostgreSQL re-checks the WHERE clause of a row another sweep just changed.
+    backend twice: PostgreSQL re-checks the WHERE clause of a row another sweep just changed.
     """
     now = now or timezone.now()
-    stale_seconds = settings.MCPD_HEARTBEAT_STALE_SECONDS
-    retention = settings.MCPD_INACTIVE_RETENTION_SECONDS
-    expired = Llm.objects.expired(now, retention)
-    stale = Llm.objects.stale(now, stale_seconds)
     if dry_run:
-        return GcResult(marked_inactive=stale.count(), deleted=expired.count())
-    deleted, _ = expired.delete()
-    marked = stale.update(
-        status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
-    )
+        with transaction.atomic():
+            mirror_missing()
+            result = _sweep(now)
+            transaction.set_rollback(True)
+            return result
+    # Rows written without services (bulk inserts, raw SQL) get the backend they imply.
+    mirror_missing()
+    with transaction.atomic():
+        result = _sweep(now)
     # Forget the stamps of rows and sessions that are gone; that touches every row once.
     live = {name_field(n) for n in Llm.objects.values_list("name", flat=True)}
     live |= {session_field(s) for s in ProviderSession.objects.values_list("pk", flat=True)}
     get_state().stamps.prune(live)
-    return GcResult(marked_inactive=marked, deleted=deleted)
+    return result
+
+
+def _sweep(now: datetime) -> GcResult:
+    virtual = Backend.objects.filter(llm__kind=LlmKind.VIRTUAL)
+    expired = virtual.expired(now, settings.MCPD_INACTIVE_RETENTION_SECONDS)
+    stale = virtual.stale(now, settings.MCPD_HEARTBEAT_STALE_SECONDS)
+    # A row whose backends have all expired goes whole (v1: the row is deleted).
+    doomed = (
+        Llm.objects.virtual()
+        .filter(backends__in=expired)
+        .exclude(backends__in=virtual.exclude(pk__in=expired.values("pk")))
+    )
+    doomed_ids = list(doomed.values_list("pk", flat=True).distinct())
+    _, per_model = Llm.objects.filter(pk__in=doomed_ids).delete()
+    deleted = per_model.get(Llm._meta.label, 0)
+    pool_ids = set(expired.values_list("llm_id", flat=True))
+    backends_deleted, _ = expired.delete()
+    if pool_ids:
+        derive_many(pool_ids)
+    stale_ids = set(stale.values_list("llm_id", flat=True))
+    marked = stale.update(status=LlmStatus.INACTIVE, inactive_since=now)
+    if marked:
+        derive_many(stale_ids)
+    return GcResult(marked_inactive=marked, deleted=deleted, backends_deleted=backends_deleted)

@@ -14,13 +14,14 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import answers, selectors, services
+from . import answers, backends, selectors, services
 from .auth import ADMIN_ROLES, CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate
 from .errors import ApiError
 from .http import json_view, read_json_object
-from .models import ApiToken, Llm
+from .models import ApiToken, Llm, LlmKind, Role
 from .protocol import AnswerKind
 from .serializers import (
+    DrainSerializer,
     HeartbeatSerializer,
     LlmSerializer,
     PublicLlmCreateSerializer,
@@ -34,10 +35,14 @@ def _token(request: Request) -> ApiToken:
     return request.auth
 
 
-def _validated(serializer_class: Any, request: Request) -> dict[str, Any]:
-    # The body as every JSON endpoint reads it (http.read_json: size, depth, any
-    # Content-Type), not through DRF's parsers, whose json recurses without a bound.
-    serializer = serializer_class(data=read_json_object(request._request))
+def _validated(
+    serializer_class: Any, request: Request, *, empty: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The body, checked by the serializer; ``empty``: what an empty body means (else 400).
+    Read as every JSON endpoint reads it (http.read_json: size, depth, any Content-Type),
+    not through DRF's parsers, whose json recurses without a bound."""
+    body = read_json_object(request._request, empty=empty)
+    serializer = serializer_class(data=body)
     serializer.is_valid(raise_exception=True)
     return dict(serializer.validated_data)
 
@@ -99,23 +104,49 @@ class LlmListView(APIView):
         return Response(LlmSerializer(row).data, status=201)
 
 
+def _row(name: str) -> Llm:
+    row = selectors.llm_get(name=name)
+    if row is None:
+        raise ApiError(404, "llm_not_found", f"No LLM named '{name}'.")
+    return row
+
+
 class LlmDetailView(APIView):
     @property
     def roles(self) -> tuple[str, ...]:
-        return ADMIN_ROLES if self.request.method == "DELETE" else CLIENT_ROLES
+        if self.request.method == "DELETE":
+            return ADMIN_ROLES
+        # v1.1: a publisher may read a row too, and sees its own sessions' backends only.
+        return (*CLIENT_ROLES, *PUBLISHER_ROLES)
 
     def _row(self, name: str) -> Llm:
-        row = selectors.llm_get(name=name)
-        if row is None:
-            raise ApiError(404, "llm_not_found", f"No LLM named '{name}'.")
-        return row
+        return _row(name)
 
     def get(self, request: Request, name: str) -> Response:
-        return Response(LlmSerializer(self._row(name)).data)
+        row = self._row(name)
+        data = dict(LlmSerializer(row).data)
+        if row.kind == LlmKind.VIRTUAL:
+            token = _token(request)
+            mine = token.pk if token.role == Role.PUBLISHER else None
+            data["backends"] = selectors.backends_json(row, token_id=mine)
+        return Response(data)
 
     def delete(self, request: Request, name: str) -> Response:
         services.llm_evict(llm=self._row(name))
         return Response(status=204)
+
+
+class BackendDrainView(APIView):
+    """``POST /api/v1/llms/<name>/backends/<session>/drain`` (admin): the backend gets no
+    new task and finishes the ones it has; ``{"draining": false}`` ends the drain."""
+
+    roles = ADMIN_ROLES
+
+    def post(self, request: Request, name: str, session_id: str) -> Response:
+        data = _validated(DrainSerializer, request, empty={"draining": True})
+        backend = backends.backend_get(name=name, session_id=session_id)
+        backends.backend_set_draining(backend=backend, draining=data["draining"])
+        return Response(selectors.backend_json(backend))
 
 
 # --- task results: plain async views on the hot path ---------------------------------------

@@ -1,4 +1,5 @@
-"""``manage.py createtoken ROLE LABEL``: make a token; its plaintext is the last stdout line."""
+"""``manage.py createtoken ROLE LABEL [--owner OWNER]``: make a token; its plaintext is the
+last stdout line."""
 
 from typing import Any
 
@@ -14,11 +15,20 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("role", choices=Role.values)
         parser.add_argument("label")
+        parser.add_argument(
+            "--owner",
+            default="",
+            help="publisher tokens with the same owner share their names: one may adopt "
+            "another's inactive row, and both may serve one name as a pool",
+        )
 
-    def handle(self, *args: Any, role: str, label: str, **options: Any) -> None:
+    def handle(self, *args: Any, role: str, label: str, owner: str, **options: Any) -> None:
         try:
-            token, plaintext = token_create(role=role, label=label)
+            token, plaintext = token_create(role=role, label=label, owner=owner)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
-        self.stderr.write(f"Created {role} token '{label}' (id {token.pk}). It is shown once:")
+        owned = f" of owner '{owner}'" if owner else ""
+        self.stderr.write(
+            f"Created {role} token '{label}'{owned} (id {token.pk}). It is shown once:"
+        )
         self.stdout.write(plaintext)

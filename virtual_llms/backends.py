@@ -1,0 +1,196 @@
+"""Backends: the sessions serving a virtual row's name (PROTOCOL.md v1.1 "Pools") - the
+row's fields derived from them, owners, drain and the eviction of one backend.
+
+A virtual row's own ``status``, ``inactive_since``, ``last_heartbeat_at``,
+``provider_session_id``, ``publisher_token`` and ``model`` are what v1 readers see; since
+v1.1 they are derived from the row's backends (:func:`derive`) after every write to them,
+in the same transaction. A row that is not a pool has exactly one backend, so it reads
+exactly as in v1.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from .errors import ApiError
+from .models import (
+    ApiToken,
+    Backend,
+    Llm,
+    LlmKind,
+    LlmStatus,
+    ProviderSession,
+    is_llm_name,
+    is_session_id,
+)
+from .state import name_field
+
+
+def llm_touch(*fields: str) -> None:
+    from .services import llm_touch as touch  # services imports this module
+
+    touch(*fields)
+
+
+def owner_key(token_id: int | None) -> str | None:
+    """The owner of the names a publisher token publishes (ApiToken.owner_key)."""
+    if token_id is None:
+        return None
+    token = ApiToken.objects.filter(pk=token_id).only("pk", "owner").first()
+    return None if token is None else token.owner_key
+
+
+def mirror_missing() -> int:
+    """mirror() for every virtual row that has no backend (bulk inserts skip signals), in
+    one transaction; safe beside a concurrent sweep (rows locked, conflicts ignored)."""
+    with transaction.atomic():
+        rows = list(
+            Llm.objects.filter(kind=LlmKind.VIRTUAL, backends__isnull=True)
+            .select_for_update(of=("self",))
+            .exclude(provider_session_id=None)
+        )
+        if not rows:
+            return 0
+        sids = {row.provider_session_id for row in rows}
+        tokens = dict(ProviderSession.objects.filter(pk__in=sids).values_list("pk", "token_id"))
+        made = Backend.objects.bulk_create(
+            [
+                Backend(
+                    llm=row,
+                    session_id=row.provider_session_id,
+                    token_id=tokens[row.provider_session_id],
+                    model=row.model,
+                    status=row.status,
+                    withdrawn=row.withdrawn,
+                    last_heartbeat_at=row.last_heartbeat_at,
+                    inactive_since=row.inactive_since,
+                )
+                for row in rows
+                if row.provider_session_id in tokens
+            ],
+            ignore_conflicts=True,
+        )
+    return len(made)
+
+
+def mirror(row: Llm) -> None:
+    """A virtual row written without services (the ORM, fixtures, a v1 import) gets the one
+    backend v1 implied: its session's, with the row's own fields."""
+    if getattr(row, "mcpd_managed", False):
+        return  # services write its backends themselves
+    if row.kind != LlmKind.VIRTUAL or row.provider_session_id is None:
+        return
+    session = ProviderSession.objects.filter(pk=row.provider_session_id).first()
+    if session is None or Backend.objects.filter(llm=row).exists():
+        return
+    Backend.objects.create(
+        llm=row,
+        session=session,
+        token_id=session.token_id,
+        model=row.model,
+        status=row.status,
+        withdrawn=row.withdrawn,
+        last_heartbeat_at=row.last_heartbeat_at,
+        inactive_since=row.inactive_since,
+    )
+
+
+def _status(backends: list[Backend]) -> str:
+    statuses = {b.status for b in backends}
+    for status in (LlmStatus.ACTIVE, LlmStatus.HIBERNATING):
+        if status in statuses:
+            return status
+    return LlmStatus.INACTIVE
+
+
+def derive(row: Llm, *, now: datetime | None = None) -> bool:
+    """Set the row's fields from its backends (read now) and save it if they changed.
+    Returns whether anything a request routes by changed (status, session, model)."""
+    backends = list(Backend.objects.filter(llm=row).order_by("created_at", "pk"))
+    if not backends:
+        return False
+    live = [b for b in backends if b.status != LlmStatus.INACTIVE]
+    if live:
+        primary = live[0]  # the oldest live backend, for v1 readers and the wake
+        inactive_since = None
+        beats = [b.last_heartbeat_at for b in live if b.last_heartbeat_at is not None]
+    else:
+        primary = max(backends, key=lambda b: (b.inactive_since or now or timezone.now(), b.pk))
+        inactive_since = primary.inactive_since
+        beats = [primary.last_heartbeat_at] if primary.last_heartbeat_at else []
+    fields = {
+        "status": _status(backends),
+        "inactive_since": inactive_since,
+        "provider_session_id": primary.session_id,
+        "publisher_token_id": primary.token_id,
+        "model": primary.model,
+        "withdrawn": all(b.withdrawn for b in backends),
+        "last_heartbeat_at": max(beats) if beats else row.last_heartbeat_at,
+    }
+    changed: dict[str, Any] = {n: v for n, v in fields.items() if getattr(row, n) != v}
+    if not changed:
+        return False
+    routed = bool({"status", "provider_session_id", "model"} & set(changed))
+    for name, value in changed.items():
+        setattr(row, name, value)
+    if routed:
+        row.version += 1
+        changed["version"] = F("version") + 1
+    # An UPDATE, not save(): a row another transaction deleted meanwhile stays deleted.
+    Llm.objects.filter(pk=row.pk).update(**changed, updated_at=timezone.now())
+    llm_touch(name_field(row.name))
+    return routed
+
+
+def derive_many(llm_ids: Iterable[uuid.UUID]) -> None:
+    """derive() for each of these rows."""
+    for row in Llm.objects.filter(pk__in=list(llm_ids)):
+        derive(row)
+
+
+def backend_get(*, name: str, session_id: str, lock: bool = False) -> Backend:
+    """The backend of session ``session_id`` for the row ``name``, or ApiError 404."""
+    qs = Backend.objects.select_related("llm", "token")
+    if lock:
+        qs = qs.select_for_update()
+    possible = is_llm_name(name) and is_session_id(session_id)  # else no lookup: none has it
+    backend = qs.filter(llm__name=name, session_id=session_id).first() if possible else None
+    if backend is None:
+        raise ApiError(
+            404, "backend_not_found", f"No backend of '{name}' for session '{session_id}'."
+        )
+    return backend
+
+
+def backend_set_draining(*, backend: Backend, draining: bool) -> Backend:
+    """Drain a backend (no new task; the ones it runs finish) or end its drain."""
+    with transaction.atomic():
+        Backend.objects.filter(pk=backend.pk).update(draining=draining)
+        backend.draining = draining
+        llm_touch(name_field(backend.llm.name))
+    return backend
+
+
+def backend_evict(*, backend: Backend) -> None:
+    """Take one backend out of its pool now (its session re-joins at its next register);
+    the row goes with its last backend (services.llm_evict)."""
+    from .services import llm_evict
+
+    row = backend.llm
+    with transaction.atomic():
+        if not Backend.objects.filter(llm=row).exclude(pk=backend.pk).exists():
+            last = True
+        else:
+            last = False
+            backend.delete()
+            derive(row)
+            llm_touch(name_field(row.name))
+    if last:
+        llm_evict(llm=row)
