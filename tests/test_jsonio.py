@@ -117,15 +117,8 @@ def test_a_document_is_refused_exactly_when_it_nests_deeper_than_the_limit(
 
 
 def test_depth_counts_containers() -> None:
-    assert [jsonio.depth(v) for v in (1, "[[", [], {}, [1], [[1], [[]]], {"a": [{}]})] == [
-        0,
-        0,
-        1,
-        1,
-        1,
-        3,
-        3,
-    ]
+    values: list[object] = [1, "[[", [], {}, [1], [[1], [[]]], {"a": [{}]}]
+    assert [jsonio.depth(v) for v in values] == [0, 0, 1, 1, 1, 3, 3]
 
 
 def test_random_documents_are_judged_as_their_depth_says() -> None:
