@@ -128,9 +128,18 @@ def _walk_at_most(value: Any, limit: int, budget: float) -> bool | None:
     return False
 
 
+# Below this size counting brackets beats finding them one by one (8 KB: 6 against 16 us).
+COUNT_BELOW = 16 * 1024
+
+
 def _brackets_at_most(doc: bytes | str, limit: int) -> bool:
-    """Whether ``doc`` holds at most ``limit`` opening brackets. ``find`` is memchr, about 20
-    times faster than ``count`` (13 against 300 us for 500 KB), and stops at ``limit``."""
+    """Whether ``doc`` holds at most ``limit`` opening brackets. For a big document ``find``
+    (memchr) is about 20 times faster than ``count`` (13 against 300 us for 500 KB), and
+    stops at ``limit``."""
+    if len(doc) < COUNT_BELOW:
+        if isinstance(doc, str):
+            return doc.count("[") + doc.count("{") <= limit
+        return doc.count(b"[") + doc.count(b"{") <= limit
     found = 0
     for bracket in ("[", "{") if isinstance(doc, str) else (b"[", b"{"):
         at = doc.find(bracket)  # type: ignore[arg-type]  # str in str, bytes in bytes
