@@ -104,7 +104,7 @@ def depth(value: Any) -> int:
 
 
 # Children looked at by the walk of within_depth() before it hands over to orjson.
-WALK_BUDGET = 1024
+WALK_BUDGET = 256
 
 
 def _walk_at_most(value: Any, limit: int, budget: float) -> bool | None:
