@@ -290,3 +290,28 @@ async def test_the_broker_still_serves_after_all_of_it(b3: Broker) -> None:
             frame = await pub.next_frame("infer")
             await pub.result(frame["taskId"], 200, chat_answer("ok"), url=b3.url(STREAM_W))
             assert (await asyncio.wait_for(call, 15.0)).status_code == 200
+
+
+async def test_a_revoked_token_that_accepts_event_streams_gets_its_401_not_a_406(
+    b3: Broker,
+) -> None:
+    label = uname("revoked")
+    token = b3.new_token("publisher", label)
+    b3.python(
+        "-c",
+        "import sys, django\n"
+        "django.setup()\n"
+        "from virtual_llms.auth import token_revoke\n"
+        "from virtual_llms.models import ApiToken\n"
+        "token_revoke(token=ApiToken.objects.get(label=sys.argv[1]))\n",
+        label,
+    )
+    body = {"providerSessionId": None, "providers": [provider(uname("r"))]}
+    async with httpx.AsyncClient() as client:
+        for worker in range(3):
+            response = await client.post(
+                f"{b3.url(worker)}/api/v1/virtual/register",
+                json=body,
+                headers={**auth(token), "Accept": "text/event-stream"},
+            )
+            assert_api_error(response, 401, "unauthorized")
