@@ -10,7 +10,7 @@ MCPD_TEST_PG_URL ?= postgres://postgres@127.0.0.1:5432/mcpd
 MCPD_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 export MCPD_TEST_PG_URL MCPD_TEST_REDIS_URL
 
-.PHONY: help venv run test lint types migrations-check pytest pytest-embedded pytest-services bench bench-quick soak clean
+.PHONY: help venv run test lint types migrations-check pytest pytest-embedded pytest-services bench bench-quick bench-pool soak clean
 
 help:
 	@echo "make run    - install, migrate, print dev tokens, serve on http://$(HOST):$(PORT)"
@@ -73,9 +73,13 @@ bench: $(VENV)/.installed-bench
 bench-quick: $(VENV)/.installed-bench
 	$(PY) -m bench.run --quick
 
+# A pool of three backends on three workers: spread, queue wait at 2x capacity, failover.
+bench-pool: $(VENV)/.installed-bench
+	$(PY) -m bench.pool
+
 # Sustained load, then: nothing failed, nothing left behind, RSS and threads flat (~22 min).
 soak: $(VENV)/.installed-bench
 	$(PY) -m bench.run --soak
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .test-db.sqlite3*
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .test-db.sqlite3* staticfiles

@@ -11,6 +11,7 @@ from pathlib import Path
 import dj_database_url
 import django_stubs_ext
 from django.core.management.utils import get_random_secret_key
+from whitenoise.compress import Compressor  # no Django in it: safe to import here
 
 # Lets ModelAdmin[Llm] and friends be subscripted at run time, as the type stubs spell them.
 django_stubs_ext.monkeypatch()
@@ -92,12 +93,17 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served under /static/ (no CDN)
     "channels",
     "virtual_llms",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # WhiteNoise, async (a sync middleware would put a thread hop on every request): where
+    # WhiteNoise's docs put it, after SecurityMiddleware, before the rest.
+    "virtual_llms.runtime.static_files.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -187,16 +193,74 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# Where collectstatic puts the static files and the workers serve them from.
+STATIC_ROOT = Path(os.environ.get("MCPD_STATIC_ROOT", "").strip() or BASE_DIR / "staticfiles")
+# The broker serves its static files itself (WhiteNoise, virtual_llms/runtime/static_files.py).
+# After `manage.py collectstatic` (production): from STATIC_ROOT, gzip and brotli versions
+# made ahead, names with a content hash, cached for a year. Before it (`make run`, the
+# tests, a broker started from a checkout): the plain names, straight from the apps' static
+# directories (WhiteNoise's finders, indexed at startup; looked up per request under DEBUG),
+# so the admin is styled with no build step.
+MCPD_STATIC_COLLECTED = (STATIC_ROOT / "staticfiles.json").is_file()
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "virtual_llms.runtime.static_files.StaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = DEBUG or not MCPD_STATIC_COLLECTED
+# Source maps (4 MB of Swagger UI's and Redoc's) are fetched by a browser's developer tools
+# only: not worth brotli's time at collectstatic.
+WHITENOISE_SKIP_COMPRESS_EXTENSIONS = [*Compressor.SKIP_COMPRESS_EXTENSIONS, "map"]
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["virtual_llms.drf.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["virtual_llms.drf.HasRole"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["virtual_llms.drf.LenientJSONParser"],
+    # JSON whatever Accept and Content-Type say, as on /v1/ (PROTOCOL.md "OpenAI surface").
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "virtual_llms.drf.JsonOnly",
     "EXCEPTION_HANDLER": "virtual_llms.drf.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+_OPENAPI_DESCRIPTION = """\
+mcpd relays OpenAI-compatible calls to models whose publishers dial out to it.
+
+Every call carries `Authorization: Bearer <token>` (a publisher, client or admin token,
+made with `manage.py createtoken`); `/healthz`, `/readyz` and this document need none.
+Errors on `/api/` are `{"error": {"code", "message"}}`, on `/v1/` OpenAI's
+`{"error": {"message", "type", "code"}}`. Bodies are read as JSON whatever their
+`Content-Type`, and `/api/` answers JSON whatever `Accept` says.
+
+A publisher may hold its control stream as a WebSocket instead of SSE:
+`GET /api/v1/virtual/sessions/{session_id}/ws` (an upgrade, bearer token in the
+handshake), JSON text frames; see PROTOCOL.md, "The control stream".
+"""
+
+# The OpenAPI document at /api/schema/ and Swagger UI at /api/docs/ (virtual_llms/openapi.py):
+# public, like the source; the page's files ship in drf-spectacular-sidecar.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "mcpd",
+    "DESCRIPTION": _OPENAPI_DESCRIPTION,
+    "VERSION": "1.1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "PREPROCESSING_HOOKS": ["virtual_llms.openapi.add_plain_views"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True},
+    "TAGS": [  # in this order on the page (virtual_llms/openapi.py names them)
+        {"name": "OpenAI-compatible", "description": "What clients call, with a client token."},
+        {"name": "Publisher", "description": "What publishers call, with a publisher token."},
+        {"name": "LLM rows", "description": "The registry: read it, add public rows, evict."},
+        {"name": "Health", "description": "Liveness and readiness, for load balancers."},
+    ],
+    "ENUM_NAME_OVERRIDES": {
+        "LlmStatusEnum": "virtual_llms.models.LlmStatus",
+        "PublishedStatusEnum": ["active", "hibernating"],  # what a publisher may set
+    },
 }
 
 # --- mcpd knobs (PROTOCOL.md "Operations") -------------------------------------------------

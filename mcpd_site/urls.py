@@ -3,7 +3,7 @@
 from django.contrib import admin
 from django.urls import path, re_path
 
-from virtual_llms import edge, health, inference, streams, views
+from virtual_llms import edge, health, inference, openapi, streams, views
 
 # JSON in the contract's shapes on /api/ and /v1/, Django's pages for the admin (edge.py).
 handler400 = "virtual_llms.edge.bad_request"
@@ -35,6 +35,9 @@ urlpatterns = [
         views.BackendDrainView.as_view(),
     ),
     path("api/v1/llms/<path:name>", views.LlmDetailView.as_view()),
+    # The OpenAPI document and its page
+    path("api/schema/", openapi.SchemaView.as_view(), name="openapi-schema"),
+    path("api/docs/", openapi.DocsView.as_view(), name="openapi-docs"),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("admin/", admin.site.urls),

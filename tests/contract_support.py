@@ -103,10 +103,28 @@ def parse_time(value: object) -> datetime:
     return datetime.fromisoformat(value)
 
 
+BACKEND_KEYS = {
+    "providerSessionId",
+    "model",
+    "status",
+    "maxConcurrency",
+    "inFlight",
+    "lastHeartbeatAt",
+    "inactiveSince",
+    "draining",
+}
+
+
 def assert_llm_row(row: Any) -> None:
-    """The row has exactly the contract's keys, with well-formed times."""
+    """The row has exactly the contract's keys, with well-formed times; a virtual row's
+    detail also lists its ``backends`` (v1.1 "Pools"), each with exactly its keys."""
     assert isinstance(row, dict), row
-    assert set(row) == LLM_KEYS, f"keys differ from the contract: {sorted(set(row) ^ LLM_KEYS)}"
+    keys = set(row) - ({"backends"} if row.get("kind") == "virtual" else set())
+    assert keys == LLM_KEYS, f"keys differ from the contract: {sorted(keys ^ LLM_KEYS)}"
+    for backend in row.get("backends", []):
+        assert set(backend) == BACKEND_KEYS, sorted(set(backend) ^ BACKEND_KEYS)
+        assert backend["status"] in ("active", "inactive", "hibernating")
+        assert isinstance(backend["inFlight"], int)
     assert row["kind"] in ("public", "virtual")
     assert row["status"] in ("active", "inactive", "hibernating")
     for key in ("createdAt", "updatedAt"):

@@ -532,7 +532,12 @@ async def test_wrong_role_is_403(broker: Broker) -> None:
         cases = (
             [("client", route) for route in publisher_only + admin_only]
             + [("admin", route) for route in publisher_only]
-            + [("publisher", route) for route in admin_only + client_routes]
+            # v1.1 "Pools": a publisher may read a row's detail (its own backends only).
+            + [
+                ("publisher", route)
+                for route in admin_only + client_routes
+                if route != ("GET", f"/api/v1/llms/{name}", None)
+            ]
         )
         async with httpx.AsyncClient(timeout=10.0) as client:
             for role, (method, path, body) in cases:

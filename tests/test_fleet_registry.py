@@ -275,3 +275,30 @@ def test_owner_is_shown_and_edited_in_the_token_admin(admin_client: Client) -> N
     assert response.status_code == 302, response.content
     token.refresh_from_db()
     assert token.owner == "ml-team"
+
+
+def test_the_admin_shows_backends_and_drains_undrains_and_evicts_them(
+    admin_client: Client,
+) -> None:
+    _, a = publisher("box-a", owner="gpu-team")
+    _, b = publisher("box-b", owner="gpu-team")
+    register(a, "sa", pool=True, maxConcurrency=3)
+    register(b, "sb", pool=True)
+    row = Llm.objects.get(name="pool")
+    page = admin_client.get(f"/admin/virtual_llms/llm/{row.pk}/change/").content.decode()
+    for text in (">sa<", ">sb<", "gpu-team"):
+        assert text in page
+    listing = admin_client.get("/admin/virtual_llms/backend/").content.decode()
+    assert "0 / 3" in listing
+    assert "0 / ∞" in listing
+    ids = [str(pk) for pk in Backend.objects.order_by("pk").values_list("pk", flat=True)]
+    changelist = "/admin/virtual_llms/backend/"
+    for action, expected in (("drain", [True, True]), ("undrain", [False, False])):
+        response = admin_client.post(
+            changelist, {"action": action, "_selected_action": ids}, follow=True
+        )
+        assert response.status_code == 200
+        assert list(Backend.objects.order_by("pk").values_list("draining", flat=True)) == expected
+    admin_client.post(changelist, {"action": "evict", "_selected_action": ids[:1]})
+    assert list(Backend.objects.values_list("session_id", flat=True)) == ["sb"]
+    assert Llm.objects.get(name="pool").provider_session_id == "sb"

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,6 +20,9 @@ import pytest
 from tests.cluster import Broker
 from tests.conftest import require_services
 from tests.contract_publisher import ContractPublisher, Frame, chat_answer, chat_chunk
+from tests.test_multiproc_restarts import Load, summary, wait_serving
+from tests.test_publisher_e2e import start_agent
+from tests.test_publisher_upstream import FakeUpstream
 
 pytestmark = pytest.mark.multiproc
 
@@ -311,3 +315,46 @@ async def test_a_sleeping_pool_is_woken_once_for_many_requests(
         assert len(wakes) == 1
         woken = next(box for box in boxes if any(f.get("kind") == "wake" for f in box.tasks))
         assert set(answers) == {woken.pub.session_id}
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream().start()
+    yield fake
+    fake.stop()
+
+
+def test_a_rolling_restart_of_a_pool_of_real_agents_fails_no_request(
+    broker: Broker,
+    owner_tokens: list[str],
+    upstream: FakeUpstream,
+    tmp_path: Path,
+) -> None:
+    """Two boxes of one owner run `mcpd-publish` with `pool = true`; each is restarted in
+    turn (SIGTERM: drain, finish, withdraw; then started again) under continuous load."""
+    name = f"agents-{uuid.uuid4().hex[:8]}"
+    llm = {"name": name, "model": "fake-model", "upstream": upstream.url, "pool": True}
+    urls = [broker.url(0), broker.url(1), broker.url(2)]
+    boxes = [
+        start_agent(tmp_path, owner_tokens[i], urls[i:] + urls[:i], [llm], name=f"box{i}")
+        for i in range(2)
+    ]
+    try:
+        token = broker.token("client")
+        wait_serving(broker, token, name)
+        load = Load(broker, token, name).start()
+        time.sleep(1.0)
+        for i in range(2):
+            assert boxes[i].stop() == 0, boxes[i].log()
+            assert "draining 1 pooled LLM(s)" in boxes[i].log()
+            boxes[i] = start_agent(
+                tmp_path, owner_tokens[i], urls[i:] + urls[:i], [llm], name=f"box{i}"
+            )
+            time.sleep(1.0)
+        outcomes = load.stop()
+    finally:
+        for box in boxes:
+            box.stop()
+    failed = [o for o in outcomes if o.status != 200]
+    assert len(outcomes) >= 30, summary(outcomes)
+    assert not failed, (summary(outcomes), failed[:5])

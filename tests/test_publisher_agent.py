@@ -167,7 +167,7 @@ async def test_a_session_of_another_token_is_replaced(
     assert [session for _, session, _ in broker.registers] == ["old-session", None]
     assert StateFile(tmp_path / "state.json").load_session() == "new-session"
     assert broker.registers[0][2] == [
-        {"name": "m", "type": "openai", "model": "M", "status": "active"}
+        {"name": "m", "type": "openai", "model": "M", "status": "active", "maxConcurrency": 8}
     ]
     assert await running.stop() == 0
 
@@ -504,7 +504,7 @@ async def test_evicted_rows_are_registered_again_at_the_next_heartbeat(
     await broker.until(lambda: len(broker.registers) >= 2)
     assert [session for _, session, _ in broker.registers[:2]] == [None, "new-session"]
     assert broker.registers[1][2] == [
-        {"name": "m", "type": "openai", "model": "M", "status": "active"}
+        {"name": "m", "type": "openai", "model": "M", "status": "active", "maxConcurrency": 8}
     ]
     await broker.until(lambda: broker.heartbeats >= 3)
     assert len(broker.registers) == 2, "registered once more, not at every heartbeat"

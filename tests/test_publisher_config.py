@@ -287,3 +287,26 @@ def test_the_help_shows_the_llm_example_whole_and_not_on_the_broker_port(
     assert example in out.replace("\n", " ").replace("  ", " ") or example in out
     assert any(example in line for line in out.splitlines()), out
     assert ":8000" not in out
+
+
+def test_pool_and_the_slot_limit_reach_the_register_call(tmp_path: Path) -> None:
+    from virtual_llms.publisher.agent import Served
+
+    config = from_toml(tmp_path, llm_with("pool = true\nmax_concurrent = 3"))
+    assert config.llms[0].pool is True
+    provider = Served(config.llms[0], None).provider()
+    assert provider["pool"] is True
+    assert provider["maxConcurrency"] == 3
+    plain = from_toml(tmp_path, llm_with(""))
+    assert "pool" not in Served(plain.llms[0], None).provider()
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ('pool = "yes"', "llm[0].pool (LLM 'qwen'): must be true or false"),
+        ("max_concurrent = 4097", "llm[0].max_concurrent (LLM 'qwen'): must be at most 4096"),
+    ],
+)
+def test_bad_pool_settings_are_refused(tmp_path: Path, extra: str, named: str) -> None:
+    assert named in refused(tmp_path, llm_with(extra))

@@ -351,3 +351,18 @@ async def test_check_fails_a_model_the_upstream_does_not_list() -> None:
         ok, message = await check_upstream(http, missing)
     assert not ok
     assert "it lists: fake/fake-7b" in message
+
+
+def test_check_says_how_the_broker_uses_each_llm() -> None:
+    from virtual_llms.publisher.check import serving
+    from virtual_llms.publisher.config import LlmConfig
+
+    alone = LlmConfig(name="m", model="m", upstream="http://u/v1", max_concurrent=3)
+    assert serving(alone) == (
+        "LLM 'm': the broker sends it at most 3 task(s) at once; "
+        "it is this publisher's alone (pool = false)"
+    )
+    pooled = LlmConfig(name="m", model="m", upstream="http://u/v1", pool=True)
+    assert "at most 8 task(s)" in serving(pooled)
+    assert "one box of a pool" in serving(pooled)
+    assert "drains first" in serving(pooled)

@@ -23,7 +23,7 @@ from django.utils import timezone
 from virtual_llms import binding, routing, rowcache, services, state, tasks
 from virtual_llms import hub as hub_mod
 from virtual_llms.auth import token_create
-from virtual_llms.models import ApiToken, Backend, Llm, LlmKind, LlmStatus, ProviderSession
+from virtual_llms.models import ApiToken, Llm, LlmKind, LlmStatus, ProviderSession
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -230,7 +230,7 @@ async def test_gc_sweep_prunes_the_stamps_of_deleted_rows(async_orm: None) -> No
     before = (await routing.stamp("old")).split("/")
     assert before[0]
     long_ago = timezone.now() - timedelta(days=30)
-    await sync_to_async(Backend.objects.filter(llm__name="old").update)(inactive_since=long_ago)
+    await sync_to_async(Llm.objects.filter(name="old").update)(inactive_since=long_ago)
     assert (await sync_to_async(services.gc_sweep)()).deleted == 1
     after = (await routing.stamp("old")).split("/")
     assert after[0] == ""  # the deleted row's stamp is gone

@@ -229,3 +229,37 @@ def test_the_pubsub_layers_lost_connection_logs_one_line() -> None:
     assert bug.exc_info is not None
     assert bug.levelno == logging.ERROR
     assert logging.getLogger("channels_redis.pubsub").filters, "settings.LOGGING installs it"
+
+
+def test_whitenoise_still_has_what_the_static_files_middleware_uses() -> None:
+    from whitenoise.middleware import WhiteNoiseMiddleware
+
+    from virtual_llms.runtime.static_files import StaticFilesMiddleware, _Settings
+
+    whitenoise = WhiteNoiseMiddleware(get_response=None, settings=_Settings())
+    assert isinstance(whitenoise.autorefresh, bool)
+    assert isinstance(whitenoise.files, dict)
+    assert whitenoise.static_prefix == "/static/"
+    assert list(inspect.signature(whitenoise.find_file).parameters) == ["url"]
+    assert list(inspect.signature(WhiteNoiseMiddleware.serve).parameters) == [
+        "static_file",
+        "request",
+    ]
+    assert isinstance(inspect.getattr_static(WhiteNoiseMiddleware, "serve"), staticmethod)
+    assert StaticFilesMiddleware.async_capable
+    assert not StaticFilesMiddleware.sync_capable
+
+
+def test_django_still_has_what_the_static_files_storage_uses() -> None:
+    from django.contrib.staticfiles.storage import ManifestFilesMixin
+
+    from virtual_llms.runtime.static_files import StaticFilesStorage
+
+    storage = StaticFilesStorage(location="/nonexistent")
+    assert storage.hashed_files == {}  # no manifest there
+    assert storage.stored_name("admin/css/base.css") == "admin/css/base.css"
+    assert list(inspect.signature(ManifestFilesMixin.stored_name).parameters) == ["self", "name"]
+    storage.hashed_files = {"admin/css/base.css": "admin/css/base.0123456789ab.css"}
+    assert storage.stored_name("admin/css/base.css") == "admin/css/base.0123456789ab.css"
+    with pytest.raises(ValueError, match="Missing staticfiles manifest entry"):
+        storage.stored_name("admin/css/new.css")  # a stale collectstatic still fails loudly

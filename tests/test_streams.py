@@ -15,7 +15,7 @@ from tests.conftest import Tokens
 from virtual_llms import answers, binding
 from virtual_llms import hub as hub_mod
 from virtual_llms.inference import as_stream_chunk
-from virtual_llms.models import Backend, Llm
+from virtual_llms.models import Llm
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -211,7 +211,6 @@ def test_as_stream_chunk_leaves_other_bodies_alone() -> None:
 
 async def hibernate() -> None:
     await sync_to_async(Llm.objects.filter(name="m1").update)(status="hibernating")
-    await sync_to_async(Backend.objects.filter(llm__name="m1").update)(status="hibernating")
 
 
 async def test_a_streamed_call_to_a_sleeping_llm_whose_wake_fails_soon_gets_502(

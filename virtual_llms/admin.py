@@ -12,11 +12,38 @@ from django.shortcuts import get_object_or_404
 from django.urls import URLPattern, path, reverse
 from django.views.decorators.http import require_POST
 
-from . import services
+from . import backends, services
 from .auth import token_create, token_revoke
 from .errors import unavailable
-from .models import ApiToken, Llm, LlmKind, ProviderSession
+from .models import ApiToken, Backend, Llm, LlmKind, ProviderSession
 from .state import get_state
+
+
+class BackendInline(admin.TabularInline[Backend, Llm]):
+    """A virtual row's backends, read-only; drained or evicted from the Backends list."""
+
+    model = Backend
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    fields = readonly_fields = (
+        "session",
+        "token",
+        "owner",
+        "model",
+        "status",
+        "max_concurrency",
+        "draining",
+        "last_heartbeat_at",
+        "inactive_since",
+    )
+
+    def has_add_permission(self, request: HttpRequest, obj: Llm | None = None) -> bool:
+        return False
+
+    @admin.display(description="owner")
+    def owner(self, obj: Backend) -> str:
+        return obj.token.owner or "(the token itself)"
 
 
 @admin.register(Llm)
@@ -65,6 +92,7 @@ class LlmAdmin(admin.ModelAdmin[Llm]):
         "updated_at",
     ]
     actions = ["evict", "mark_inactive"]
+    inlines = [BackendInline]
     # A virtual row's fields are its publisher's: an edit here would make the broker and the
     # publisher disagree (a renamed row 404s under its old name and 502s under the new one).
     # Evict or mark inactive instead; the publisher's next registration sets them.
@@ -101,6 +129,100 @@ class LlmAdmin(admin.ModelAdmin[Llm]):
         names = list(queryset.filter(kind=LlmKind.VIRTUAL).values_list("name", flat=True))
         count = services.llm_mark_inactive(names=names)
         self.message_user(request, f"Marked {count} inactive.", messages.SUCCESS)
+
+
+@admin.register(Backend)
+class BackendAdmin(admin.ModelAdmin[Backend]):
+    """Every backend of every pool: drain, end the drain, or evict one."""
+
+    list_display = [
+        "llm",
+        "session",
+        "token",
+        "owner",
+        "status",
+        "slots",
+        "draining",
+        "last_heartbeat_at",
+    ]
+    list_filter = ["status", "draining"]
+    search_fields = ["llm__name", "session__id", "token__label", "token__owner"]
+    list_select_related = ["llm", "token"]
+    readonly_fields = [
+        "llm",
+        "session",
+        "token",
+        "model",
+        "max_concurrency",
+        "status",
+        "withdrawn",
+        "draining",
+        "last_heartbeat_at",
+        "inactive_since",
+        "created_at",
+    ]
+    actions = ["drain", "undrain", "evict"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # eviction goes through the service
+        return actions
+
+    def get_changelist_instance(self, request: HttpRequest) -> Any:
+        changelist = super().get_changelist_instance(request)
+        rows = list(changelist.result_list)
+        by_llm: dict[str, list[Backend]] = {}
+        for row in rows:
+            by_llm.setdefault(str(row.llm_id), []).append(row)
+        for llm_id, group in by_llm.items():  # one read of the shared state per LLM shown
+            counts = _in_flight(llm_id, [b.session_id for b in group])
+            for row in group:
+                in_flight = counts.get(row.session_id, 0) if counts is not None else None
+                setattr(row, "mcpd_in_flight", in_flight)  # noqa: B010 - shown by slots()
+        return changelist
+
+    @admin.display(description="owner")
+    def owner(self, obj: Backend) -> str:
+        return obj.token.owner or "(the token itself)"
+
+    @admin.display(description="in flight / slots")
+    def slots(self, obj: Backend) -> str:
+        in_flight = getattr(obj, "mcpd_in_flight", "?")
+        limit = obj.max_concurrency if obj.max_concurrency is not None else "∞"
+        return f"{'?' if in_flight is None else in_flight} / {limit}"
+
+    @admin.action(description="Drain selected backends (no new tasks; running ones finish)")
+    def drain(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        for backend in queryset.select_related("llm"):
+            backends.backend_set_draining(backend=backend, draining=True)
+        self.message_user(request, f"Draining {queryset.count()} backend(s).", messages.SUCCESS)
+
+    @admin.action(description="End the drain of selected backends")
+    def undrain(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        for backend in queryset.select_related("llm"):
+            backends.backend_set_draining(backend=backend, draining=False)
+        self.message_user(request, f"Undrained {queryset.count()} backend(s).", messages.SUCCESS)
+
+    @admin.action(description="Evict selected backends (the row goes with its last one)")
+    def evict(self, request: HttpRequest, queryset: QuerySet[Backend]) -> None:
+        count = 0
+        for backend in list(queryset.select_related("llm")):
+            backends.backend_evict(backend=backend)
+            count += 1
+        self.message_user(request, f"Evicted {count} backend(s).", messages.SUCCESS)
+
+
+def _in_flight(llm_id: str, sids: list[str]) -> dict[str, int] | None:
+    """Tasks in flight per backend across workers; None when the shared state is away."""
+    try:
+        return get_state().slots.counts_sync(llm_id, sids)
+    except Exception as exc:
+        if unavailable(exc) is None:
+            raise
+        return None
 
 
 @admin.register(ProviderSession)

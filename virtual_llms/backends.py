@@ -47,39 +47,6 @@ def owner_key(token_id: int | None) -> str | None:
     return None if token is None else token.owner_key
 
 
-def mirror_missing() -> int:
-    """mirror() for every virtual row that has no backend (bulk inserts skip signals), in
-    one transaction; safe beside a concurrent sweep (rows locked, conflicts ignored)."""
-    with transaction.atomic():
-        rows = list(
-            Llm.objects.filter(kind=LlmKind.VIRTUAL, backends__isnull=True)
-            .select_for_update(of=("self",))
-            .exclude(provider_session_id=None)
-        )
-        if not rows:
-            return 0
-        sids = {row.provider_session_id for row in rows}
-        tokens = dict(ProviderSession.objects.filter(pk__in=sids).values_list("pk", "token_id"))
-        made = Backend.objects.bulk_create(
-            [
-                Backend(
-                    llm=row,
-                    session_id=row.provider_session_id,
-                    token_id=tokens[row.provider_session_id],
-                    model=row.model,
-                    status=row.status,
-                    withdrawn=row.withdrawn,
-                    last_heartbeat_at=row.last_heartbeat_at,
-                    inactive_since=row.inactive_since,
-                )
-                for row in rows
-                if row.provider_session_id in tokens
-            ],
-            ignore_conflicts=True,
-        )
-    return len(made)
-
-
 def mirror(row: Llm) -> None:
     """A virtual row written without services (the ORM, fixtures, a v1 import) gets the one
     backend v1 implied: its session's, with the row's own fields."""
@@ -111,8 +78,9 @@ def _status(backends: list[Backend]) -> str:
 
 
 def derive(row: Llm, *, now: datetime | None = None) -> bool:
-    """Set the row's fields from its backends (read now) and save it if they changed.
-    Returns whether anything a request routes by changed (status, session, model)."""
+    """Set the row's fields from its backends (read now) and write them if they changed.
+    Returns whether anything a request routes by changed (status, session, model). The
+    caller touches the row's stamps."""
     backends = list(Backend.objects.filter(llm=row).order_by("created_at", "pk"))
     if not backends:
         return False
@@ -143,9 +111,9 @@ def derive(row: Llm, *, now: datetime | None = None) -> bool:
     if routed:
         row.version += 1
         changed["version"] = F("version") + 1
-    # An UPDATE, not save(): a row another transaction deleted meanwhile stays deleted.
+    # An UPDATE, not save(): a row another transaction deleted meanwhile stays deleted. The
+    # caller touches the row's stamps once for all it wrote (services.llm_touch).
     Llm.objects.filter(pk=row.pk).update(**changed, updated_at=timezone.now())
-    llm_touch(name_field(row.name))
     return routed
 
 

@@ -27,4 +27,13 @@ def check_production_settings(app_configs: Any, **kwargs: Any) -> list[Warning]:
                 id="mcpd.W002",
             )
         )
+    if not settings.MCPD_STATIC_COLLECTED:
+        warnings.append(
+            Warning(
+                "Static files are served from the apps' directories: uncompressed, without "
+                "content-hashed names, and cached by browsers for a minute only.",
+                hint="Run `python manage.py collectstatic --noinput` after each install.",
+                id="mcpd.W003",
+            )
+        )
     return warnings

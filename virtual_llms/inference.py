@@ -270,8 +270,9 @@ async def _open(call: _Call, request: HttpRequest) -> CachedRow:
 
 
 # How often a request follows a row that changes under it (each time: one row read) before
-# it gives up with 503: a row that keeps changing is being re-registered over and over.
-ROUNDS = 4
+# it gives up with 503: a row that keeps changing is being re-registered over and over. A
+# pool's box that drains and withdraws writes the row three times in a second.
+ROUNDS = 6
 
 
 async def enqueue_infer(

@@ -64,8 +64,17 @@ class LlmRef:
 
 
 def _backends(row: Llm) -> tuple[BackendRef, ...]:
+    # A row that is not a pool is its one backend's authority for its status, as in v1 (a
+    # write to the row alone, by SQL or an old tool, is seen); a pool's backends are theirs.
     backends = tuple(
-        BackendRef(b.session_id, b.token_id, b.model, b.max_concurrency, b.status, b.draining)
+        BackendRef(
+            b.session_id,
+            b.token_id,
+            b.model,
+            b.max_concurrency,
+            b.status if row.pool else row.status,
+            b.draining,
+        )
         for b in row.backends.all()
     )
     if backends:

@@ -16,11 +16,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import QuerySet
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from . import crypto
-from .backends import derive, derive_many, mirror_missing
+from .backends import derive, derive_many
 from .errors import ApiError
 from .models import ApiToken, Backend, Llm, LlmKind, LlmStatus, ProviderSession, is_session_id
 from .state import get_state, name_field, session_field
@@ -42,8 +42,8 @@ class ProviderSpec:
 
 @dataclass(frozen=True)
 class GcResult:
-    marked_inactive: int  # backends that stopped heartbeating (one per row outside pools)
-    deleted: int  # rows deleted with their last backend
+    marked_inactive: int  # rows outside pools, and backends of pools, that went stale
+    deleted: int  # rows deleted (a pool's with its last backend)
     backends_deleted: int = 0  # backends of pools deleted while the row stays
 
 
@@ -197,11 +197,17 @@ def _register_on(
         if not (row.pool and spec.pool):
             Backend.objects.filter(llm=row).exclude(session=session).delete()
         row.pool = spec.pool
-    row.type = spec.type
-    row.tier = spec.tier
-    row.description = spec.description
+    row.type, row.tier, row.description = spec.type, spec.tier, spec.description
     row.version += 1
-    row.save()
+    # An UPDATE without the save signal: _backend_apply touches the row once for all.
+    Llm.objects.filter(pk=row.pk).update(
+        type=row.type,
+        tier=row.tier,
+        description=row.description,
+        pool=row.pool,
+        version=row.version,
+        updated_at=now,
+    )
     _backend_apply(row, session, spec, now=now, token=token)
 
 
@@ -237,6 +243,11 @@ def llm_heartbeat(*, token: ApiToken, session_id: str) -> int:
         session_get_owned(token=token, session_id=session_id)
         now = timezone.now()
         backends = _session_backends(session_id)
+        # A row outside a pool is its backend's authority (rowcache._backends), as in v1:
+        # one made inactive by a write to the row alone is revived like any other.
+        backends.filter(llm__pool=False, llm__status=LlmStatus.INACTIVE).exclude(
+            status=LlmStatus.INACTIVE
+        ).update(status=LlmStatus.INACTIVE)
         count = backends.count()
         revived = _update_backends(
             backends.filter(status=LlmStatus.INACTIVE, withdrawn=False),
@@ -288,9 +299,9 @@ def llm_set_status(*, token: ApiToken, session_id: str, llm_name: str, status: s
         backend.last_heartbeat_at = now
         backend.save()
         row = backend.llm
-        if not derive(row, now=now):
+        if not derive(row, now=now):  # draining, or a status the row already had
             row.version += 1
-            row.save()
+            Llm.objects.filter(pk=row.pk).update(version=row.version, updated_at=now)
         llm_touch(name_field(row.name))
     return row
 
@@ -300,15 +311,11 @@ def llm_mark_awake(*, llm_id: uuid.UUID, name: str, session_id: str) -> bool:
     False if the backend moved on."""
     now = timezone.now()
     with transaction.atomic():
-        changed = bool(
-            _update_backends(
-                Backend.objects.filter(
-                    llm_id=llm_id, session_id=session_id, status=LlmStatus.HIBERNATING
-                ),
-                status=LlmStatus.ACTIVE,
-                last_heartbeat_at=now,
-            )
-        )
+        backends = Backend.objects.filter(llm_id=llm_id, session_id=session_id)
+        # A row outside a pool is its backend's authority (rowcache._backends), as in v1.
+        if not Llm.objects.filter(pk=llm_id, pool=False, status=LlmStatus.HIBERNATING).exists():
+            backends = backends.filter(status=LlmStatus.HIBERNATING)
+        changed = bool(_update_backends(backends, status=LlmStatus.ACTIVE, last_heartbeat_at=now))
         if changed:
             llm_touch(name_field(name))
     return changed
@@ -410,12 +417,9 @@ def gc_sweep(*, now: datetime | None = None, dry_run: bool = False) -> GcResult:
     now = now or timezone.now()
     if dry_run:
         with transaction.atomic():
-            mirror_missing()
             result = _sweep(now)
             transaction.set_rollback(True)
             return result
-    # Rows written without services (bulk inserts, raw SQL) get the backend they imply.
-    mirror_missing()
     with transaction.atomic():
         result = _sweep(now)
     # Forget the stamps of rows and sessions that are gone; that touches every row once.
@@ -426,24 +430,36 @@ def gc_sweep(*, now: datetime | None = None, dry_run: bool = False) -> GcResult:
 
 
 def _sweep(now: datetime) -> GcResult:
-    virtual = Backend.objects.filter(llm__kind=LlmKind.VIRTUAL)
-    expired = virtual.expired(now, settings.MCPD_INACTIVE_RETENTION_SECONDS)
-    stale = virtual.stale(now, settings.MCPD_HEARTBEAT_STALE_SECONDS)
-    # A row whose backends have all expired goes whole (v1: the row is deleted).
+    stale_seconds = settings.MCPD_HEARTBEAT_STALE_SECONDS
+    retention = settings.MCPD_INACTIVE_RETENTION_SECONDS
+    # A row that is not a pool is swept by its own columns, exactly as in v1 (its backend
+    # follows); a pool by its backends, the row going with its last one.
+    rows = Llm.objects.filter(pool=False)
+    _, per_model = rows.expired(now, retention).delete()
+    deleted = per_model.get(Llm._meta.label, 0)
+    stale_rows = rows.stale(now, stale_seconds)
+    stale_ids = list(stale_rows.values_list("pk", flat=True))
+    marked = stale_rows.update(
+        status=LlmStatus.INACTIVE, inactive_since=now, version=F("version") + 1, updated_at=now
+    )
+    Backend.objects.filter(llm_id__in=stale_ids).update(
+        status=LlmStatus.INACTIVE, inactive_since=now
+    )
+
+    pooled = Backend.objects.filter(llm__kind=LlmKind.VIRTUAL, llm__pool=True)
+    expired = pooled.expired(now, retention)
     doomed = (
         Llm.objects.virtual()
-        .filter(backends__in=expired)
-        .exclude(backends__in=virtual.exclude(pk__in=expired.values("pk")))
+        .filter(pool=True, backends__in=expired)
+        .exclude(backends__in=pooled.exclude(pk__in=expired.values("pk")))
     )
     doomed_ids = list(doomed.values_list("pk", flat=True).distinct())
     _, per_model = Llm.objects.filter(pk__in=doomed_ids).delete()
-    deleted = per_model.get(Llm._meta.label, 0)
+    deleted += per_model.get(Llm._meta.label, 0)
     pool_ids = set(expired.values_list("llm_id", flat=True))
     backends_deleted, _ = expired.delete()
-    if pool_ids:
-        derive_many(pool_ids)
-    stale_ids = set(stale.values_list("llm_id", flat=True))
-    marked = stale.update(status=LlmStatus.INACTIVE, inactive_since=now)
-    if marked:
-        derive_many(stale_ids)
+    stale = pooled.stale(now, stale_seconds)
+    pool_ids |= set(stale.values_list("llm_id", flat=True))
+    marked += stale.update(status=LlmStatus.INACTIVE, inactive_since=now)
+    derive_many(pool_ids)
     return GcResult(marked_inactive=marked, deleted=deleted, backends_deleted=backends_deleted)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -19,6 +20,15 @@ from .auth import ADMIN_ROLES, CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate
 from .errors import ApiError
 from .http import json_view, read_json_object
 from .models import ApiToken, Llm, LlmKind, Role
+from .openapi import (
+    TAG_PUBLISHER,
+    TAG_REST,
+    BackendSerializer,
+    HeartbeatResponseSerializer,
+    LlmDetailSerializer,
+    RegisterResponseSerializer,
+    api_errors,
+)
 from .protocol import AnswerKind
 from .serializers import (
     DrainSerializer,
@@ -39,8 +49,8 @@ def _validated(
     serializer_class: Any, request: Request, *, empty: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The body, checked by the serializer; ``empty``: what an empty body means (else 400).
-    Read as every JSON endpoint reads it (http.read_json: size, depth, any Content-Type),
-    not through DRF's parsers, whose json recurses without a bound."""
+    Read as every JSON endpoint reads it (http.read_json: 413 past the size, checked before
+    Django's RequestDataTooBig could answer its HTML 400; the depth; any Content-Type)."""
     body = read_json_object(request._request, empty=empty)
     serializer = serializer_class(data=body)
     serializer.is_valid(raise_exception=True)
@@ -50,6 +60,13 @@ def _validated(
 class RegisterView(APIView):
     roles = PUBLISHER_ROLES
 
+    @extend_schema(
+        operation_id="register",
+        summary="Register a session's LLMs",
+        tags=[TAG_PUBLISHER],
+        request=RegisterSerializer,
+        responses={200: RegisterResponseSerializer, **api_errors(400, 401, 403, 409, 413)},
+    )
     def post(self, request: Request) -> Response:
         data = _validated(RegisterSerializer, request)
         specs = [services.ProviderSpec(**p) for p in data["providers"]]
@@ -62,6 +79,13 @@ class RegisterView(APIView):
 class HeartbeatView(APIView):
     roles = PUBLISHER_ROLES
 
+    @extend_schema(
+        operation_id="heartbeat",
+        summary="A session's heartbeat",
+        tags=[TAG_PUBLISHER],
+        request=HeartbeatSerializer,
+        responses={200: HeartbeatResponseSerializer, **api_errors(400, 401, 403, 404)},
+    )
     def post(self, request: Request) -> Response:
         data = _validated(HeartbeatSerializer, request)
         count = services.llm_heartbeat(token=_token(request), session_id=data["providerSessionId"])
@@ -71,6 +95,13 @@ class HeartbeatView(APIView):
 class StatusView(APIView):
     roles = PUBLISHER_ROLES
 
+    @extend_schema(
+        operation_id="setStatus",
+        summary="An LLM went to sleep or woke",
+        tags=[TAG_PUBLISHER],
+        request=StatusSerializer,
+        responses={200: LlmSerializer, **api_errors(400, 401, 403, 404)},
+    )
     def post(self, request: Request) -> Response:
         data = _validated(StatusSerializer, request)
         row = services.llm_set_status(
@@ -87,9 +118,22 @@ class LlmListView(APIView):
     def roles(self) -> tuple[str, ...]:
         return ADMIN_ROLES if self.request.method == "POST" else CLIENT_ROLES
 
+    @extend_schema(
+        operation_id="listLlms",
+        summary="Every LLM row",
+        tags=[TAG_REST],
+        responses={200: LlmSerializer(many=True), **api_errors(401, 403)},
+    )
     def get(self, request: Request) -> Response:
         return Response(LlmSerializer(selectors.llm_list(), many=True).data)
 
+    @extend_schema(
+        operation_id="createPublicLlm",
+        summary="Create a public LLM (admin)",
+        tags=[TAG_REST],
+        request=PublicLlmCreateSerializer,
+        responses={201: LlmSerializer, **api_errors(400, 401, 403, 409, 413)},
+    )
     def post(self, request: Request) -> Response:
         data = _validated(PublicLlmCreateSerializer, request)
         row = services.llm_create_public(
@@ -102,6 +146,11 @@ class LlmListView(APIView):
             api_key=data["apiKey"],
         )
         return Response(LlmSerializer(row).data, status=201)
+
+
+_NAME = OpenApiParameter(
+    "name", str, OpenApiParameter.PATH, description="The LLM's name; it may hold `/` and `:`."
+)
 
 
 def _row(name: str) -> Llm:
@@ -122,6 +171,13 @@ class LlmDetailView(APIView):
     def _row(self, name: str) -> Llm:
         return _row(name)
 
+    @extend_schema(
+        operation_id="retrieveLlm",
+        summary="One LLM row, with its backends",
+        tags=[TAG_REST],
+        parameters=[_NAME],
+        responses={200: LlmDetailSerializer, **api_errors(401, 403, 404)},
+    )
     def get(self, request: Request, name: str) -> Response:
         row = self._row(name)
         data = dict(LlmSerializer(row).data)
@@ -131,6 +187,13 @@ class LlmDetailView(APIView):
             data["backends"] = selectors.backends_json(row, token_id=mine)
         return Response(data)
 
+    @extend_schema(
+        operation_id="evictLlm",
+        summary="Evict an LLM row (admin)",
+        tags=[TAG_REST],
+        parameters=[_NAME],
+        responses={204: None, **api_errors(401, 403, 404)},
+    )
     def delete(self, request: Request, name: str) -> Response:
         services.llm_evict(llm=self._row(name))
         return Response(status=204)
@@ -142,6 +205,14 @@ class BackendDrainView(APIView):
 
     roles = ADMIN_ROLES
 
+    @extend_schema(
+        operation_id="drainBackend",
+        summary="Drain a backend, or end its drain (admin)",
+        tags=[TAG_REST],
+        parameters=[_NAME, OpenApiParameter("session_id", str, OpenApiParameter.PATH)],
+        request=DrainSerializer,
+        responses={200: BackendSerializer, **api_errors(400, 401, 403, 404)},
+    )
     def post(self, request: Request, name: str, session_id: str) -> Response:
         data = _validated(DrainSerializer, request, empty={"draining": True})
         backend = backends.backend_get(name=name, session_id=session_id)

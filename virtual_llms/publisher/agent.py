@@ -75,7 +75,11 @@ class Served:
             "type": self.config.type,
             "model": self.config.model,
             "status": self.power.status if self.power is not None else "active",
+            # The broker sends no more than this at once; more wait in its queue (v1.1).
+            "maxConcurrency": self.config.max_concurrent,
         }
+        if self.config.pool:
+            entry["pool"] = True
         if self.config.tier is not None:
             entry["tier"] = self.config.tier
         if self.config.description is not None:
@@ -361,7 +365,9 @@ class Agent:
         running = Running(task_id, kind, name)
         served = self.served.get(name)
         work: Callable[[TaskSink], Awaitable[str]]
-        if self.draining:
+        # A pooled LLM drains: a task the broker sent as the drain began still runs (within
+        # the grace period); anything else is refused once the agent shuts down.
+        if self.draining and not (served is not None and served.config.pool and kind == "infer"):
             work = self._refuse(SHUTTING_DOWN)
         elif served is None:
             work = self._refuse(f"this publisher does not serve {name!r}")
@@ -500,12 +506,37 @@ class Agent:
         except (BrokerError, httpx.HTTPError, TimeoutError) as exc:
             log.warning("could not withdraw the LLMs: %s", exc or type(exc).__name__)
 
+    async def _set_draining(self) -> bool:
+        """Drain the backends this agent adds to pools (PROTOCOL.md v1.1 "Draining"): the
+        broker sends them no new task and the pool's other boxes take the traffic, so a box
+        restarts under load failing nothing; the rest is withdrawn at once (a name with no
+        other box gets 503 publisher_offline at once, as in v1). False if nothing pooled."""
+        pooled = [served for served in self.served.values() if served.config.pool]
+        if not pooled or not self.connected or self.session_id is None:
+            return False
+        try:
+            if len(pooled) < len(self.served):
+                providers = [served.provider() for served in pooled]
+                await asyncio.wait_for(self.broker.register(self.session_id, providers), 10.0)
+            for served in pooled:
+                await asyncio.wait_for(
+                    self.broker.set_status(self.session_id, served.name, "draining"), 10.0
+                )
+            log.info("draining %d pooled LLM(s): no new tasks", len(pooled))
+            return True
+        except (BrokerError, httpx.HTTPError, TimeoutError) as exc:
+            log.warning("could not drain the pooled LLMs: %s", exc or type(exc).__name__)
+            return False
+
     async def _drain(self) -> None:
-        """No new tasks; give those in flight the grace period, then fail them."""
+        """No new tasks; give those in flight the grace period, then fail them. Pooled
+        LLMs are drained first and withdrawn once their tasks ended."""
         if self.draining:
             return
         self.draining = True
-        await self._withdraw()
+        drained = await self._set_draining()
+        if not drained:
+            await self._withdraw()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.shutdown_grace_seconds
         if self.tasks:
@@ -524,6 +555,8 @@ class Agent:
             job.cancel()
         if jobs:
             await asyncio.wait(jobs, timeout=FAIL_POST_SECONDS + 1)
+        if drained:
+            await self._withdraw()
 
     async def aclose(self) -> None:
         for served in self.served.values():

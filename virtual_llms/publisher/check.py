@@ -57,6 +57,7 @@ async def check(config: Config, say: Say) -> bool:
                 report(*await check_socket(url, config.token))
         for llm in config.llms:
             report(*with_route(await check_upstream(http, llm), http.proxy_for(llm.upstream)))
+            report(True, serving(llm))
             if llm.power is not None:
                 for what, command in (
                     ("wake_command", llm.power.wake_command),
@@ -65,6 +66,17 @@ async def check(config: Config, say: Say) -> bool:
                     if command is not None:
                         report(*check_command(llm, what, command))
     return all(results)
+
+
+def serving(llm: LlmConfig) -> str:
+    """How the broker will use this LLM: its slots, and whether it joins a pool."""
+    line = f"LLM {llm.name!r}: the broker sends it at most {llm.max_concurrent} task(s) at once"
+    if not llm.pool:
+        return f"{line}; it is this publisher's alone (pool = false)"
+    return (
+        f"{line}; one box of a pool (pool = true): publisher tokens of the same owner "
+        "(createtoken --owner) serve it together, and on SIGTERM this box drains first"
+    )
 
 
 async def check_broker(http: httpx.AsyncClient, url: str, token: str) -> tuple[bool, str]:

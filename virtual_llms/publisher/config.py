@@ -82,6 +82,8 @@ class LlmConfig:
     tier: str | None = None
     description: str | None = None
     max_concurrent: int = 8
+    # Join the name as one more backend of a pool (boxes whose tokens share an owner).
+    pool: bool = False
     # The upstream's wait for the first byte of an answer, and between stream chunks.
     timeout_seconds: float = 300.0
     power: PowerConfig | None = None
@@ -156,7 +158,7 @@ class _Table:
             raise self.error(key, f"must be between {minimum:g} and {maximum:g} (got {value!r})")
         return float(value)
 
-    def integer(self, key: str, default: int, *, minimum: int) -> int:
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
         value = self._get(key)
         if value is None:
             return default
@@ -164,6 +166,18 @@ class _Table:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.error(key, f"must be a whole number >= {minimum} (got {value!r})")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"must be at most {maximum} (got {value!r})")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if self.strings and isinstance(value, str) and value.strip() in ("true", "false"):
+            value = value.strip() == "true"
+        if not isinstance(value, bool):
+            raise self.error(key, f"must be true or false (got {value!r})")
         return value
 
     def url(self, key: str, *, required: bool = False) -> str | None:
@@ -274,7 +288,10 @@ def parse_llm(table: _Table, environ: Mapping[str, str]) -> LlmConfig:
         type=p.check(lambda: table.text("type", max_len=32), None) or "openai",
         tier=p.check(lambda: table.text("tier", max_len=32), None),
         description=p.check(lambda: table.text("description", max_len=4096), None),
-        max_concurrent=p.check(lambda: table.integer("max_concurrent", 8, minimum=1), 8),
+        max_concurrent=p.check(
+            lambda: table.integer("max_concurrent", 8, minimum=1, maximum=4096), 8
+        ),
+        pool=p.check(lambda: table.boolean("pool", False), False),
         timeout_seconds=p.check(
             lambda: table.number("timeout_seconds", 300.0, minimum=1, maximum=86400), 300.0
         ),

@@ -6,6 +6,7 @@ no Django (the settings module imports it).
 
 - :mod:`.django_asgi` — Django's ASGI handler without its per-request thread, and the API's
   handler without middleware or request signals.
+- :mod:`.static_files` — WhiteNoise's static file serving as an async-only middleware.
 - :mod:`.daphne_server` — Twisted's form parsing and request log lines turned off in daphne.
 - :mod:`.redis_parser` — redis-py's hiredis pub/sub parser without its discarded debug line.
 - :mod:`.channels_layer` — the bytes channels-redis's pub/sub layer publishes (so a Redis
