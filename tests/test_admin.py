@@ -174,3 +174,27 @@ def test_the_sessions_list_says_which_session_holds_a_stream(
     row = r'/providersession/([^/]+)/change/">.*?<td class="field-stream">([^<]*)</td>'
     cells = dict(re.findall(row, page))
     assert cells == {"sess-a": "connected", "sess-b": "none"}, cells
+
+
+def test_revoking_while_redis_is_away_revokes_and_says_so(
+    admin_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 25: the admin's revoke never answers 500; the database is the record, and the
+    workers close the token's streams from it within a second (revocation.py)."""
+    import redis
+
+    from virtual_llms import events
+
+    def unreachable(message: object) -> None:
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:6379.")
+
+    monkeypatch.setattr(events, "broadcast_sync", unreachable)
+    token, plaintext = token_create(role="publisher", label="box-c")
+    response = admin_client.post(f"/admin/virtual_llms/apitoken/{token.pk}/revoke/", follow=True)
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Revoked box-c in the database" in page
+    assert "within a second" in page
+    assert ApiToken.objects.get(pk=token.pk).revoked_at is not None
+    with pytest.raises(ApiError):
+        authenticate_token(plaintext)

@@ -215,6 +215,10 @@ class BackendAdmin(admin.ModelAdmin[Backend]):
         self.message_user(request, f"Evicted {count} backend(s).", messages.SUCCESS)
 
 
+def _revoke(token: ApiToken) -> bool:
+    return token_revoke(token=token)
+
+
 def _in_flight(llm_id: str, sids: list[str]) -> dict[str, int] | None:
     """Tasks in flight per backend across workers; None when the shared state is away."""
     try:
@@ -301,8 +305,7 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
         if not self.has_change_permission(request):
             raise PermissionDenied
         token = get_object_or_404(ApiToken, pk=pk)
-        token_revoke(token=token)
-        self.message_user(request, f"Revoked {token.label}.", messages.SUCCESS)
+        self._revoked(request, [token.label], _revoke(token))
         return HttpResponseRedirect(reverse("admin:virtual_llms_apitoken_change", args=[pk]))
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
@@ -338,11 +341,21 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
 
     @admin.action(description="Revoke selected tokens (refused at once; their streams close)")
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiToken]) -> None:
-        count = 0
-        for token in queryset:
-            token_revoke(token=token)
-            count += 1
-        self.message_user(request, f"Revoked {count} token(s).", messages.SUCCESS)
+        tokens = list(queryset)
+        told = [_revoke(token) for token in tokens]
+        self._revoked(request, [token.label for token in tokens], all(told))
+
+    def _revoked(self, request: HttpRequest, labels: list[str], told: bool) -> None:
+        if told:
+            self.message_user(request, f"Revoked {', '.join(labels)}.", messages.SUCCESS)
+            return
+        self.message_user(
+            request,
+            f"Revoked {', '.join(labels)} in the database. The shared state (Redis) is "
+            "unreachable, so the workers could not be told at once: each refuses the token "
+            "and closes its streams within a second, from the database.",
+            messages.WARNING,
+        )
 
     def has_delete_permission(self, request: HttpRequest, obj: ApiToken | None = None) -> bool:
         return False  # revoke instead: rows keep their owner for the audit trail

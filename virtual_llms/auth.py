@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,8 @@ from .errors import ApiError
 from .models import ApiToken, Role
 
 # last_used_at is written at most this often per token, so auth stays one read per request.
+log = logging.getLogger("mcpd.auth")
+
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 # A verified token is remembered by this process for this long, so the hot path (inference,
 # result POSTs) skips the database. Revocation clears it on every worker at once through a
@@ -30,7 +33,10 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 # WebSocket handshakes, which read the database anyway, check the row every time
 # (``fresh``), so a revoked token is refused there at once on every worker even before the
 # broadcast arrives.
-AUTH_CACHE_SECONDS = 5.0
+# It is also the bound on how long a revoked client token is still accepted on a worker the
+# ``token.revoked`` broadcast did not reach (a Redis restart loses broadcasts): the contract
+# wants a revoked token dead everywhere within 1 s. One row read per token per second.
+AUTH_CACHE_SECONDS = 1.0
 
 _verified: dict[str, tuple[ApiToken, float]] = {}
 
@@ -58,15 +64,25 @@ def token_create(*, role: str, label: str, owner: str = "") -> tuple[ApiToken, s
     return token, plaintext
 
 
-def token_revoke(*, token: ApiToken) -> None:
-    """Refuse the token from now on and close every stream it holds, on every worker."""
+def token_revoke(*, token: ApiToken) -> bool:
+    """Refuse the token from now on and close every stream it holds, on every worker: at
+    once through a broadcast, and within a second from the database when the broadcast
+    cannot be sent (revocation.py). False when the shared state was unreachable."""
     from . import events  # the channel layer is only touched there
+    from .errors import unavailable
 
     if token.revoked_at is None:
         token.revoked_at = timezone.now()
         token.save(update_fields=["revoked_at"])
     forget_token(token_id=token.pk)
-    events.broadcast_sync({"type": "token.revoked", "tokenId": token.pk})
+    try:
+        events.broadcast_sync({"type": "token.revoked", "tokenId": token.pk})
+    except Exception as exc:
+        if unavailable(exc) is None:
+            raise
+        log.warning("token %s revoked; the broadcast failed (%s)", token.pk, exc)
+        return False
+    return True
 
 
 def forget_token(*, token_id: int) -> None:

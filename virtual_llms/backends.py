@@ -151,7 +151,7 @@ def backend_evict(*, backend: Backend) -> None:
     the row goes with its last backend (services.llm_evict)."""
     from .services import llm_evict
 
-    row = backend.llm
+    row, sid = backend.llm, backend.session_id
     with transaction.atomic():
         if not Backend.objects.filter(llm=row).exclude(pk=backend.pk).exists():
             last = True
@@ -162,3 +162,8 @@ def backend_evict(*, backend: Backend) -> None:
             llm_touch(name_field(row.name))
     if last:
         llm_evict(llm=row)
+        return
+    from . import events  # the channel layer is only touched there
+
+    # Its tasks in flight fail with 502 llm_evicted, as a row's do (hub.Hub).
+    events.broadcast_sync({"type": "backend.evicted", "llmId": str(row.pk), "sid": sid})

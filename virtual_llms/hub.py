@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import events
+from . import events, revocation
 from .auth import forget_token
 from .errors import ApiError, unavailable
 from .loopcache import AsyncPerLoop
@@ -179,6 +179,7 @@ class Hub:
             asyncio.create_task(self._receive_loop(), name="mcpd-hub-receive"),
             asyncio.create_task(self._beat_loop(), name="mcpd-hub-beat"),
             asyncio.create_task(self._watch_loop(), name="mcpd-hub-watch"),
+            asyncio.create_task(revocation.revocation_loop(self), name="mcpd-hub-revocation"),
         ]
 
     async def stop(self) -> None:
