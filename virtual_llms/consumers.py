@@ -48,9 +48,11 @@ async def refuse(consumer: AsyncWebsocketConsumer, error: ApiError) -> None:
     await consumer.close(code=CLOSE_CODES.get(error.status, 4400))
 
 
-class NoRouteConsumer(AsyncWebsocketConsumer):
+class NoRouteConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
     """Every WebSocket path but a session's ``/ws`` (an empty or malformed session id, a
     path with ``/`` in it): refused with 4404 instead of an HTTP 500 from the router."""
+
+    channel_layer_alias = "__mcpd_none__"  # no channel-layer subscription per refusal
 
     async def websocket_connect(self, message: WebSocketConnectEvent) -> None:
         path = self.scope["path"]
