@@ -7,8 +7,10 @@ changes nothing, and the server goes on serving."""
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -30,7 +32,7 @@ from mcpd_site import asgi
 from tests.conftest import Tokens
 from virtual_llms import edge, inference, rowcache, sse, tasks
 from virtual_llms import hub as hub_mod
-from virtual_llms.models import Llm, ProviderSession
+from virtual_llms.models import Llm, ProviderSession, is_task_id
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -590,3 +592,20 @@ def test_chunk_json_with_line_breaks_reads_back_as_the_same_json() -> None:
 def test_plain_chunk_data_is_framed_as_before() -> None:
     assert sse.data('{"a": 1}') == b'data: {"a": 1}\n\n'
     assert sse.data("[DONE]") == sse.DONE
+
+
+@pytest.mark.parametrize("task_id", ["a%00b", "x" * 65, "a.b", "%E2%9C%93"])
+async def test_an_answer_for_a_task_id_that_cannot_exist_is_404(
+    upkeep: None, tokens: Tokens, hub: hub_mod.Hub, task_id: str
+) -> None:
+    got = await call(
+        "POST",
+        f"/api/v1/virtual/tasks/{unquote(task_id)}/result",
+        token=tokens.publisher_plain,
+        body=b'{"status": 200, "body": {}}',
+    )
+    assert api_error(got, 404)["code"] == "task_not_found"
+
+
+def test_the_task_id_rule_takes_every_id_the_broker_makes() -> None:
+    assert all(is_task_id(secrets.token_urlsafe(18)) for _ in range(2000))

@@ -10,6 +10,7 @@ from typing import Any
 from . import events, jsonio
 from .errors import ApiError
 from .hub import deliver_event, task_event_message
+from .models import is_task_id
 from .protocol import (
     PARSERS,
     AnswerKind,
@@ -29,6 +30,8 @@ async def _post(task_id: str, token_id: int, event: TaskEvent, *, take: bool) ->
     such open task of this token (unknown, finished, cancelled, another token's, or its
     requester died). ``take`` ends the task: it is taken once, and given back if the hand-over
     fails, so the publisher's retry finds it and nothing is lost."""
+    if not is_task_id(task_id):
+        return False  # no task has it: no round trip
     tasks = get_state().tasks
     payload = events.direct_payload(task_event_message(task_id, event))
     # With the Redis layer, the script that reads the record also publishes the event.

@@ -27,6 +27,15 @@ def is_llm_name(value: str) -> bool:
     return _LLM_NAME.fullmatch(value) is not None
 
 
+# Task ids are secrets.token_urlsafe(18) (tasks.py): 24 characters of A-Z a-z 0-9 _ -.
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_task_id(value: str) -> bool:
+    """Whether ``value`` could name a task (no Redis key is looked up for any other)."""
+    return _TASK_ID.fullmatch(value) is not None
+
+
 def is_session_id(value: str) -> bool:
     """Whether ``value`` could name a session."""
     return _SESSION_ID.fullmatch(value) is not None
