@@ -13,6 +13,7 @@ class VirtualLlmsConfig(AppConfig):
 
         from . import checks  # noqa: F401 - registers the system checks
         from .backends import mirror
+        from . import inference, usage  # isort: skip
         from .models import Llm
         from .services import llm_saved
 
@@ -29,3 +30,6 @@ class VirtualLlmsConfig(AppConfig):
         post_delete.connect(touch, sender=Llm, weak=False, dispatch_uid="mcpd-llm-deleted")
         # A virtual row made without services gets the one backend v1 implied (backends.py).
         post_save.connect(created, sender=Llm, weak=False, dispatch_uid="mcpd-llm-mirror")
+        # Every finished inference call becomes a usage record (written in batches).
+        if usage.record not in inference.observers:
+            inference.observers.append(usage.record)
