@@ -28,16 +28,19 @@ site_app = BrokerASGIHandler()  # the admin (and anything else): the full middle
 
 async def django_asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path: str = scope.get("path", "")
-    app = api_app if path.startswith(("/api/", "/v1/")) else site_app
+    app = api_app if path.startswith(("/api/", "/v1/")) or path in ("/api", "/v1") else site_app
     # Counted for a graceful drain, which also tells clients to reconnect elsewhere.
     with drain.tracked(scope):
         await app(scope, receive, drain.closing_send(send))
 
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402 - after Django setup
-from django.urls import path  # noqa: E402 - after Django setup
+from django.urls import path, re_path  # noqa: E402 - after Django setup
 
-from virtual_llms.consumers import ControlSocketConsumer  # noqa: E402 - after Django setup
+from virtual_llms.consumers import (  # noqa: E402 - after Django setup
+    ControlSocketConsumer,
+    NoRouteConsumer,
+)
 
 application = ProtocolTypeRouter(
     {
@@ -48,7 +51,9 @@ application = ProtocolTypeRouter(
                 path(  # type: ignore[list-item]
                     "api/v1/virtual/sessions/<str:session_id>/ws",
                     ControlSocketConsumer.as_asgi(),  # type: ignore[arg-type]
-                )
+                ),
+                # Any other path (an empty id, a/b, ../..): refused with 4404, not an HTTP 500.
+                re_path(r"", NoRouteConsumer.as_asgi()),  # type: ignore[list-item, arg-type]
             ]
         ),
     }

@@ -280,6 +280,12 @@ MCPD_WAKE_FAILURE_SECONDS = _env_float_or_zero("MCPD_WAKE_FAILURE_SECONDS", 0.0)
 MCPD_DRAIN_SECONDS = _env_float("MCPD_DRAIN_SECONDS", 30.0)
 # Largest request body accepted from a client or a publisher.
 MCPD_MAX_BODY_BYTES = _env_int("MCPD_MAX_BODY_BYTES", 10 * 1024 * 1024)
+# Deepest JSON accepted in a request body or a socket frame (deeper: 400 invalid_json).
+# OpenAI bodies nest a dozen levels (a tool's JSON schema a few more); at most 500, since a
+# task frame wraps the body in a few more levels and the channel layer's msgpack writes 511.
+MCPD_MAX_JSON_DEPTH = _env_int("MCPD_MAX_JSON_DEPTH", 128)
+if MCPD_MAX_JSON_DEPTH > 500:
+    raise ValueError(f"MCPD_MAX_JSON_DEPTH must be at most 500, got {MCPD_MAX_JSON_DEPTH}")
 # Requests waiting for a free slot of one LLM's backends (PROTOCOL.md "Routing, capacity
 # and the queue"): at most this many per LLM (more: 503 queue_full), each at most this long
 # (then 503 queue_timeout).
@@ -299,6 +305,9 @@ MCPD_PING_SECONDS = _env_float("MCPD_PING_SECONDS", 15.0)
 MCPD_ACCESS_LOG = os.environ.get("MCPD_ACCESS_LOG", "").strip()
 # Optional key for encrypting public LLMs' API keys; derived from SECRET_KEY when unset.
 MCPD_ENCRYPTION_KEY = os.environ.get("MCPD_ENCRYPTION_KEY", "")
+
+# A CSRF refusal on /api/ or /v1/ (which take no cookies) is the contract's JSON 403.
+CSRF_FAILURE_VIEW = "virtual_llms.edge.csrf_failure"
 
 # Django refuses bodies over this when read through request.POST; ours are checked by size.
 DATA_UPLOAD_MAX_MEMORY_SIZE = MCPD_MAX_BODY_BYTES

@@ -1,12 +1,15 @@
 """URL routes: the publisher API, the REST API, the OpenAI-compatible client API, admin."""
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import path, re_path
 
-from virtual_llms import health, inference, openapi, streams, views
+from virtual_llms import edge, health, inference, openapi, streams, views
 
-handler404 = "virtual_llms.http.not_found"
-handler500 = "virtual_llms.http.server_error"
+# JSON in the contract's shapes on /api/ and /v1/, Django's pages for the admin (edge.py).
+handler400 = "virtual_llms.edge.bad_request"
+handler403 = "virtual_llms.edge.permission_denied"
+handler404 = "virtual_llms.edge.not_found"
+handler500 = "virtual_llms.edge.server_error"
 
 # Matched in order: the per-request routes (inference, task results) come first.
 urlpatterns = [
@@ -40,4 +43,6 @@ urlpatterns = [
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("admin/", admin.site.urls),
+    # Last: any other path under /api/ or /v1/ is a JSON 404, whatever the method, DEBUG or not.
+    re_path(r"^(?:api|v1)(?:/|$)", edge.no_route),
 ]

@@ -10,7 +10,16 @@ from typing import Any
 from . import events, jsonio
 from .errors import ApiError
 from .hub import deliver_event, task_event_message
-from .protocol import PARSERS, AnswerKind, Chunk, ResultEvent, TaskEvent, error_event
+from .models import is_task_id
+from .protocol import (
+    PARSERS,
+    AnswerKind,
+    AnswerRefused,
+    Chunk,
+    ResultEvent,
+    TaskEvent,
+    error_event,
+)
 from .state import get_state
 
 TASK_GONE = "No open task with this id for this publisher."
@@ -21,6 +30,8 @@ async def _post(task_id: str, token_id: int, event: TaskEvent, *, take: bool) ->
     such open task of this token (unknown, finished, cancelled, another token's, or its
     requester died). ``take`` ends the task: it is taken once, and given back if the hand-over
     fails, so the publisher's retry finds it and nothing is lost."""
+    if not is_task_id(task_id):
+        return False  # no task has it: no round trip
     tasks = get_state().tasks
     payload = events.direct_payload(task_event_message(task_id, event))
     # With the Redis layer, the script that reads the record also publishes the event.
@@ -63,7 +74,13 @@ async def post_error(*, token_id: int, task_id: str, message: str) -> bool:
 async def answer(kind: AnswerKind, *, token_id: int, task_id: str, body: dict[str, Any]) -> None:
     """Check one answer (400 if malformed) and hand it over (404 if there is no such open
     task of this token): the one path of the HTTP endpoints and the socket's frames."""
-    parsed: Any = PARSERS[kind](body)
+    try:
+        parsed: Any = PARSERS[kind](body)
+    except AnswerRefused as exc:
+        # A bad body is a 400 as always; an open task of this token also ends, with a 502
+        # for its client (an unknown task changes nothing).
+        await post_error(token_id=token_id, task_id=task_id, message=exc.client_message)
+        raise
     if kind == "result":
         ok = await post_result(
             token_id=token_id, task_id=task_id, status=parsed["status"], body=parsed["body"]

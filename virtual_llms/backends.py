@@ -20,7 +20,16 @@ from django.db.models import F
 from django.utils import timezone
 
 from .errors import ApiError
-from .models import ApiToken, Backend, Llm, LlmKind, LlmStatus, ProviderSession
+from .models import (
+    ApiToken,
+    Backend,
+    Llm,
+    LlmKind,
+    LlmStatus,
+    ProviderSession,
+    is_llm_name,
+    is_session_id,
+)
 from .state import name_field
 
 
@@ -119,7 +128,8 @@ def backend_get(*, name: str, session_id: str, lock: bool = False) -> Backend:
     qs = Backend.objects.select_related("llm", "token")
     if lock:
         qs = qs.select_for_update()
-    backend = qs.filter(llm__name=name, session_id=session_id).first()
+    possible = is_llm_name(name) and is_session_id(session_id)  # else no lookup: none has it
+    backend = qs.filter(llm__name=name, session_id=session_id).first() if possible else None
     if backend is None:
         raise ApiError(
             404, "backend_not_found", f"No backend of '{name}' for session '{session_id}'."

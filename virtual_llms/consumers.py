@@ -12,6 +12,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from asgiref.typing import WebSocketConnectEvent, WebSocketDisconnectEvent
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 
 from . import answers, binding, jsonio, services
 from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
@@ -37,6 +38,25 @@ CLOSING_CODES = {
 FRAME_DRAIN_SECONDS = 10.0
 # At most this many tasks with a lost answer are remembered per socket.
 LOST_ANSWERS_KEPT = 10_000
+
+
+async def refuse(consumer: AsyncWebsocketConsumer, error: ApiError) -> None:
+    """Refuse a handshake so the publisher can read why: accepted, one error frame, closed
+    with the status's code (4401, 4403, 4404; 4400 for anything else)."""
+    await consumer.accept()
+    await consumer.send(json.dumps({"type": "error", "error": error.api_body()["error"]}))
+    await consumer.close(code=CLOSE_CODES.get(error.status, 4400))
+
+
+class NoRouteConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
+    """Every WebSocket path but a session's ``/ws`` (an empty or malformed session id, a
+    path with ``/`` in it): refused with 4404 instead of an HTTP 500 from the router."""
+
+    channel_layer_alias = "__mcpd_none__"  # no channel-layer subscription per refusal
+
+    async def websocket_connect(self, message: WebSocketConnectEvent) -> None:
+        path = self.scope["path"]
+        await refuse(self, ApiError(404, "not_found", f"No WebSocket route {path!r}."))
 
 
 class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
@@ -74,9 +94,7 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
         try:
             self.token = await sync_to_async(self._authorize)()
         except ApiError as exc:
-            await self.accept()
-            await self.send(json.dumps({"type": "error", "error": exc.api_body()["error"]}))
-            await self.close(code=CLOSE_CODES.get(exc.status, 4400))
+            await refuse(self, exc)
             return
         await self.accept()
         self.stream = ControlStream(self.session_id, self.token.pk)
@@ -179,7 +197,7 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
         (``task_not_found``: the task is over; stop working on it)."""
         reply: dict[str, Any] = {"type": "protocol_error", "message": message, "code": code}
         try:
-            frame = json.loads(raw) if raw is not None else None
+            frame = jsonio.loads(raw, settings.MCPD_MAX_JSON_DEPTH) if raw is not None else None
         except (UnicodeDecodeError, json.JSONDecodeError):
             frame = None
         if isinstance(frame, dict) and isinstance(frame.get("taskId"), str):
@@ -191,9 +209,9 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
         if self.token is None or self.stream is None:
             return None
         try:
-            frame = jsonio.loads(raw) if raw is not None else None
+            frame = jsonio.loads(raw, settings.MCPD_MAX_JSON_DEPTH) if raw is not None else None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "invalid_json", f"Malformed JSON frame: {exc}") from exc
+            raise ApiError(400, "invalid_json", f"Malformed JSON frame: {exc}") from None
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             raise ApiError(400, "invalid_request", "A frame is a JSON object with a 'type'.")
         return frame

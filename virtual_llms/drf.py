@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
+from django.conf import settings
 from rest_framework import authentication, exceptions, permissions
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.negotiation import BaseContentNegotiation, DefaultContentNegotiation
@@ -100,7 +101,7 @@ class LenientJSONParser(JSONParser):
         parser_context: Mapping[str, Any] | None = None,
     ) -> Any:
         try:
-            return jsonio.loads(stream.read())
+            return jsonio.loads(stream.read(), settings.MCPD_MAX_JSON_DEPTH)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidJson(f"Malformed JSON body: {exc}") from exc
 

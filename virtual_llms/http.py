@@ -11,7 +11,6 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
-from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 
 from . import jsonio
@@ -65,23 +64,9 @@ def json_view(*methods: str) -> Callable[[AsyncView], Any]:
     return decorate
 
 
-def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponseBase:
-    """handler404: JSON in the contract's shapes for the API, Django's page for the admin."""
-    if request.path.startswith(("/api/", "/v1/")):
-        error = ApiError(404, "not_found", f"No route {request.path}.")
-        return error.response(openai=is_openai_path(request))
-    return defaults.page_not_found(request, exception or Exception())
-
-
-def server_error(request: HttpRequest) -> HttpResponseBase:
-    """handler500: likewise."""
-    if request.path.startswith(("/api/", "/v1/")):
-        return internal_error().response(openai=is_openai_path(request))
-    return defaults.server_error(request)
-
-
-def read_json(request: HttpRequest) -> Any:
-    """The request's JSON body, or ApiError 413 (too big) / 400 (not JSON)."""
+def read_json(request: HttpRequest, *, empty: Any = None) -> Any:
+    """The request's JSON body, or ApiError 413 (too big) / 400 (not JSON); ``empty`` for an
+    empty body, if not None (else 400)."""
     limit = settings.MCPD_MAX_BODY_BYTES
     declared = request.META.get("CONTENT_LENGTH") or "0"
     too_big = ApiError(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
@@ -94,15 +79,19 @@ def read_json(request: HttpRequest) -> Any:
     if len(raw) > limit:
         raise too_big
     if not raw:
+        if empty is not None:
+            return empty
         raise ApiError(400, "invalid_json", "The request body is empty; send a JSON object.")
     try:
-        return jsonio.loads(raw)
+        return jsonio.loads(raw, settings.MCPD_MAX_JSON_DEPTH)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"Malformed JSON body: {exc}") from exc
+        raise ApiError(400, "invalid_json", f"Malformed JSON body: {exc}") from None
 
 
-def read_json_object(request: HttpRequest) -> dict[str, Any]:
-    body = read_json(request)
+def read_json_object(
+    request: HttpRequest, *, empty: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    body = read_json(request, empty=empty)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "The request body must be a JSON object.")
     return body

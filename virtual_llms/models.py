@@ -3,6 +3,7 @@ records. No I/O beyond the ORM."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime, timedelta
 
@@ -15,6 +16,30 @@ from django.db.models import Q
 LLM_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 # Session ids come from publishers (a UUID by default, or their own sticky id).
 SESSION_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+
+_LLM_NAME = re.compile(LLM_NAME_RE)
+_SESSION_ID = re.compile(SESSION_ID_RE)
+
+
+def is_llm_name(value: str) -> bool:
+    """Whether ``value`` could name an LLM: anything else names none, with no lookup (a NUL
+    byte would even fail PostgreSQL's)."""
+    return _LLM_NAME.fullmatch(value) is not None
+
+
+# Task ids are secrets.token_urlsafe(18) (tasks.py): 24 characters of A-Z a-z 0-9 _ -.
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def is_task_id(value: str) -> bool:
+    """Whether ``value`` could name a task (no Redis key is looked up for any other)."""
+    return _TASK_ID.fullmatch(value) is not None
+
+
+def is_session_id(value: str) -> bool:
+    """Whether ``value`` could name a session."""
+    return _SESSION_ID.fullmatch(value) is not None
+
 
 llm_name_validator = RegexValidator(
     LLM_NAME_RE,

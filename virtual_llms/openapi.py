@@ -43,7 +43,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import inference
+from . import edge, inference
 from .drf import Negotiated
 from .models import LlmStatus
 from .serializers import LlmSerializer
@@ -368,6 +368,8 @@ def add_plain_views(endpoints: list[Endpoint]) -> list[Endpoint]:
     for pattern in get_resolver().url_patterns:
         if not isinstance(pattern, URLPattern) or hasattr(pattern.callback, "cls"):
             continue  # the admin, or a DRF view (described by drf-spectacular itself)
+        if pattern.callback is edge.no_route:
+            continue  # not an endpoint: the JSON 404 of every path no route takes
         regex = str(pattern.pattern)
         path: str = enumerator.get_path_from_regex(regex)
         view = PLAIN.get(path)

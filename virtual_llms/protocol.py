@@ -244,10 +244,26 @@ def _invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_request", message)
 
 
+class AnswerRefused(ApiError):
+    """A refused answer that ends its task all the same: a ``result`` whose status is a
+    number but cannot be an answer's (1xx would break the client's connection). The
+    publisher gets this 400; the client, at once, a 502 with ``client_message``, not a wait
+    for the timeout. (A body that is malformed otherwise changes nothing.)"""
+
+    def __init__(self, message: str, client_message: str) -> None:
+        super().__init__(400, "invalid_request", message)
+        self.client_message = client_message
+
+
 def parse_result(body: dict[str, Any]) -> Result:
     status = body.get("status")
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise _invalid("'status' must be an HTTP status (100-599).")
+    if isinstance(status, bool) or not isinstance(status, int):
+        raise _invalid("'status' must be an HTTP status (an integer, 200-599).")
+    if not 200 <= status <= 599:
+        raise AnswerRefused(
+            f"'status' must be the HTTP status of an answer (200-599), not {status}.",
+            f"The publisher answered with an invalid HTTP status ({status}).",
+        )
     if "body" not in body:
         raise _invalid("'body' is required (any JSON value).")
     return {"status": status, "body": body["body"]}

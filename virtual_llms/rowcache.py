@@ -13,7 +13,7 @@ from asgiref.sync import sync_to_async
 
 from . import selectors
 from .errors import ApiError
-from .models import Llm, LlmKind, LlmStatus
+from .models import Llm, LlmKind, LlmStatus, is_llm_name
 from .state import Candidate, get_state
 
 # A cached row is re-read at least this often even if no stamp changed: the bound on how long
@@ -131,6 +131,8 @@ async def llm_lookup(name: str, stamp: str | None = None) -> CachedRow | None:
     """The row called ``name``, read from the database and cached under the stamps it was
     read under: ``stamp`` when routing just read them (they came back with a "stale"
     verdict), else read now. None if there is no such row."""
+    if not is_llm_name(name):
+        return None  # no row has it: no round trip, no read
     if stamp is None:
         stamp = await get_state().routing.stamp(name)
     # Read after the stamps: a write that commits later touches them again.

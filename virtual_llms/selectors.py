@@ -7,18 +7,27 @@ from typing import Any
 from django.db.models import QuerySet
 
 from .errors import unavailable
-from .models import Backend, Llm
+from .models import Backend, Llm, is_llm_name
 from .serializers import backend_json as _backend_json
 from .state import get_state
 
 
 def llm_get(*, name: str) -> Llm | None:
     """The row called ``name`` with its backends."""
+    if not is_llm_name(name):
+        return None  # no row can have it (a NUL byte would even fail PostgreSQL's lookup)
     return Llm.objects.prefetch_related("backends").filter(name=name).first()
 
 
 def llm_list() -> QuerySet[Llm]:
     return Llm.objects.prefetch_related("backends")
+
+
+def llm_callable_get(*, name: str) -> Llm | None:
+    """The row ``GET /v1/models/<name>`` shows, if listed."""
+    if not is_llm_name(name):
+        return None
+    return llm_list_callable().filter(name=name).first()
 
 
 def llm_list_callable() -> QuerySet[Llm]:

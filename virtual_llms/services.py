@@ -22,7 +22,7 @@ from django.utils import timezone
 from . import crypto, quotas
 from .backends import derive, derive_many
 from .errors import ApiError
-from .models import ApiToken, Backend, Llm, LlmKind, LlmStatus, ProviderSession
+from .models import ApiToken, Backend, Llm, LlmKind, LlmStatus, ProviderSession, is_session_id
 from .state import get_state, name_field, session_field
 
 
@@ -90,6 +90,8 @@ def _conflict(message: str) -> ApiError:
 
 def session_get_owned(*, token: ApiToken, session_id: str, lock: bool = False) -> ProviderSession:
     """The session, if it exists (404) and belongs to ``token`` (403)."""
+    if not is_session_id(session_id):  # no session has it: no lookup (a NUL byte fails PG's)
+        raise ApiError(404, "session_not_found", f"Unknown session {session_id!r}.")
     qs = ProviderSession.objects.all()
     if lock:
         qs = qs.select_for_update()

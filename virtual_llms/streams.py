@@ -130,7 +130,7 @@ async def list_models(request: HttpRequest) -> HttpResponseBase:
 async def retrieve_model(request: HttpRequest, name: str) -> HttpResponseBase:
     """``GET /v1/models/<name>``: the model object ``/v1/models`` lists for it."""
     await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
-    row = await sync_to_async(lambda: selectors.llm_list_callable().filter(name=name).first())()
+    row = await sync_to_async(selectors.llm_callable_get)(name=name)
     if row is None:
         raise ApiError(404, "model_not_found", f"The model '{name}' does not exist.")
     return JsonResponse(_model_object(row))

@@ -54,10 +54,14 @@ def _token(request: Request) -> ApiToken:
     return request.auth
 
 
-def _validated(serializer_class: Any, request: Request) -> dict[str, Any]:
-    if not isinstance(request.data, dict):
-        raise ApiError(400, "invalid_request", "The request body must be a JSON object.")
-    serializer = serializer_class(data=request.data)
+def _validated(
+    serializer_class: Any, request: Request, *, empty: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The body, checked by the serializer; ``empty``: what an empty body means (else 400).
+    Read as every JSON endpoint reads it (http.read_json: 413 past the size, checked before
+    Django's RequestDataTooBig could answer its HTML 400; the depth; any Content-Type)."""
+    body = read_json_object(request._request, empty=empty)
+    serializer = serializer_class(data=body)
     serializer.is_valid(raise_exception=True)
     return dict(serializer.validated_data)
 
@@ -243,7 +247,7 @@ class BackendDrainView(APIView):
         responses={200: BackendSerializer, **api_errors(400, 401, 403, 404)},
     )
     def post(self, request: Request, name: str, session_id: str) -> Response:
-        data = _validated(DrainSerializer, request) if request.data else {"draining": True}
+        data = _validated(DrainSerializer, request, empty={"draining": True})
         backend = backends.backend_get(name=name, session_id=session_id)
         backends.backend_set_draining(backend=backend, draining=data["draining"])
         return Response(selectors.backend_json(backend))

@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import IO, Any
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestAborted
-from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.asgi import ASGIHandler, ASGIRequest
 from django.core.handlers.exception import convert_exception_to_response
 from django.db import close_old_connections
+from django.http.response import HttpResponseBase
 
+from .. import edge
 from ..loopcache import PerLoop
 
 log = logging.getLogger("mcpd.asgi")
@@ -73,8 +76,21 @@ class ApiASGIHandler(BrokerASGIHandler):
             if is_async
             else self._get_response  # type: ignore[attr-defined]  # not in django-stubs
         )
-        handler = convert_exception_to_response(get_response)
+        # Every exception a view lets out becomes the contract's JSON error, under DEBUG too
+        # (Django's would render its technical pages there); Django's conversion stays as
+        # the last resort.
+        handler = convert_exception_to_response(edge.json_exceptions(get_response))
         self._middleware_chain = self.adapt_method_mode(is_async, handler, is_async)
+
+    def create_request(
+        self, scope: Mapping[str, Any], body_file: IO[bytes]
+    ) -> tuple[ASGIRequest, None] | tuple[None, HttpResponseBase]:
+        """Django's, with its refusals (a path or header not UTF-8: 400, a body too big:
+        413) in the contract's JSON instead of an HTML page or plain text."""
+        made = super().create_request(scope, body_file)
+        if made[1] is None:
+            return made
+        return None, edge.malformed_request(str(scope.get("path", "")), made[1].status_code)
 
     _upkeep: PerLoop[asyncio.Task[None]] = PerLoop()
 
