@@ -3,7 +3,7 @@
 from django.contrib import admin
 from django.urls import path
 
-from virtual_llms import health, inference, openapi, streams, views
+from virtual_llms import health, inference, metrics, openapi, streams, views
 
 handler404 = "virtual_llms.http.not_found"
 handler500 = "virtual_llms.http.server_error"
@@ -37,5 +37,6 @@ urlpatterns = [
     path("api/docs/", openapi.DocsView.as_view(), name="openapi-docs"),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
+    path("metrics", metrics.metrics_view),
     path("admin/", admin.site.urls),
 ]

@@ -11,7 +11,11 @@ class VirtualLlmsConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_delete, post_save
 
-        from . import checks  # noqa: F401 - registers the system checks
+        from . import (
+            checks,  # noqa: F401 - registers the system checks
+            metrics,
+            request_log,
+        )
         from .backends import mirror
         from .models import Llm
         from .services import llm_saved
@@ -29,3 +33,6 @@ class VirtualLlmsConfig(AppConfig):
         post_delete.connect(touch, sender=Llm, weak=False, dispatch_uid="mcpd-llm-deleted")
         # A virtual row made without services gets the one backend v1 implied (backends.py).
         post_save.connect(created, sender=Llm, weak=False, dispatch_uid="mcpd-llm-mirror")
+        # The observers of every client call, stream and wake: /metrics and the request log.
+        metrics.install()
+        request_log.install()

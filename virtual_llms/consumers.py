@@ -79,7 +79,7 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
             await self.close(code=CLOSE_CODES.get(exc.status, 4400))
             return
         await self.accept()
-        self.stream = ControlStream(self.session_id, self.token.pk)
+        self.stream = ControlStream(self.session_id, self.token.pk, "ws")
         await binding.stream_open(self.stream)
         await self.send(json.dumps({"type": "ready", "providerSessionId": self.session_id}))
         self.pump = asyncio.create_task(self._pump(self.stream))

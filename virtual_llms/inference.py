@@ -23,7 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest
 
-from . import jsonio, proxy, queue, rowcache, sse, tasks
+from . import jsonio, proxy, queue, rowcache, sse, tasks, tokencounts
 from .answers import result_body
 from .auth import CLIENT_ROLES, aauthenticate
 from .errors import ApiError, offline, unavailable
@@ -64,17 +64,25 @@ class Outcome:
     model: str | None = None  # the LLM's name, once one was found
     kind: str | None = None  # "virtual" or "public"
     client_token_id: int | None = None
+    client_label: str = ""  # the client token's label (never the token)
     task_id: str | None = None
     streaming: bool = False
     status: int = 0  # the status line sent; 499 if the client left before it
     code: str | None = None  # the error's code, for an error answer or event
+    # The status of an error that ended a stream after its 200 was sent (an SSE error event).
+    late_status: int | None = None
     wake_s: float = 0.0
     queue_s: float = 0.0
     upstream_s: float | None = None  # the wait for the publisher's (or upstream's) answer
     first_byte_s: float | None = None  # from the start to the first byte of the body
+    first_token_s: float | None = None  # from the start to the answer's first data sent
+    overhead_s: float | None = None  # the Server-Timing ``mcpd`` part, when one was sent
     total_s: float = 0.0
     failovers: int = 0  # times the task was sent again after its stream went away
     client_left: bool = False
+    abandoned: bool = False  # the task ended unanswered: the publisher was told to cancel
+    prompt_tokens: int | None = None  # as the answer's usage reports them (tokencounts.py)
+    completion_tokens: int | None = None
 
     @property
     def broker_s(self) -> float:
@@ -92,6 +100,11 @@ def _observe(outcome: Outcome) -> None:
             observer(outcome)
         except Exception:
             log.exception("an outcome observer failed")
+
+
+def _timing(out: Outcome, broker_s: float, upstream_s: float | None = None) -> str:
+    out.overhead_s = broker_s
+    return server_timing(broker_s, upstream_s)
 
 
 def server_timing(broker_s: float, upstream_s: float | None = None) -> str:
@@ -229,13 +242,14 @@ async def relay(request: HttpRequest, endpoint: str) -> AsyncGenerator[Head | by
             yield _error_head(out, failure)
             yield failure.body(openai=True)
         elif call.sse:
-            out.code = failure.code
+            out.code, out.late_status = failure.code, failure.status
             yield sse.event(None, failure.openai_body())
     finally:
         if call.pending is not None:
             if call.finished:
                 await _shielded(tasks.finish(call.pending))
             else:
+                out.abandoned = True
                 await _shielded(tasks.abandon(call.pending))
         out.total_s = call.since_start()
         if out.status == 0:
@@ -258,7 +272,7 @@ async def _open(call: _Call, request: HttpRequest) -> CachedRow:
     out = call.out
     # A missing token wins over a bad body, and a bad body over an unknown model.
     token = await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
-    out.client_token_id = token.pk
+    out.client_token_id, out.client_label = token.pk, token.label
     call.body = read_json_object(request)
     call.name = _model_name(call.body)
     call.streaming = out.streaming = _streaming(call.body)
@@ -379,10 +393,11 @@ async def _unary(call: _Call, llm: LlmRef) -> tuple[Head, bytes]:
     except ApiError as exc:
         return _error_head(out, exc), exc.body(openai=True)
     out.total_s = call.since_start()
-    headers = {"Server-Timing": server_timing(out.broker_s, out.upstream_s)}
+    headers = {"Server-Timing": _timing(out, out.broker_s, out.upstream_s)}
     if out.wake_s:
         _wake_header(headers, out.wake_s)
-    out.first_byte_s = out.total_s
+    out.first_byte_s = out.first_token_s = out.total_s
+    tokencounts.note_body(out, event["json"])
     return _head(out, Head(event["status"], JSON, headers)), event["json"]
 
 
@@ -446,7 +461,7 @@ async def _stream(call: _Call, llm: LlmRef) -> AsyncGenerator[Head | bytes, None
                     yield first["json"]
                     return
             out.total_s = call.since_start()
-            headers["Server-Timing"] = server_timing(out.broker_s)
+            headers["Server-Timing"] = _timing(out, out.broker_s)
             committed = True
             yield _head(out, _sse_head(call, headers))
             out.first_byte_s = call.since_start()
@@ -457,7 +472,7 @@ async def _stream(call: _Call, llm: LlmRef) -> AsyncGenerator[Head | bytes, None
             yield _error_head(out, exc)
             yield exc.body(openai=True)
             return
-        out.code = exc.code
+        out.code, out.late_status = exc.code, exc.status
         yield sse.event(None, exc.openai_body())
         return
     async with contextlib.aclosing(_stream_body(call, llm, first)) as body:
@@ -514,6 +529,8 @@ async def _stream_body(
                 body = result_body(event)
                 if 200 <= event["status"] < 300:
                     # An upstream that ignored "stream": one chunk, then [DONE].
+                    call.out.first_token_s = call.since_start()
+                    tokencounts.note_body(call.out, event["json"])
                     yield sse.data(jsonio.dumps_line(as_stream_chunk(body)))
                     yield sse.DONE
                     return
@@ -524,17 +541,20 @@ async def _stream_body(
             for chunk in event["chunks"]:
                 if chunk["data"]:
                     out.append(sse.data(chunk["data"]))
+                    tokencounts.note_chunk(call.out, chunk["data"])
                 if chunk["done"]:
                     call.finished = True
                     if chunk["data"] != "[DONE]":
                         out.append(sse.DONE)
                     break
+            if call.out.first_token_s is None:
+                call.out.first_token_s = call.since_start()
             yield b"".join(out)
             if call.finished:
                 return
             event = None
     except ApiError as exc:
-        call.out.code = exc.code
+        call.out.code, call.out.late_status = exc.code, exc.status
         yield sse.event(None, exc.openai_body())
 
 
@@ -549,7 +569,7 @@ async def _public(call: _Call, row: Llm) -> AsyncGenerator[Head | bytes, None]:
         yield exc.body(openai=True)
         return
     out.upstream_s = time.perf_counter() - sent
-    headers = {"Server-Timing": server_timing(sent - out.started)}
+    headers = {"Server-Timing": _timing(out, sent - out.started)}
     if upstream.streaming:
         call.sse = True
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -559,4 +579,6 @@ async def _public(call: _Call, row: Llm) -> AsyncGenerator[Head | bytes, None]:
     out.first_byte_s = call.since_start()
     async with contextlib.aclosing(upstream.body()) as body:
         async for chunk in body:
+            if out.first_token_s is None:
+                out.first_token_s = call.since_start()
             yield chunk

@@ -1,0 +1,99 @@
+"""Every LLM with its backends as the whole broker sees them now, read at once: one database
+query and one read of the shared state (state/snapshot.py), however many rows — for the
+/metrics gauges (metrics.py), the same from any worker."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+from .models import Llm, LlmKind, LlmStatus
+from .state import get_state
+from .state.snapshot import HELD_DRAINING, HELD_NONE, fleet_sync
+
+# A backend's state as /metrics reports it (mcpd_backends{status}): its row's status, unless
+# it is live but holds no stream ("disconnected") or takes no new task ("draining").
+BACKEND_STATES = ("active", "hibernating", "draining", "disconnected", "inactive")
+
+
+@dataclass(frozen=True)
+class BackendView:
+    session_id: str
+    status: str  # the backend's status in the registry
+    slots: int | None  # its maxConcurrency; None: no limit
+    draining: bool  # drained by an admin, or its stream is on a draining worker
+    held: bool  # its session holds a stream on a live worker
+    in_flight: int
+
+    @property
+    def state(self) -> str:
+        """One of BACKEND_STATES."""
+        if self.status == LlmStatus.INACTIVE:
+            return "inactive"
+        if not self.held:
+            return "disconnected"
+        return "draining" if self.draining else self.status
+
+
+@dataclass(frozen=True)
+class LlmView:
+    id: uuid.UUID
+    name: str
+    backends: tuple[BackendView, ...]
+    queue_depth: int
+
+    @property
+    def in_flight(self) -> int:
+        return sum(b.in_flight for b in self.backends)
+
+    @property
+    def slots(self) -> float:
+        """The slots of the backends that take tasks now (active, held, not draining);
+        infinite if one of them has no limit."""
+        return sum(
+            math.inf if b.slots is None else b.slots
+            for b in self.backends
+            if b.state == LlmStatus.ACTIVE
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    names: frozenset[str]  # every registered name, public rows' too
+    llms: tuple[LlmView, ...]  # the virtual rows
+
+
+def _backends(row: Llm) -> list[tuple[str, str, int | None, bool]]:
+    """(session, status, slots, drained) of each backend of a virtual row (a row of the
+    one-backend schema is its own backend, with no slot limit)."""
+    manager = getattr(row, "backends", None)
+    if manager is None:
+        return [(row.provider_session_id or "", row.status, None, False)]
+    return [(b.session_id, b.status, b.max_concurrency, b.draining) for b in manager.all()]
+
+
+def read() -> Snapshot:
+    """The snapshot (sync: the ORM, and the state's sync client)."""
+    rows = list(Llm.objects.only("id", "name", "kind", "status", "provider_session_id"))
+    virtual = [(row, _backends(row)) for row in rows if row.kind == LlmKind.VIRTUAL]
+    states = fleet_sync(
+        get_state(), [(str(row.id), [b[0] for b in backends]) for row, backends in virtual]
+    )
+    llms = []
+    for (row, backends), state in zip(virtual, states, strict=True):
+        views = tuple(
+            BackendView(
+                session_id=sid,
+                status=status,
+                slots=slots,
+                draining=drained or held == HELD_DRAINING,
+                held=held != HELD_NONE,
+                in_flight=in_flight,
+            )
+            for (sid, status, slots, drained), (held, in_flight) in zip(
+                backends, state.backends, strict=True
+            )
+        )
+        llms.append(LlmView(row.id, row.name, views, state.queue_depth))
+    return Snapshot(frozenset(row.name for row in rows), tuple(llms))

@@ -1,0 +1,284 @@
+"""Prometheus metrics (PROTOCOL.md "Health and metrics"): this worker's counters and histograms,
+recorded from each client call's Outcome and from the stream and wake events
+(observers.py) with no I/O, and the broker-wide gauges, read from the shared state at each
+scrape of ``GET /metrics`` (one database query and one state read, whatever the fleet's
+size), so every worker reports the same values for them.
+
+Labels are bounded: ``model`` is a registered name (``""`` for a call that named none that
+exists), and a name that is no longer registered loses its series at the next scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from . import fleet_snapshot, inference, observers
+from .auth import ADMIN_ROLES, aauthenticate
+from .errors import unavailable
+from .http import json_view
+from .inference import Outcome
+from .observers import StreamEvent, WakeEvent
+
+log = logging.getLogger("mcpd.metrics")
+
+# This worker's own series (the process collectors: CPU, memory, file descriptors, GC).
+WORKER = CollectorRegistry()
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    WORKER.register(_collector)
+
+# Seconds. Relayed calls run from milliseconds (a cached answer) to minutes (a long
+# generation, a cold wake); the broker's own share is a millisecond or two.
+CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+WAKE_BUCKETS = (0.5, 1, 5, 10, 30, 60, 120, 300, 600)
+
+REQUESTS = Counter(
+    "mcpd_requests",
+    "Client calls relayed by this worker, by model, endpoint and HTTP status (499: the client "
+    "left first; a stream that failed after its 200 counts with its error's status).",
+    ["model", "endpoint", "code"],
+    registry=WORKER,
+)
+DURATION = Histogram(
+    "mcpd_request_duration_seconds",
+    "Client calls from arrival to their last byte.",
+    ["model", "endpoint"],
+    buckets=CALL_BUCKETS,
+    registry=WORKER,
+)
+TTFT = Histogram(
+    "mcpd_time_to_first_token_seconds",
+    "Successful calls from arrival to the answer's first data (a whole answer: its end).",
+    ["model"],
+    buckets=CALL_BUCKETS,
+    registry=WORKER,
+)
+OVERHEAD = Histogram(
+    "mcpd_broker_overhead_seconds",
+    "The broker's own time in a call (Server-Timing mcpd: total less the waits for a wake, "
+    "the queue and the publisher).",
+    ["endpoint"],
+    buckets=OVERHEAD_BUCKETS,
+    registry=WORKER,
+)
+QUEUE_WAIT = Histogram(
+    "mcpd_queue_wait_seconds",
+    "Calls that waited in their model's queue for a free slot: how long.",
+    ["model"],
+    buckets=QUEUE_BUCKETS,
+    registry=WORKER,
+)
+WAKES = Counter(
+    "mcpd_wakes",
+    "Wakes this worker led (one per wake across workers), by outcome: ok, failed, timeout.",
+    ["model", "outcome"],
+    registry=WORKER,
+)
+WAKE_DURATION = Histogram(
+    "mcpd_wake_duration_seconds",
+    "Wakes this worker led, from the wake task sent to its outcome.",
+    ["model"],
+    buckets=WAKE_BUCKETS,
+    registry=WORKER,
+)
+CANCELLATIONS = Counter(
+    "mcpd_cancellations",
+    "Tasks the publisher was told to cancel, by reason: client_left, timeout, error.",
+    ["model", "reason"],
+    registry=WORKER,
+)
+FAILOVERS = Counter(
+    "mcpd_failovers",
+    "Tasks sent again to another backend after their stream went away.",
+    ["model"],
+    registry=WORKER,
+)
+TOKENS = Counter(
+    "mcpd_tokens",
+    "Tokens the answers' usage reports, by kind: prompt, completion.",
+    ["model", "kind"],
+    registry=WORKER,
+)
+CONTROL_STREAMS = Gauge(
+    "mcpd_control_streams",
+    "Publishers' control streams this worker holds, by transport: sse, ws.",
+    ["transport"],
+    registry=WORKER,
+)
+for _transport in ("sse", "ws"):
+    CONTROL_STREAMS.labels(_transport)
+
+# The series with a model label, with their label names: pruned of names that are gone at
+# each scrape.
+BY_MODEL: tuple[tuple[Counter | Histogram, tuple[str, ...]], ...] = (
+    (REQUESTS, ("model", "endpoint", "code")),
+    (DURATION, ("model", "endpoint")),
+    (TTFT, ("model",)),
+    (QUEUE_WAIT, ("model",)),
+    (WAKES, ("model", "outcome")),
+    (WAKE_DURATION, ("model",)),
+    (CANCELLATIONS, ("model", "reason")),
+    (FAILOVERS, ("model",)),
+    (TOKENS, ("model", "kind")),
+)
+
+
+def _cancel_reason(out: Outcome) -> str:
+    if out.client_left:
+        return "client_left"
+    return "timeout" if out.code == "timeout" else "error"
+
+
+def record(out: Outcome) -> None:
+    """An inference observer: one call's series (no I/O)."""
+    model, endpoint = out.model or "", out.endpoint
+    REQUESTS.labels(model, endpoint, str(out.late_status or out.status)).inc()
+    DURATION.labels(model, endpoint).observe(out.total_s)
+    if out.overhead_s is not None:
+        OVERHEAD.labels(endpoint).observe(out.overhead_s)
+    if not model:
+        return
+    if out.first_token_s is not None and out.code is None and 200 <= out.status < 300:
+        TTFT.labels(model).observe(out.first_token_s)
+    if out.queue_s > 0:
+        QUEUE_WAIT.labels(model).observe(out.queue_s)
+    if out.abandoned:
+        CANCELLATIONS.labels(model, _cancel_reason(out)).inc()
+    if out.failovers:
+        FAILOVERS.labels(model).inc(out.failovers)
+    if out.prompt_tokens:
+        TOKENS.labels(model, "prompt").inc(out.prompt_tokens)
+    if out.completion_tokens:
+        TOKENS.labels(model, "completion").inc(out.completion_tokens)
+
+
+def record_stream(event: StreamEvent) -> None:
+    CONTROL_STREAMS.labels(event.transport).inc(1 if event.opened else -1)
+
+
+def record_wake(event: WakeEvent) -> None:
+    WAKES.labels(event.model, event.outcome).inc()
+    WAKE_DURATION.labels(event.model).observe(event.seconds)
+
+
+def install() -> None:
+    """Register the observers (apps.py, once per process)."""
+    if record not in inference.observers:
+        inference.observers.append(record)
+        observers.stream_observers.append(record_stream)
+        observers.wake_observers.append(record_wake)
+
+
+# --- the scrape ---------------------------------------------------------------------------
+
+
+def prune(names: frozenset[str]) -> None:
+    """Drop the series of model names no longer registered (the labels stay bounded)."""
+    for metric, labelnames in BY_MODEL:
+        stale: set[tuple[str, ...]] = set()
+        for family in metric.collect():
+            for sample in family.samples:
+                model = sample.labels.get("model", "")
+                if model and model not in names:
+                    stale.add(tuple(sample.labels[label] for label in labelnames))
+        for labels in stale:
+            metric.remove(*labels)
+
+
+def broker_families(snapshot: fleet_snapshot.Snapshot | None) -> Iterator[Metric]:
+    """The broker-wide gauges of one snapshot; ``mcpd_fleet_read_ok`` 0 when none could be
+    read (the shared state or the database is away)."""
+    ok = GaugeMetricFamily(
+        "mcpd_fleet_read_ok", "1 when this scrape read the fleet's gauges from the shared state."
+    )
+    ok.add_metric([], 0 if snapshot is None else 1)
+    yield ok
+    if snapshot is None:
+        return
+    backends = GaugeMetricFamily(
+        "mcpd_backends",
+        "Backends of each virtual model by status: active, hibernating, draining, disconnected "
+        "(live in the registry, no stream held), inactive. Broker-wide.",
+        labels=["model", "status"],
+    )
+    inflight = GaugeMetricFamily(
+        "mcpd_inflight_requests",
+        "Tasks dispatched to each model's backends and not ended, on all workers.",
+        labels=["model"],
+    )
+    depth = GaugeMetricFamily(
+        "mcpd_queue_depth",
+        "Calls waiting for a free slot of each model, on all workers.",
+        labels=["model"],
+    )
+    slots = GaugeMetricFamily(
+        "mcpd_slots",
+        "Slots of each model's backends that take tasks now (+Inf: one has no limit).",
+        labels=["model"],
+    )
+    for llm in snapshot.llms:
+        counts = dict.fromkeys(fleet_snapshot.BACKEND_STATES, 0)
+        for backend in llm.backends:
+            counts[backend.state] += 1
+        for status, n in counts.items():
+            backends.add_metric([llm.name, status], n)
+        inflight.add_metric([llm.name], llm.in_flight)
+        depth.add_metric([llm.name], llm.queue_depth)
+        total = llm.slots
+        slots.add_metric([llm.name], math.inf if math.isinf(total) else total)
+    yield from (backends, inflight, depth, slots)
+
+
+class _Scrape(Collector):
+    """What one scrape exposes: this worker's series, then the broker's gauges."""
+
+    def __init__(self, snapshot: fleet_snapshot.Snapshot | None) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        yield from WORKER.collect()
+        yield from broker_families(self.snapshot)
+
+
+def scrape(accept: str | None) -> tuple[bytes, str]:
+    """The exposition (text format, or OpenMetrics when ``accept`` asks) and its type."""
+    snapshot: fleet_snapshot.Snapshot | None = None
+    try:
+        snapshot = fleet_snapshot.read()
+    except Exception as exc:
+        if unavailable(exc) is None:
+            raise
+        log.warning("metrics: the fleet could not be read: %s", exc)
+    if snapshot is not None:
+        prune(snapshot.names)
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(_Scrape(snapshot)), content_type
+
+
+@json_view("GET")
+async def metrics_view(request: HttpRequest) -> HttpResponseBase:
+    """``GET /metrics``: for an admin token, or anyone with MCPD_METRICS_PUBLIC."""
+    if not settings.MCPD_METRICS_PUBLIC:
+        await aauthenticate(request.headers.get("Authorization"), ADMIN_ROLES)
+    body, content_type = await sync_to_async(scrape)(request.headers.get("Accept"))
+    return HttpResponse(body, content_type=content_type)
