@@ -6,6 +6,7 @@ a body or a secret. The second run of the suite does the same on Redis."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pythonjsonlogger.json import JsonFormatter
 
 from tests.conftest import Tokens
-from virtual_llms import answers, binding, metrics, tokencounts
+from virtual_llms import answers, binding, metrics, rowcache, tokencounts
 from virtual_llms import hub as hub_mod
 from virtual_llms.inference import Outcome
 from virtual_llms.models import Llm
@@ -255,6 +256,66 @@ async def test_a_wake_is_counted_once_with_its_duration(
     assert any(
         line.startswith("event=wake model=m1 session=sess outcome=ok code=- ms=") for line in lines
     ), lines
+
+
+async def test_a_queued_call_records_its_wait_and_the_queue_depth(
+    tokens: Tokens, stream: hub_mod.ControlStream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One slot (the one-backend rows of this schema have no limit: the test gives its
+    backend one): the second call waits in the queue until the first ends."""
+    backends = rowcache._backends
+    monkeypatch.setattr(
+        rowcache,
+        "_backends",
+        lambda row: tuple(dataclasses.replace(b, slots=1) for b in backends(row)),
+    )
+    rowcache.reset()
+    before = await series(tokens)
+    first = asyncio.create_task(call(tokens, REQUEST))
+    frame = await task_frame(stream)
+    second = asyncio.create_task(call(tokens, REQUEST))
+    for _ in range(100):
+        found = await series(tokens)
+        if value(found, "mcpd_queue_depth", model="m1") == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert value(found, "mcpd_queue_depth", model="m1") == 1
+    assert value(found, "mcpd_inflight_requests", model="m1") == 1
+    await asyncio.sleep(0.1)  # a wait long enough to see
+    await answers.post_result(
+        token_id=tokens.publisher.pk, task_id=frame["taskId"], status=200, body=answer()
+    )
+    queued = await task_frame(stream)
+    await answers.post_result(
+        token_id=tokens.publisher.pk, task_id=queued["taskId"], status=200, body=answer()
+    )
+    assert [r.status_code for r in await asyncio.gather(first, second)] == [200, 200]
+    after = await series(tokens)
+    assert (
+        value(after, "mcpd_queue_wait_seconds_count", model="m1")
+        - value(before, "mcpd_queue_wait_seconds_count", model="m1")
+        == 1
+    )
+    assert (
+        value(after, "mcpd_queue_wait_seconds_sum", model="m1")
+        - value(before, "mcpd_queue_wait_seconds_sum", model="m1")
+        >= 0.1
+    )
+    assert value(after, "mcpd_queue_depth", model="m1") == 0
+
+
+async def test_failovers_are_counted_per_model(tokens: Tokens, virtual_llm: None) -> None:
+    """No row of this schema fails over (that takes a pool): the Outcome of one that did."""
+    before = await series(tokens)
+    metrics.record(
+        Outcome(endpoint=CHAT, started=0.0, model="m1", status=200, failovers=2, total_s=0.1)
+    )
+    after = await series(tokens)
+    assert (
+        value(after, "mcpd_failovers_total", model="m1")
+        - value(before, "mcpd_failovers_total", model="m1")
+        == 2
+    )
 
 
 # --- broker-wide gauges ---------------------------------------------------------------------
