@@ -406,7 +406,8 @@ async def test_the_json_format_puts_the_fields_in_the_object(
     tokens: Tokens, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="mcpd.request")
-    assert (await call(tokens, {**REQUEST, "model": "nope"})).status_code == 404
+    with override_settings(MCPD_LOG_FORMAT="json"):
+        assert (await call(tokens, {**REQUEST, "model": "nope"})).status_code == 404
     (record,) = [r for r in caplog.records if r.name == "mcpd.request"]
     formatters = cast(dict[str, dict[str, Any]], settings.LOGGING["formatters"])
     config = {k: v for k, v in formatters["json"].items() if k != "()"}

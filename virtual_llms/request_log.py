@@ -1,7 +1,7 @@
 """One log line per relayed client call (logger ``mcpd.request``, INFO), one per control stream
 opened or closed on this worker (``mcpd.stream``) and one per wake it led (``mcpd.wake``):
-``key=value`` pairs, grep-able, whose fields are also the record's attributes, so with
-``MCPD_LOG_FORMAT=json`` each is a key of the line's JSON object (settings.LOGGING).
+``key=value`` pairs, grep-able; with ``MCPD_LOG_FORMAT=json`` the fields are also the
+record's attributes, so each is a key of the line's JSON object (settings.LOGGING).
 
 Never a body, a prompt or a secret: the client token appears by its label, the task by its
 id. The worker is named by the port ``manage.py serve`` listens on (else ``pid<pid>``).
@@ -13,6 +13,8 @@ import json
 import logging
 import os
 from typing import Any
+
+from django.conf import settings
 
 from . import inference, observers
 from .inference import Outcome
@@ -51,29 +53,43 @@ def _emit(logger: logging.Logger, fields: dict[str, Any]) -> None:
 
 
 def log_call(out: Outcome) -> None:
-    """An inference observer: the call's line."""
+    """An inference observer: the call's line. Written out field by field (the hot path:
+    about 10 us with the logging call): names, codes and task ids never need quoting."""
     if not requests_log.isEnabledFor(logging.INFO):
+        return
+    ttfb = "-" if out.first_byte_s is None else f"{out.first_byte_s * 1000:.1f}"
+    line = (
+        f"model={out.model or '-'} endpoint={out.endpoint} status={out.status} "
+        f"code={out.code or '-'} stream={int(out.streaming)} ms={out.total_s * 1000:.1f} "
+        f"ttfb_ms={ttfb} queue_ms={out.queue_s * 1000:.1f} wake_ms={out.wake_s * 1000:.1f} "
+        f"token={_value(out.client_label)} task={out.task_id or '-'} worker={_worker}"
+    )
+    if out.failovers:
+        line += f" failovers={out.failovers}"
+    if out.prompt_tokens is not None or out.completion_tokens is not None:
+        line += f" prompt_tokens={_value(out.prompt_tokens)}"
+        line += f" completion_tokens={_value(out.completion_tokens)}"
+    if settings.MCPD_LOG_FORMAT != "json":
+        requests_log.info(line)
         return
     fields: dict[str, Any] = {
         "model": out.model,
         "endpoint": out.endpoint,
         "status": out.status,
         "code": out.code,
-        "stream": int(out.streaming),
+        "stream": out.streaming,
         "ms": _ms(out.total_s),
         "ttfb_ms": _ms(out.first_byte_s),
         "queue_ms": _ms(out.queue_s),
         "wake_ms": _ms(out.wake_s),
-        "token": out.client_label,
+        "token": out.client_label or None,
         "task": out.task_id,
         "worker": _worker,
+        "failovers": out.failovers,
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
     }
-    if out.failovers:
-        fields["failovers"] = out.failovers
-    if out.prompt_tokens is not None or out.completion_tokens is not None:
-        fields["prompt_tokens"] = out.prompt_tokens
-        fields["completion_tokens"] = out.completion_tokens
-    _emit(requests_log, fields)
+    requests_log.info(line, extra=fields)
 
 
 def log_stream(event: StreamEvent) -> None:
