@@ -64,24 +64,25 @@ class Snapshot:
     llms: tuple[LlmView, ...]  # the virtual rows
 
 
-def _backends(row: Llm) -> list[tuple[str, str, int | None, bool]]:
-    """(session, status, slots, drained) of each backend of a virtual row (a row of the
-    one-backend schema is its own backend, with no slot limit)."""
-    manager = getattr(row, "backends", None)
-    if manager is None:
-        return [(row.provider_session_id or "", row.status, None, False)]
-    return [(b.session_id, b.status, b.max_concurrency, b.draining) for b in manager.all()]
-
-
 def read() -> Snapshot:
-    """The snapshot (sync: the ORM, and the state's sync client)."""
-    rows = list(Llm.objects.only("id", "name", "kind", "status", "provider_session_id"))
-    virtual = [(row, _backends(row)) for row in rows if row.kind == LlmKind.VIRTUAL]
+    """The snapshot (sync: the ORM, and the state's sync client). Rows are read as tuples:
+    model instances cost more than the state's read with hundreds of rows. A row of this
+    schema is its own one backend, with no slot limit; with backend rows (a pool), they are
+    read here too, in one more query."""
+    rows = list(Llm.objects.values_list("id", "name", "kind", "status", "provider_session_id"))
+    Backend = tuple[str, str, int | None, bool]  # session, status, slots, drained
+    virtual: list[tuple[uuid.UUID, str, list[Backend]]] = [
+        (llm_id, name, [(sid or "", status, None, False)])
+        for llm_id, name, kind, status, sid in rows
+        if kind == LlmKind.VIRTUAL
+    ]
+    backends_of = [b for _, _, b in virtual]
     states = fleet_sync(
-        get_state(), [(str(row.id), [b[0] for b in backends]) for row, backends in virtual]
+        get_state(),
+        [(str(llm_id), [b[0] for b in backends]) for llm_id, _, backends in virtual],
     )
     llms = []
-    for (row, backends), state in zip(virtual, states, strict=True):
+    for (llm_id, name, _), backends, state in zip(virtual, backends_of, states, strict=True):
         views = tuple(
             BackendView(
                 session_id=sid,
@@ -95,5 +96,5 @@ def read() -> Snapshot:
                 backends, state.backends, strict=True
             )
         )
-        llms.append(LlmView(row.id, row.name, views, state.queue_depth))
-    return Snapshot(frozenset(row.name for row in rows), tuple(llms))
+        llms.append(LlmView(llm_id, name, views, state.queue_depth))
+    return Snapshot(frozenset(name for _, name, _, _, _ in rows), tuple(llms))
