@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -472,3 +473,23 @@ def test_cancel_reasons_are_bounded() -> None:
     assert metrics._cancel_reason(out) == "timeout"
     out = Outcome(endpoint=CHAT, started=0.0, code="publisher_protocol_error")
     assert metrics._cancel_reason(out) == "error"
+
+
+async def test_the_grafana_dashboard_uses_only_series_the_broker_exposes(tokens: Tokens) -> None:
+    dashboard = (settings.BASE_DIR / "docs" / "grafana-mcpd.json").read_text()
+    exprs = [
+        target["expr"]
+        for panel in json.loads(dashboard)["panels"]
+        for target in panel.get("targets", [])
+    ]
+    used = {name for expr in exprs for name in re.findall(r"\b(?:mcpd|process)_\w+", expr)}
+    response = await scrape(tokens.admin_plain)
+    typed = dict(
+        line.split(" ")[2:4]
+        for line in response.content.decode().splitlines()
+        if line.startswith("# TYPE ")
+    )
+    for name in used:
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in typed or typed.get(base) == "histogram", name
+    assert len(used) >= 15
