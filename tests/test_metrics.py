@@ -10,7 +10,9 @@ import dataclasses
 import json
 import logging
 import re
+import threading
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 
 import pytest
@@ -21,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pythonjsonlogger.json import JsonFormatter
 
 from tests.conftest import Tokens
-from virtual_llms import answers, binding, metrics, rowcache, tokencounts
+from virtual_llms import answers, binding, metrics, rowcache, services, tokencounts
 from virtual_llms import hub as hub_mod
 from virtual_llms.inference import Outcome
 from virtual_llms.models import Llm
@@ -493,3 +495,47 @@ async def test_the_grafana_dashboard_uses_only_series_the_broker_exposes(tokens:
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         assert name in typed or typed.get(base) == "histogram", name
     assert len(used) >= 15
+
+
+class UsageUpstream(BaseHTTPRequestHandler):
+    """An OpenAI-compatible upstream of a public row that reports usage."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        data = json.dumps(answer(21, 8)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+async def test_a_public_rows_answer_is_counted_too(tokens: Tokens, async_orm: None) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), UsageUpstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        await sync_to_async(services.llm_create_public)(
+            name="pub-usage",
+            type="openai",
+            model="gpt-x",
+            url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+            api_key="sk-upstream-secret",
+        )
+        before = await series(tokens)
+        response = await call(tokens, {**REQUEST, "model": "pub-usage"})
+        assert response.status_code == 200
+        after = await series(tokens)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("mcpd_requests_total", model="pub-usage", endpoint=CHAT, code="200") == 1
+    assert moved("mcpd_time_to_first_token_seconds_count", model="pub-usage") == 1
+    assert moved("mcpd_tokens_total", model="pub-usage", kind="prompt") == 21
+    assert moved("mcpd_tokens_total", model="pub-usage", kind="completion") == 8

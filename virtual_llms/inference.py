@@ -581,4 +581,5 @@ async def _public(call: _Call, row: Llm) -> AsyncGenerator[Head | bytes, None]:
         async for chunk in body:
             if out.first_token_s is None:
                 out.first_token_s = call.since_start()
+            tokencounts.note_body(out, chunk)  # a usage object split by a chunk is missed
             yield chunk
