@@ -1,12 +1,15 @@
 """``make bench-metrics``: how long a scrape of ``GET /metrics`` takes with many backends (issue
 23's goal: under 50 ms with 500). Starts the broker (3 workers on PostgreSQL + Redis when
-those answer, else 1 embedded process), registers BACKENDS virtual LLMs, each its own
-session holding an SSE control stream, then times scrapes of one worker from a client: with
+those answer, else 1 embedded process), registers BACKENDS backends, each session holding an
+SSE control stream, then times scrapes of one worker from a client: with
 the broker's gauges only, then after one call to each name on that worker (so every name
 also has its per-worker series there). The worker's Server-Timing splits its part into the
 fleet's read (one query, one Lua script) and the rendering.
 
-    python -m bench.metrics_scrape [--backends 500] [--scrapes 50]
+    python -m bench.metrics_scrape [--backends 500] [--scrapes 50] [--pool 10]
+
+``--pool N`` serves BACKENDS / N names, each a pool of N boxes (N sessions of one owner,
+each registering every name); without it each backend is a name of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,26 +33,37 @@ from .measure import median, pct
 CONNECT_BATCH = 50
 
 
-async def run(backends: int, scrapes: int) -> None:
+async def run(backends: int, scrapes: int, pool: int) -> None:
     services, why = services_up()
     broker = Broker(3 if services else 1, services=services, env={"MCPD_LOG_LEVEL": "WARNING"})
     print(f"broker: {broker.n} worker(s), {'PostgreSQL + Redis' if services else why}")
     broker.start()
     publishers: list[ContractPublisher] = []
     try:
-        token = broker.token("publisher")
-        names = [f"scrape-{i:04d}-{uuid.uuid4().hex[:4]}" for i in range(backends)]
-        for start in range(0, backends, CONNECT_BATCH):
+        names = [f"scrape-{i:04d}-{uuid.uuid4().hex[:4]}" for i in range(backends // pool)]
+        # Each session serves one name (pool 1), or every name as one box of its pools.
+        if pool == 1:
+            token = broker.token("publisher")
+            sessions = [(token, [name]) for name in names]
+            provider: dict[str, Any] = {"type": "openai", "model": "m"}
+        else:
+            owner = f"bench-{uuid.uuid4().hex[:6]}"
+            tokens = [
+                broker.manage("createtoken", "publisher", f"box-{i}", "--owner", owner)
+                .stdout.strip()
+                .splitlines()[-1]
+                for i in range(pool)
+            ]
+            sessions = [(token, names) for token in tokens]
+            provider = {"type": "openai", "model": "m", "pool": True, "maxConcurrency": 4}
+        for start in range(0, len(sessions), CONNECT_BATCH):
             batch = []
-            for i, name in enumerate(names[start : start + CONNECT_BATCH], start):
+            for i, (token, served) in enumerate(sessions[start : start + CONNECT_BATCH], start):
                 pub = ContractPublisher(broker.url(i), token)
                 publishers.append(pub)
-                batch.append((pub, name))
+                batch.append((pub, served))
             registered = await asyncio.gather(
-                *(
-                    pub.register([{"name": name, "type": "openai", "model": "m"}])
-                    for pub, name in batch
-                )
+                *(pub.register([{**provider, "name": n} for n in served]) for pub, served in batch)
             )
             assert all(r.status_code == 200 for r in registered), registered[0].text
             await asyncio.gather(*(pub.connect() for pub, _ in batch))
@@ -63,7 +78,8 @@ async def run(backends: int, scrapes: int) -> None:
         async with httpx.AsyncClient(timeout=30) as http:
             url = f"{broker.url(0)}/metrics"
             headers = {"Authorization": f"Bearer {admin}"}
-            await timed(http, url, headers, backends, scrapes, "registered, no call yet")
+            shape = f"{len(names)} names x {pool}"
+            await timed(http, url, headers, backends, scrapes, f"{shape}, no call yet")
             sem = asyncio.Semaphore(32)
 
             async def call(i: int, name: str) -> None:
@@ -77,7 +93,7 @@ async def run(backends: int, scrapes: int) -> None:
 
             # Every name called once on worker 0: each has its per-worker series there.
             await asyncio.gather(*(call(0, name) for name in names))
-            await timed(http, url, headers, backends, scrapes, "after one call to each")
+            await timed(http, url, headers, backends, scrapes, f"{shape}, one call to each")
     finally:
         await asyncio.gather(*(pub.aclose() for pub in publishers), return_exceptions=True)
         broker.stop()
@@ -128,9 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.metrics_scrape", description=__doc__)
     parser.add_argument("--backends", type=int, default=500)
     parser.add_argument("--scrapes", type=int, default=50)
+    parser.add_argument(
+        "--pool", type=int, default=1, help="backends per name (1: a name per backend)"
+    )
     args = parser.parse_args()
+    if args.pool < 1 or args.backends % args.pool:
+        parser.error("--pool must divide --backends")
     local_calls_skip_proxies()
-    asyncio.run(run(args.backends, args.scrapes))
+    asyncio.run(run(args.backends, args.scrapes, args.pool))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ a body or a secret. The second run of the suite does the same on Redis."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import re
@@ -26,7 +25,7 @@ from tests.conftest import Tokens
 from virtual_llms import answers, binding, metrics, rowcache, services, tokencounts
 from virtual_llms import hub as hub_mod
 from virtual_llms.inference import Outcome
-from virtual_llms.models import Llm
+from virtual_llms.models import Backend, Llm
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -262,17 +261,11 @@ async def test_a_wake_is_counted_once_with_its_duration(
 
 
 async def test_a_queued_call_records_its_wait_and_the_queue_depth(
-    tokens: Tokens, stream: hub_mod.ControlStream, monkeypatch: pytest.MonkeyPatch
+    tokens: Tokens, stream: hub_mod.ControlStream
 ) -> None:
-    """One slot (the one-backend rows of this schema have no limit: the test gives its
-    backend one): the second call waits in the queue until the first ends."""
-    backends = rowcache._backends
-    monkeypatch.setattr(
-        rowcache,
-        "_backends",
-        lambda row: tuple(dataclasses.replace(b, slots=1) for b in backends(row)),
-    )
-    rowcache.reset()
+    """A backend with one slot: the second call waits in the queue until the first ends."""
+    await sync_to_async(Backend.objects.filter(llm__name="m1").update)(max_concurrency=1)
+    rowcache.reset()  # an update() sends no signal: this process reads the row again
     before = await series(tokens)
     first = asyncio.create_task(call(tokens, REQUEST))
     frame = await task_frame(stream)
@@ -284,6 +277,7 @@ async def test_a_queued_call_records_its_wait_and_the_queue_depth(
         await asyncio.sleep(0.02)
     assert value(found, "mcpd_queue_depth", model="m1") == 1
     assert value(found, "mcpd_inflight_requests", model="m1") == 1
+    assert value(found, "mcpd_slots", model="m1") == 1
     await asyncio.sleep(0.1)  # a wait long enough to see
     await answers.post_result(
         token_id=tokens.publisher.pk, task_id=frame["taskId"], status=200, body=answer()
@@ -308,7 +302,7 @@ async def test_a_queued_call_records_its_wait_and_the_queue_depth(
 
 
 async def test_failovers_are_counted_per_model(tokens: Tokens, virtual_llm: None) -> None:
-    """No row of this schema fails over (that takes a pool): the Outcome of one that did."""
+    """The Outcome of a call that failed over twice (a real one: test_multiproc_metrics)."""
     before = await series(tokens)
     metrics.record(
         Outcome(endpoint=CHAT, started=0.0, model="m1", status=200, failovers=2, total_s=0.1)

@@ -1,7 +1,8 @@
 """/metrics and the request log on three daphne processes on PostgreSQL + Redis, driven by the
 `openai` SDK and a publisher written from the contract: every worker's counters and
-histograms move with the calls it served (streamed and not, a wake, a client that left),
-and the broker-wide gauges read the same on every worker (issue 23)."""
+histograms move with the calls it served (streamed and not, a wake, a client that left, a
+queue wait and a failover in a pool), and the broker-wide gauges read the same on every
+worker (issue 23)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.cluster import Broker
 from tests.conftest import require_services
 from tests.contract_publisher import ContractPublisher, Frame, chat_answer, chat_chunk
+from tests.test_multiproc_fleet import pool, until
 
 pytestmark = pytest.mark.multiproc
 
@@ -324,3 +326,66 @@ async def test_metrics_refuses_a_client_token_in_the_api_shape(broker: Broker) -
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "forbidden"
         assert (await http.get(f"{broker.url(0)}/metrics")).status_code == 401
+
+
+@pytest.fixture(scope="module")
+def owner_tokens(broker: Broker) -> list[str]:
+    """Publisher tokens of one owner, one per box of a pool."""
+    owner = f"team-{uuid.uuid4().hex[:6]}"
+    return [
+        broker.manage("createtoken", "publisher", f"box-{i}", "--owner", owner)
+        .stdout.strip()
+        .splitlines()[-1]
+        for i in range(2)
+    ]
+
+
+async def test_a_pools_queue_wait_and_failover_are_counted(
+    broker: Broker, owner_tokens: list[str]
+) -> None:
+    """Two boxes of one slot each (streams on workers 0 and 1) hold their tasks: a third call
+    from worker 2 waits in the queue, which every worker reports; then a box that goes away
+    with its task makes the call fail over to the other."""
+    async with pool(broker, owner_tokens, [1, 1]) as (name, boxes):
+        before = await scrape(broker, 2)
+        calls = [asyncio.create_task(ask(broker, 2, name)) for _ in range(3)]
+        await until(lambda: sum(b.running for b in boxes) == 2)
+        deadline = time.monotonic() + 10
+        while True:
+            views = await scrape_all(broker)
+            if all(value(v, "mcpd_queue_depth", model=name) == 1 for v in views):
+                break
+            assert time.monotonic() < deadline, "the third call never queued"
+            await asyncio.sleep(0.1)
+        for found in views:
+            assert value(found, "mcpd_backends", model=name, status="active") == 2
+            assert value(found, "mcpd_inflight_requests", model=name) == 2
+            assert value(found, "mcpd_slots", model=name) == 2
+        await asyncio.sleep(0.2)  # a queue wait long enough to see
+        for box in boxes:
+            box.release.set()
+        await asyncio.wait_for(asyncio.gather(*calls), 15)
+        # A box that takes the task and goes away before answering: the task fails over.
+        for box in boxes:
+            box.release = asyncio.Event()
+        call = asyncio.create_task(ask(broker, 2, name))
+        await until(lambda: sum(b.running for b in boxes) == 1)
+        victim = next(b for b in boxes if b.running)
+        other = next(b for b in boxes if b is not victim)
+        victim.answer = False
+        other.release.set()
+        await victim.pub.disconnect()
+        assert await asyncio.wait_for(call, 15) == other.pub.session_id
+        after = await scrape(broker, 2)
+
+        def moved(metric: str, **labels: str) -> float:
+            return value(after, metric, **labels) - value(before, metric, **labels)
+
+        assert moved("mcpd_requests_total", model=name, endpoint=CHAT, code="200") == 4
+        assert moved("mcpd_queue_wait_seconds_count", model=name) == 1
+        assert moved("mcpd_queue_wait_seconds_sum", model=name) >= 0.2
+        assert moved("mcpd_failovers_total", model=name) == 1
+        for found in await scrape_all(broker):
+            assert value(found, "mcpd_queue_depth", model=name) == 0
+            assert value(found, "mcpd_inflight_requests", model=name) == 0
+            assert value(found, "mcpd_backends", model=name, status="active") == 1

@@ -8,6 +8,7 @@ import math
 import uuid
 from dataclasses import dataclass
 
+from . import models
 from .models import Llm, LlmKind, LlmStatus
 from .state import get_state
 from .state.snapshot import HELD_DRAINING, HELD_NONE, fleet_sync
@@ -65,24 +66,34 @@ class Snapshot:
 
 
 def read() -> Snapshot:
-    """The snapshot (sync: the ORM, and the state's sync client). Rows are read as tuples:
-    model instances cost more than the state's read with hundreds of rows. A row of this
-    schema is its own one backend, with no slot limit; with backend rows (a pool), they are
-    read here too, in one more query."""
-    rows = list(Llm.objects.values_list("id", "name", "kind", "status", "provider_session_id"))
+    """The snapshot (sync: the ORM, and the state's sync client): the rows and the backends
+    in one query each, as tuples (model instances cost more than the state's read with
+    hundreds of rows). As the relay reads them (rowcache.py): a row that is not a pool is
+    its one backend's authority for its status, and a row without backend rows (written
+    behind the services' back) is the one backend it implies, with no slot limit."""
+    rows = list(
+        Llm.objects.values_list("id", "name", "kind", "status", "provider_session_id", "pool")
+    )
     Backend = tuple[str, str, int | None, bool]  # session, status, slots, drained
-    virtual: list[tuple[uuid.UUID, str, list[Backend]]] = [
-        (llm_id, name, [(sid or "", status, None, False)])
-        for llm_id, name, kind, status, sid in rows
-        if kind == LlmKind.VIRTUAL
-    ]
-    backends_of = [b for _, _, b in virtual]
+    by_llm: dict[uuid.UUID, list[Backend]] = {}
+    for llm_id, sid, slots, status, drained in models.Backend.objects.values_list(
+        "llm_id", "session_id", "max_concurrency", "status", "draining"
+    ):
+        by_llm.setdefault(llm_id, []).append((sid, status, slots, drained))
+    virtual: list[tuple[uuid.UUID, str, list[Backend]]] = []
+    for llm_id, name, kind, status, row_sid, pool in rows:
+        if kind != LlmKind.VIRTUAL:
+            continue
+        backends = by_llm.get(llm_id) or [(row_sid or "", status, None, False)]
+        if not pool:
+            backends = [(b_sid, status, slots, drained) for b_sid, _, slots, drained in backends]
+        virtual.append((llm_id, name, backends))
     states = fleet_sync(
         get_state(),
         [(str(llm_id), [b[0] for b in backends]) for llm_id, _, backends in virtual],
     )
     llms = []
-    for (llm_id, name, _), backends, state in zip(virtual, backends_of, states, strict=True):
+    for (llm_id, name, backends), state in zip(virtual, states, strict=True):
         views = tuple(
             BackendView(
                 session_id=sid,
@@ -97,4 +108,4 @@ def read() -> Snapshot:
             )
         )
         llms.append(LlmView(llm_id, name, views, state.queue_depth))
-    return Snapshot(frozenset(name for _, name, _, _, _ in rows), tuple(llms))
+    return Snapshot(frozenset(row[1] for row in rows), tuple(llms))
