@@ -56,9 +56,11 @@ async def run(backends: int, scrapes: int, pool: int) -> None:
             ]
             sessions = [(token, names) for token in tokens]
             provider = {"type": "openai", "model": "m", "pool": True, "maxConcurrency": 4}
-        for start in range(0, len(sessions), CONNECT_BATCH):
+        # A pool's boxes join one after another (concurrent joins of one name conflict: 409).
+        step = CONNECT_BATCH if pool == 1 else 1
+        for start in range(0, len(sessions), step):
             batch = []
-            for i, (token, served) in enumerate(sessions[start : start + CONNECT_BATCH], start):
+            for i, (token, served) in enumerate(sessions[start : start + step], start):
                 pub = ContractPublisher(broker.url(i), token)
                 publishers.append(pub)
                 batch.append((pub, served))
