@@ -1,6 +1,6 @@
-"""Every LLM with its backends as the whole broker sees them now, read at once: one database
-query and one read of the shared state (state/snapshot.py), however many rows — for the
-/metrics gauges (metrics.py), the same from any worker."""
+"""Every LLM with its backends as the whole broker sees them now, read at once: two database
+queries (rows, backends) and one read of the shared state (state/snapshot.py), however many
+rows — for the /metrics gauges (metrics.py), the same from any worker."""
 
 from __future__ import annotations
 

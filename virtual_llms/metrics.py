@@ -1,7 +1,7 @@
 """Prometheus metrics (PROTOCOL.md "Health and metrics"): this worker's counters and histograms,
 recorded from each client call's Outcome and from the stream and wake events
 (observers.py) with no I/O, and the broker-wide gauges, read from the shared state at each
-scrape of ``GET /metrics`` (one database query and one state read, whatever the fleet's
+scrape of ``GET /metrics`` (two database queries and one state read, whatever the fleet's
 size), so every worker reports the same values for them.
 
 Labels are bounded: ``model`` is a registered name (``""`` for a call that named none that
