@@ -15,7 +15,7 @@ export MCPD_TEST_PG_URL MCPD_TEST_REDIS_URL
 help:
 	@echo "make run    - install, migrate, print dev tokens, serve on http://$(HOST):$(PORT)"
 	@echo "make test   - lint, types, migrations check and the whole test suite"
-	@echo "make bench  - benchmarks (not part of make test); make bench-quick, make soak"
+	@echo "make bench  - benchmarks (not part of make test); make bench-quick, make soak, make bench-metrics"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
