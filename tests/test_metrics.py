@@ -533,3 +533,20 @@ async def test_a_public_rows_answer_is_counted_too(tokens: Tokens, async_orm: No
     assert moved("mcpd_time_to_first_token_seconds_count", model="pub-usage") == 1
     assert moved("mcpd_tokens_total", model="pub-usage", kind="prompt") == 21
     assert moved("mcpd_tokens_total", model="pub-usage", kind="completion") == 8
+
+
+async def test_without_the_shared_state_the_workers_own_series_are_still_served(
+    tokens: Tokens, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis.exceptions
+
+    from virtual_llms import fleet_snapshot
+
+    def away() -> None:
+        raise redis.exceptions.ConnectionError("Redis is away")
+
+    monkeypatch.setattr(fleet_snapshot, "read", away)
+    found = await series(tokens)
+    assert value(found, "mcpd_fleet_read_ok") == 0
+    assert not any(name == "mcpd_backends" for name, _ in found)
+    assert any(name == "process_cpu_seconds_total" for name, _ in found)
