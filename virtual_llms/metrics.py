@@ -242,8 +242,8 @@ def broker_families(snapshot: fleet_snapshot.Snapshot | None) -> Iterator[Metric
         return
     backends = GaugeMetricFamily(
         "mcpd_backends",
-        "Backends of each virtual model by status: active, hibernating, draining, disconnected "
-        "(live in the registry, no stream held), inactive. Broker-wide.",
+        f"Backends of each virtual model by status: {', '.join(fleet_snapshot.BACKEND_STATES)} "
+        "(disconnected: live in the registry, no stream held). Broker-wide.",
         labels=["model", "status"],
     )
     inflight = GaugeMetricFamily(
