@@ -27,7 +27,7 @@ from virtual_llms import hub as hub_mod
 from virtual_llms.inference import Outcome
 from virtual_llms.models import Backend, Llm
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("async_orm")]
 
 CHAT = "/v1/chat/completions"
 

@@ -366,11 +366,13 @@ async def test_a_pools_queue_wait_and_failover_are_counted(
             box.release.set()
         await asyncio.wait_for(asyncio.gather(*calls), 15)
         # A box that takes the task and goes away before answering: the task fails over.
+        await until(lambda: sum(b.running for b in boxes) == 0)  # their last POSTs returned
         for box in boxes:
             box.release = asyncio.Event()
+        seen = [box.infers() for box in boxes]
         call = asyncio.create_task(ask(broker, 2, name))
-        await until(lambda: sum(b.running for b in boxes) == 1)
-        victim = next(b for b in boxes if b.running)
+        await until(lambda: sum(b.infers() for b in boxes) == sum(seen) + 1)
+        victim = next(b for b, n in zip(boxes, seen, strict=True) if b.infers() > n)
         other = next(b for b in boxes if b is not victim)
         victim.answer = False
         other.release.set()
