@@ -40,7 +40,16 @@ SETUPS = {
     "embedded": ("1 proc, SQLite + in-memory layer", False, 1),
     "services": ("3 procs, PostgreSQL + Redis", True, 3),
 }
-SCENARIOS = ("latency", "big", "streaming", "throughput", "capacity", "memory", "wake")
+SCENARIOS = (
+    "latency",
+    "limited",
+    "big",
+    "streaming",
+    "throughput",
+    "capacity",
+    "memory",
+    "wake",
+)
 BROKER_ENV = {"MCPD_LOG_LEVEL": "WARNING"}
 
 
@@ -174,7 +183,7 @@ async def run_combo(
             bench.sdk_checked.add((setup.key, line.name))
             check = await sdk_check(setup, llm)
             notes.append(f"openai SDK through {setup.key}/{transport}/{line.name}: {check}")
-        for name in ("latency", "big", "streaming", "throughput", "capacity"):
+        for name in ("latency", "limited", "big", "streaming", "throughput", "capacity"):
             # Capacity is the broker's: measured with the bench line only (it is the longest).
             if name in only and (name != "capacity" or isinstance(line, BenchLine)):
                 progress(f"{setup.key} / {transport} / {line.name}: {name}")

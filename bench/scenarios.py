@@ -133,6 +133,7 @@ class Setup:
     broker: Broker
     client_token: str
     publisher_token: str
+    limited_token: str | None = None  # a client token with limits (the "limited" rows)
 
     @property
     def n(self) -> int:
@@ -216,10 +217,11 @@ class Bench:
         workers: list[int] | None = None,
         endpoint: str = "/v1/chat/completions",
         body: dict[str, Any] | None = None,
+        token: str | None = None,
     ) -> list[dict[str, Any]]:
         if body is None:
             body = self._body(llm, stream, interval_ms, chunks or self.sizes.chunks)
-        headers = {"Authorization": f"Bearer {setup.client_token}"}
+        headers = {"Authorization": f"Bearer {token or setup.client_token}"}
         return [
             {"url": f"{setup.broker.url(i)}{endpoint}", "headers": headers, "body": body}
             for i in (workers if workers is not None else range(setup.n))
@@ -295,6 +297,37 @@ class Bench:
         row = self._c1_row(setup, transport, line.name, "added latency p99, c=1", c1, 99)
         judge(row, "≤ 15 ms", lambda r: at_most(15.0)(r) and c1.failed == 0)
         self._cpu_row(setup, transport, line.name, "broker CPU per relayed request, c=1", c1)
+
+    async def limited(self, setup: Setup, transport: str, line: Line, llm: str) -> None:
+        """The c=1 rows again for a client token with every limit set (issue 24), none of
+        them reached: its admission's round trip and the end's, beside the unlimited rows
+        of ``latency``."""
+        if setup.limited_token is None:
+            out = await asyncio.to_thread(
+                setup.broker.manage,
+                "createtoken",
+                "client",
+                f"bench-limited-{uuid.uuid4().hex[:6]}",
+                "--rpm",
+                "1000000",
+                "--tpm",
+                "1000000000",
+                "--max-concurrency",
+                "10000",
+            )
+            setup.limited_token = out.stdout.strip().splitlines()[-1]
+        c1 = await self._c1_windows(
+            setup,
+            self.direct(),
+            self.relayed(setup, llm, token=setup.limited_token),
+            self.sizes.pairs,
+        )
+        name = line.name
+        self._c1_row(setup, transport, name, "added latency p50, c=1, limited token", c1, 50)
+        self._c1_row(setup, transport, name, "added latency p99, c=1, limited token", c1, 99)
+        self._cpu_row(
+            setup, transport, name, "broker CPU per relayed request, c=1, limited token", c1
+        )
 
     async def big(self, setup: Setup, transport: str, line: Line, llm: str) -> None:
         """A big answer at concurrency 1: ``/v1/embeddings`` answering 16 x 1,536 floats

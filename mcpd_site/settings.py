@@ -285,6 +285,8 @@ MCPD_MAX_BODY_BYTES = _env_int("MCPD_MAX_BODY_BYTES", 10 * 1024 * 1024)
 # (then 503 queue_timeout).
 MCPD_QUEUE_MAX = _env_int("MCPD_QUEUE_MAX", 256)
 MCPD_QUEUE_TIMEOUT_SECONDS = _env_float("MCPD_QUEUE_TIMEOUT_SECONDS", 60.0)
+# Usage records (virtual_llms/usage.py) older than this are deleted by gcsweep.
+MCPD_USAGE_RETENTION_DAYS = _env_int("MCPD_USAGE_RETENTION_DAYS", 90)
 # Idle control streams and waiting clients get a comment this often; proxies cut at 60 s.
 MCPD_PING_SECONDS = _env_float("MCPD_PING_SECONDS", 15.0)
 # daphne's access log, one line per HTTP request (every chunk batch a publisher posts too):

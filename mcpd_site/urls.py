@@ -35,6 +35,8 @@ urlpatterns = [
     # The OpenAPI document and its page
     path("api/schema/", openapi.SchemaView.as_view(), name="openapi-schema"),
     path("api/docs/", openapi.DocsView.as_view(), name="openapi-docs"),
+    path("api/v1/usage", views.UsageView.as_view()),
+    path("api/v1/usage/me", views.UsageMeView.as_view()),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("metrics", metrics.metrics_view),

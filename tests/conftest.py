@@ -97,11 +97,12 @@ def virtual_llm(tokens: Tokens) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_loop_state() -> Iterator[None]:
     """Every test runs in a new event loop: drop loop-bound layer and state objects."""
-    from virtual_llms import events, rowcache, state
+    from virtual_llms import events, rowcache, state, usage
 
     events.reset_layers()
     state.reset_state()
     rowcache.reset()
+    usage.reset()
     yield
     events.reset_layers()
     state.reset_state()

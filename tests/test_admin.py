@@ -109,6 +109,39 @@ def test_token_add_shows_the_token_once_and_revoke_refuses_it(admin_client: Clie
     assert ApiToken.objects.get(pk=token.pk).revoked_at is not None
 
 
+def test_token_limits_are_set_edited_and_listed_in_the_admin(admin_client: Client) -> None:
+    response = admin_client.post(
+        "/admin/virtual_llms/apitoken/add/",
+        {"role": "client", "label": "capped", "rpm": "30", "tpm": "", "max_concurrency": "2"},
+        follow=True,
+    )
+    assert response.status_code == 200
+    token = ApiToken.objects.get(label="capped")
+    assert (token.rpm, token.tpm, token.max_concurrency) == (30, None, 2)
+    change = f"/admin/virtual_llms/apitoken/{token.pk}/change/"
+    response = admin_client.post(
+        change, {"label": "capped", "rpm": "", "tpm": "500", "max_concurrency": "2"}
+    )
+    assert response.status_code == 302, response.content.decode()[:2000]
+    token.refresh_from_db()
+    assert (token.rpm, token.tpm, token.max_concurrency) == (None, 500, 2)
+    listing = admin_client.get("/admin/virtual_llms/apitoken/").content.decode()
+    assert "column-tpm" in listing
+    assert "column-max_concurrency" in listing
+    assert '<td class="field-tpm">500</td>' in listing
+    # Limits are for client tokens; a zero is no limit at all.
+    response = admin_client.post(
+        "/admin/virtual_llms/apitoken/add/", {"role": "admin", "label": "boss", "rpm": "5"}
+    )
+    assert response.status_code == 200
+    assert "client tokens only" in response.content.decode()
+    response = admin_client.post(change, {"label": "capped", "rpm": "0"})
+    assert response.status_code == 200
+    token.refresh_from_db()
+    assert token.rpm is None
+    assert not ApiToken.objects.filter(label="boss").exists()
+
+
 def test_a_virtual_rows_publisher_fields_cannot_be_edited(admin_client: Client, rows: None) -> None:
     """Issue 28: renaming a live virtual row (or changing its status) in the admin made the
     broker and its publisher disagree. Those fields are read-only; a public row's are not."""
@@ -163,13 +196,24 @@ def test_the_sessions_list_says_which_session_holds_a_stream(
 
     token = ApiToken.objects.get(label="gpu-box")
     ProviderSession.objects.create(pk="sess-b", token=token)
-    presence = get_state().presence
-    async_to_sync(presence.beat)("worker-channel")  # a live worker holds it (Redis checks)
-    async_to_sync(presence.bind)("sess-a", "worker-channel", "epoch-1")
+
+    async def hold(held: bool) -> None:
+        """Bind (or release) sess-a to a live worker; this loop's connections closed."""
+        state = get_state()
+        try:
+            if held:
+                await state.presence.beat("worker-channel")  # Redis believes live workers
+                await state.presence.bind("sess-a", "worker-channel", "epoch-1")
+            else:
+                await state.presence.release("sess-a", "worker-channel", "epoch-1")
+        finally:
+            await state.aclose()
+
+    async_to_sync(hold)(True)
     try:
         page = admin_client.get("/admin/virtual_llms/providersession/").content.decode()
     finally:
-        async_to_sync(presence.release)("sess-a", "worker-channel", "epoch-1")
+        async_to_sync(hold)(False)
     assert "control stream" in page.lower()
     row = r'/providersession/([^/]+)/change/">.*?<td class="field-stream">([^<]*)</td>'
     cells = dict(re.findall(row, page))
@@ -198,3 +242,49 @@ def test_revoking_while_redis_is_away_revokes_and_says_so(
     assert ApiToken.objects.get(pk=token.pk).revoked_at is not None
     with pytest.raises(ApiError):
         authenticate_token(plaintext)
+
+
+def test_the_usage_page_shows_totals_per_token_and_model_and_a_chart(
+    admin_client: Client,
+) -> None:
+    from datetime import timedelta
+
+    from virtual_llms.models import UsageRecord
+
+    token, _ = token_create(role="client", label="team-chart")
+    now = timezone.now()
+    for days, model, prompt in ((0, "alpha", 10), (1, "alpha", 20), (2, "beta", 5), (40, "old", 1)):
+        UsageRecord.objects.create(
+            token=token,
+            llm_name=model,
+            endpoint="/v1/chat/completions",
+            status=200,
+            prompt_tokens=prompt,
+            completion_tokens=1,
+            duration_ms=1.0,
+            created_at=now - timedelta(days=days),
+        )
+    index = admin_client.get("/admin/").content.decode()
+    assert "/admin/virtual_llms/usagerecord/" in index
+    page = admin_client.get("/admin/virtual_llms/usagerecord/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'id="usage-chart"' in html
+    assert html.count('class="usage-bar"') == 8  # each day of the last 7, today included
+    assert 'class="usage-tokens"' in html
+    found = re.search(r'id="usage-totals">(.*?)</p>', html, re.S)
+    assert found
+    totals = re.sub(r"\s+", " ", found[1])
+    assert "<strong>3</strong> requests" in totals
+    assert "<strong>35</strong> prompt" in totals
+    table = re.search(r'id="usage-by-model">(.*?)</table>', html, re.S)
+    assert table
+    by_model = table[1]
+    assert "<td>alpha</td><td>2</td><td>0</td><td>30</td><td>2</td>" in by_model
+    assert "<td>beta</td>" in by_model
+    assert "old" not in by_model
+    assert "<td>team-chart</td><td>3</td>" in html
+    month = admin_client.get("/admin/virtual_llms/usagerecord/?days=90").content.decode()
+    assert "<td>old</td>" in month
+    # Nothing to add, change or delete: records are the broker's.
+    assert admin_client.get("/admin/virtual_llms/usagerecord/add/").status_code == 403

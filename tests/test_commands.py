@@ -52,6 +52,33 @@ def test_createtoken_refuses_an_unknown_role() -> None:
     assert not ApiToken.objects.exists()
 
 
+@pytest.mark.django_db
+def test_createtoken_sets_a_client_tokens_limits() -> None:
+    out, _ = run(
+        "createtoken", "client", "limited", "--rpm", "60", "--tpm", "1000", "--max-concurrency", "2"
+    )
+    token = authenticate_token(out.strip().splitlines()[-1])
+    assert (token.rpm, token.tpm, token.max_concurrency) == (60, 1000, 2)
+    assert token.limited
+    out, _ = run("createtoken", "client", "free")
+    token = authenticate_token(out.strip().splitlines()[-1])
+    assert (token.rpm, token.tpm, token.max_concurrency) == (None, None, None)
+    assert not token.limited
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "args",
+    [("client", "x", "--rpm", "0"), ("admin", "x", "--rpm", "5"), ("client", "x", "--tpm", "-3")],
+)
+def test_createtoken_refuses_bad_limits(args: tuple[str, ...]) -> None:
+    from django.core.management import CommandError
+
+    with pytest.raises(CommandError):
+        run("createtoken", *args)
+    assert not ApiToken.objects.exists()
+
+
 def _rows(token: ApiToken, stale: int, expired: int, fresh: int) -> None:
     now = timezone.now()
     ProviderSession.objects.create(pk="gc", token=token)

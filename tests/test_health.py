@@ -30,3 +30,14 @@ async def test_readyz_answers_503_while_the_worker_drains(monkeypatch: pytest.Mo
     response = await AsyncClient().get("/readyz")
     assert response.status_code == 503
     assert response.json() == {"ok": False, "failed": ["hub"]}
+
+
+async def test_readyz_starts_the_hub_of_a_worker_nothing_used_yet() -> None:
+    """A worker a load balancer has not sent a request yet is ready too: the hub starts
+    on first use, and the probe is one."""
+    from virtual_llms.hub import current_hub
+
+    assert current_hub() is None
+    response = await AsyncClient().get("/readyz")
+    assert response.status_code == 200, response.content
+    assert current_hub() is not None

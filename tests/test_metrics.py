@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pythonjsonlogger.json import JsonFormatter
 
 from tests.conftest import Tokens
-from virtual_llms import answers, binding, metrics, rowcache, services, tokencounts
+from virtual_llms import answers, binding, metrics, rowcache, services
 from virtual_llms import hub as hub_mod
 from virtual_llms.inference import Outcome
 from virtual_llms.models import Backend, Llm
@@ -438,28 +438,6 @@ async def test_stream_open_and_close_have_a_line_each(
 
 
 # --- units ------------------------------------------------------------------------------------
-
-
-def test_token_counts_are_found_at_the_end_of_a_big_body() -> None:
-    out = Outcome(endpoint="/v1/embeddings", started=0.0)
-    body = json.dumps(
-        {
-            "data": [{"embedding": [0.5] * 20_000, "note": 'not "usage": 9'}],
-            "usage": {"prompt_tokens": 42, "total_tokens": 42},
-        }
-    ).encode()
-    tokencounts.note_body(out, body)
-    assert (out.prompt_tokens, out.completion_tokens) == (42, None)
-
-
-def test_token_counts_of_the_responses_api_and_none_without_usage() -> None:
-    out = Outcome(endpoint="/v1/responses", started=0.0)
-    tokencounts.note_body(out, b'{"usage": {"input_tokens": 3, "output_tokens": 4}}')
-    assert (out.prompt_tokens, out.completion_tokens) == (3, 4)
-    other = Outcome(endpoint=CHAT, started=0.0)
-    tokencounts.note_chunk(other, '{"choices": [], "usage": null}')
-    tokencounts.note_chunk(other, '{"content": "\\"usage\\": {\\"prompt_tokens\\": 5}"}')
-    assert (other.prompt_tokens, other.completion_tokens) == (None, None)
 
 
 def test_cancel_reasons_are_bounded() -> None:

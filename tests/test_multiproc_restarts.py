@@ -9,6 +9,7 @@ sent) goes to the next worker. What the tests count is what clients got.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -405,3 +406,58 @@ def test_a_paused_redis_ends_waits_with_explicit_errors(
     assert_outage_handled(outcomes, probes, "redis paused")
     logs = "".join(broker.log(i, None) for i in range(3))
     assert "Traceback" not in logs, logs[-6000:]
+
+
+async def test_a_revoke_after_a_redis_restart_holds_on_every_worker_within_a_second(
+    broker: Broker, redis_server: PrivateRedis
+) -> None:
+    """Issue 25: after a Redis restart (broadcasts may be lost) an admin revokes a client
+    and a publisher token: every worker refuses them within a second, the publisher's
+    stream closes and its row goes inactive."""
+    import uuid
+
+    from tests.contract_publisher import ContractPublisher
+    from tests.contract_support import admin_revoke, get_row
+
+    tag = uuid.uuid4().hex[:8]
+    client_token = broker.new_token("client", f"rev-client-{tag}")
+    publisher_token = broker.new_token("publisher", f"rev-pub-{tag}")
+    name = f"rev-{tag}"
+    pub = ContractPublisher(broker.url(1), publisher_token)
+    assert (await pub.register([{"name": name, "type": "openai", "model": "m"}])).status_code == 200
+    await pub.connect()
+    async with httpx.AsyncClient(timeout=10.0) as http:
+        headers = {"Authorization": f"Bearer {client_token}"}
+        for i in range(broker.n):  # every worker has the token in its cache
+            assert (
+                await http.get(f"{broker.url(i)}/v1/models", headers=headers)
+            ).status_code == 200
+        redis_server.restart()
+        for i in range(broker.n):
+            deadline = time.monotonic() + 15
+            while (ready := await http.get(f"{broker.url(i)}/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, (i, ready.text)
+                await asyncio.sleep(0.05)
+
+        await admin_revoke(broker, f"rev-client-{tag}", worker=0)
+        revoked = time.monotonic()
+        refused_after: list[float] = []
+        for i in range(broker.n):
+            while (
+                await http.get(f"{broker.url(i)}/v1/models", headers=headers)
+            ).status_code != 401:
+                assert time.monotonic() - revoked < 5, f"worker {i} still accepts the token"
+                await asyncio.sleep(0.02)
+            refused_after.append(time.monotonic() - revoked)
+        # The bound is 1 s (the token cache); the slack is a loaded CI host's.
+        assert max(refused_after) < 2.0, refused_after
+
+        await admin_revoke(broker, f"rev-pub-{tag}", worker=2)
+        revoked = time.monotonic()
+        await asyncio.wait_for(pub.closed.wait(), 5)
+        assert time.monotonic() - revoked < 2.0
+        deadline = time.monotonic() + 5
+        while ((await get_row(broker, name)) or {}).get("status") != "inactive":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    await pub.aclose()

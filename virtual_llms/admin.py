@@ -1,9 +1,11 @@
-"""Django admin for operators: watch LLM rows and sessions, evict, revoke tokens."""
+"""Django admin for operators: watch LLM rows and sessions, evict, revoke tokens, set client
+limits; the Usage page is usage_admin.py's."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
@@ -12,10 +14,14 @@ from django.shortcuts import get_object_or_404
 from django.urls import URLPattern, path, reverse
 from django.views.decorators.http import require_POST
 
-from . import backends, services
+from . import (
+    backends,
+    services,
+    usage_admin,  # noqa: F401 - registers the Usage page
+)
 from .auth import token_create, token_revoke
 from .errors import unavailable
-from .models import ApiToken, Backend, Llm, LlmKind, ProviderSession
+from .models import ApiToken, Backend, Llm, LlmKind, ProviderSession, Role
 from .state import get_state
 
 
@@ -275,6 +281,22 @@ def _held(sids: list[str]) -> set[str]:
         return _UNKNOWN
 
 
+# A client token's limits (PROTOCOL.md "Client limits and usage"); workers see an edit
+# within AUTH_CACHE_SECONDS (their cache of verified tokens).
+LIMIT_FIELDS = ["rpm", "tpm", "max_concurrency"]
+
+
+class ApiTokenForm(forms.ModelForm[ApiToken]):
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        role = data.get("role", self.instance.role)
+        if role != Role.CLIENT:
+            for name in LIMIT_FIELDS:
+                if data.get(name) is not None:
+                    self.add_error(name, "Limits apply to client tokens only.")
+        return data
+
+
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
     list_display = [
@@ -282,11 +304,15 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
         "role",
         "owner",
         "prefix",
+        "rpm",
+        "tpm",
+        "max_concurrency",
         "created_at",
         "last_used_at",
         "revoked_at",
     ]
     list_filter = ["role", ("revoked_at", admin.EmptyFieldListFilter)]
+    form = ApiTokenForm
     search_fields = ["label", "prefix", "owner"]
     readonly_fields = ["prefix", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]
@@ -310,8 +336,17 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
 
     def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:
-            return ["role", "label", "owner"]
-        return ["role", "label", "owner", "prefix", "created_at", "last_used_at", "revoked_at"]
+            return ["role", "label", "owner", *LIMIT_FIELDS]
+        return [
+            "role",
+            "label",
+            "owner",
+            *LIMIT_FIELDS,
+            "prefix",
+            "created_at",
+            "last_used_at",
+            "revoked_at",
+        ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> Any:
         if obj is None:
@@ -323,7 +358,12 @@ class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
             super().save_model(request, obj, form, change)
             return
         try:
-            token, plaintext = token_create(role=obj.role, label=obj.label, owner=obj.owner)
+            token, plaintext = token_create(
+                role=obj.role,
+                label=obj.label,
+                owner=obj.owner,
+                **{name: getattr(obj, name) for name in LIMIT_FIELDS},
+            )
         except ValueError as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return

@@ -13,8 +13,10 @@ class VirtualLlmsConfig(AppConfig):
 
         from . import (
             checks,  # noqa: F401 - registers the system checks
+            inference,
             metrics,
             request_log,
+            usage,
         )
         from .backends import mirror
         from .models import Llm
@@ -33,6 +35,9 @@ class VirtualLlmsConfig(AppConfig):
         post_delete.connect(touch, sender=Llm, weak=False, dispatch_uid="mcpd-llm-deleted")
         # A virtual row made without services gets the one backend v1 implied (backends.py).
         post_save.connect(created, sender=Llm, weak=False, dispatch_uid="mcpd-llm-mirror")
+        # Every finished inference call becomes a usage record (written in batches).
+        if usage.record not in inference.observers:
+            inference.observers.append(usage.record)
         # The observers of every client call, stream and wake: /metrics and the request log.
         metrics.install()
         request_log.install()

@@ -45,9 +45,18 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def token_create(*, role: str, label: str, owner: str = "") -> tuple[ApiToken, str]:
-    """Make a token; the plaintext is returned once and never stored. ``owner``: publisher
-    tokens with the same owner share their names (PROTOCOL.md v1.1 "Owners")."""
+def token_create(
+    *,
+    role: str,
+    label: str,
+    owner: str = "",
+    rpm: int | None = None,
+    tpm: int | None = None,
+    max_concurrency: int | None = None,
+) -> tuple[ApiToken, str]:
+    """Make a token, with client limits if given; the plaintext is returned once and never
+    stored. ``owner``: publisher tokens with the same owner share their names (PROTOCOL.md
+    v1.1 "Owners")."""
     if role not in Role.values:
         raise ValueError(f"role must be one of {', '.join(Role.values)}")
     if not label or len(label) > 128:
@@ -56,10 +65,21 @@ def token_create(*, role: str, label: str, owner: str = "") -> tuple[ApiToken, s
         raise ValueError("owner must be at most 128 characters, without surrounding spaces")
     if owner and role != Role.PUBLISHER:
         raise ValueError("only publisher tokens have an owner")
+    limits = {"rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency}
+    for name, value in limits.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name.replace('_', '-')} must be a positive integer")
+    if role != Role.CLIENT and any(v is not None for v in limits.values()):
+        raise ValueError("limits apply to client tokens only")
     prefix = secrets.token_hex(6)
     plaintext = f"mcpd_{prefix}_{secrets.token_urlsafe(32)}"
     token = ApiToken.objects.create(
-        role=role, label=label, prefix=prefix, token_hash=_hash(plaintext), owner=owner
+        role=role,
+        label=label,
+        prefix=prefix,
+        token_hash=_hash(plaintext),
+        owner=owner,
+        **limits,
     )
     return token, plaintext
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from django.conf import settings
 
+from . import usage
 from .hub import HANDOVER_SECONDS, current_hub
 from .protocol import error_event
 
@@ -110,6 +111,7 @@ async def drain(
                 "drain deadline: %d request(s) still waiting are ended with 503", len(hub.pending)
             )
             await _until_idle(FINAL_SECONDS)
+        await usage.flush_at_exit()  # the records of the calls this worker served
         if hub is not None:
             # Streams handed over finish closing: unbound if their publisher did not come
             # back elsewhere (binding.stream_close), so their rows do not stay active.

@@ -18,6 +18,7 @@ _OPENAI_TYPES = {
     404: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    429: "requests",
     502: "api_error",
     503: "api_error",
     504: "api_error",
@@ -34,12 +35,15 @@ class ApiError(Exception):
         message: str,
         *,
         headers: dict[str, str] | None = None,
+        openai_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        # The OpenAI shape's ``type`` when it is not the status's (a 429's "tokens").
+        self.openai_type = openai_type
         if status == 503:
             # A publisher that lost its stream reconnects within seconds.
             self.headers.setdefault("Retry-After", "5")
@@ -51,7 +55,7 @@ class ApiError(Exception):
         return {
             "error": {
                 "message": self.message,
-                "type": _OPENAI_TYPES.get(self.status, "api_error"),
+                "type": self.openai_type or _OPENAI_TYPES.get(self.status, "api_error"),
                 "code": self.code,
             }
         }

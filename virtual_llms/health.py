@@ -5,16 +5,19 @@ Redis, its hub runs, and it is not draining (drain.py: a load balancer stops sen
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from asgiref.sync import sync_to_async
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 
 from . import drain
-from .hub import current_hub
+from .hub import current_hub, get_hub
 from .state import get_state
 
 # Each probe's bound: a stalled service makes the worker unready, not the probe hang.
+log = logging.getLogger("mcpd.health")
+
 PROBE_SECONDS = 1.0
 
 
@@ -42,6 +45,20 @@ async def _redis_ok() -> bool:
         return False
 
 
+async def _hub_runs() -> bool:
+    """This worker's hub runs, started now if nothing needed it yet: a worker a load
+    balancer has sent no request is ready too (the hub starts on first use)."""
+    if current_hub() is not None:
+        return True
+    try:
+        async with asyncio.timeout(PROBE_SECONDS):
+            await get_hub()
+    except Exception as exc:
+        log.warning("the hub could not start: %s", exc or type(exc).__name__)
+        return False
+    return True
+
+
 async def readyz(request: HttpRequest) -> JsonResponse:
     failed: list[str] = []
     try:
@@ -53,7 +70,7 @@ async def readyz(request: HttpRequest) -> JsonResponse:
         failed.append("database")
     if not await _redis_ok():
         failed.append("redis")
-    if current_hub() is None or drain.draining:
+    if drain.draining or not await _hub_runs():
         failed.append("hub")
     if failed:
         return JsonResponse({"ok": False, "failed": failed}, status=503)

@@ -23,7 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest
 
-from . import jsonio, proxy, queue, rowcache, sse, tasks, tokencounts
+from . import jsonio, limits, proxy, queue, rowcache, sse, tasks, usage
 from .answers import result_body
 from .auth import CLIENT_ROLES, aauthenticate
 from .errors import ApiError, offline, unavailable
@@ -81,8 +81,10 @@ class Outcome:
     failovers: int = 0  # times the task was sent again after its stream went away
     client_left: bool = False
     abandoned: bool = False  # the task ended unanswered: the publisher was told to cancel
-    prompt_tokens: int | None = None  # as the answer's usage reports them (tokencounts.py)
+    prompt_tokens: int | None = None  # from the answer's usage (None: it reported none)
     completion_tokens: int | None = None
+    # Headers every response of the call carries (a limited token's x-ratelimit-*).
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def broker_s(self) -> float:
@@ -184,6 +186,8 @@ class _Call:
     waiting: str = ""  # "waking" or "queued" while the task waits to be sent
     position: int = 0  # in the queue, while queued
     queued_at: float = 0.0
+    limit: limits.Admission | None = None  # a limited token's admission
+    usage_added: bool = False  # the broker asked the publisher for the stream's usage
 
     def since_start(self) -> float:
         return time.perf_counter() - self.out.started
@@ -254,16 +258,20 @@ async def relay(request: HttpRequest, endpoint: str) -> AsyncGenerator[Head | by
         out.total_s = call.since_start()
         if out.status == 0:
             out.status = 499
+        if call.limit is not None:
+            tokens = (out.prompt_tokens or 0) + (out.completion_tokens or 0)
+            await _shielded(limits.end(call.limit, tokens))
         _observe(out)
 
 
 def _error_head(out: Outcome, exc: ApiError) -> Head:
     out.status, out.code = exc.status, exc.code
-    return Head(exc.status, JSON, dict(exc.headers))
+    return Head(exc.status, JSON, {**out.headers, **exc.headers})
 
 
 def _head(out: Outcome, head: Head) -> Head:
     out.status = head.status
+    head.headers.update(out.headers)
     return head
 
 
@@ -273,6 +281,9 @@ async def _open(call: _Call, request: HttpRequest) -> CachedRow:
     # A missing token wins over a bad body, and a bad body over an unknown model.
     token = await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
     out.client_token_id, out.client_label = token.pk, token.label
+    call.limit = await limits.admit(token)  # None, at no cost, for a token with no limit
+    if call.limit is not None:
+        out.headers = call.limit.headers
     call.body = read_json_object(request)
     call.name = _model_name(call.body)
     call.streaming = out.streaming = _streaming(call.body)
@@ -280,6 +291,8 @@ async def _open(call: _Call, request: HttpRequest) -> CachedRow:
     if entry is None:
         raise ApiError(404, "model_not_found", f"The model '{call.name}' does not exist.")
     out.model, out.kind = entry.row.name, entry.row.kind
+    if call.streaming and entry.ref is not None:
+        call.usage_added = usage.ask_for_usage(call.body, call.endpoint)
     return entry
 
 
@@ -397,7 +410,7 @@ async def _unary(call: _Call, llm: LlmRef) -> tuple[Head, bytes]:
     if out.wake_s:
         _wake_header(headers, out.wake_s)
     out.first_byte_s = out.first_token_s = out.total_s
-    tokencounts.note_body(out, event["json"])
+    usage.note_body(out, event["json"])
     return _head(out, Head(event["status"], JSON, headers)), event["json"]
 
 
@@ -530,7 +543,7 @@ async def _stream_body(
                 if 200 <= event["status"] < 300:
                     # An upstream that ignored "stream": one chunk, then [DONE].
                     call.out.first_token_s = call.since_start()
-                    tokencounts.note_body(call.out, event["json"])
+                    usage.note_body(call.out, body)
                     yield sse.data(jsonio.dumps_line(as_stream_chunk(body)))
                     yield sse.DONE
                     return
@@ -539,9 +552,11 @@ async def _stream_body(
                 raise ApiError(502, "upstream_error", str(message or body))
             out = []
             for chunk in event["chunks"]:
-                if chunk["data"]:
-                    out.append(sse.data(chunk["data"]))
-                    tokencounts.note_chunk(call.out, chunk["data"])
+                data: str | None = chunk["data"]
+                if data:
+                    data = usage.relayed_chunk(call.out, data, call.usage_added)
+                if data:
+                    out.append(sse.data(data))
                 if chunk["done"]:
                     call.finished = True
                     if chunk["data"] != "[DONE]":
@@ -577,9 +592,13 @@ async def _public(call: _Call, row: Llm) -> AsyncGenerator[Head | bytes, None]:
         out, Head(upstream.status, upstream.content_type, headers, streaming=upstream.streaming)
     )
     out.first_byte_s = call.since_start()
+    seen = usage.StreamUsage(out) if upstream.streaming else None
+    if seen is None:
+        usage.note_body(out, upstream.content)
     async with contextlib.aclosing(upstream.body()) as body:
         async for chunk in body:
             if out.first_token_s is None:
                 out.first_token_s = call.since_start()
-            tokencounts.note_body(out, chunk)  # a usage object split by a chunk is missed
+            if seen is not None:
+                seen.feed(chunk)
             yield chunk

@@ -1,12 +1,12 @@
-"""The registry's tables: LLM rows, their backends, provider sessions and API tokens. No I/O
-beyond the ORM."""
+"""The registry's tables: LLM rows, their backends, provider sessions, API tokens and usage
+records. No I/O beyond the ORM."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
 
-from django.core.validators import MaxLengthValidator, RegexValidator
+from django.core.validators import MaxLengthValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Q
 
@@ -47,6 +47,25 @@ class ApiToken(models.Model):
         "another's inactive row, and both may serve one name as a pool. Empty: the token is "
         "its own owner.",
     )
+    # Client limits (PROTOCOL.md "Client limits and usage"), held across all workers by
+    # virtual_llms/limits.py; empty: no limit. A token with none costs no round trip.
+    rpm = models.PositiveIntegerField(
+        "requests per minute", null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    tpm = models.PositiveIntegerField(
+        "tokens per minute",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Prompt + completion tokens the answers report, per minute.",
+    )
+    max_concurrency = models.PositiveIntegerField(
+        "max concurrency",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Requests in flight at once.",
+    )
 
     class Meta:
         constraints = [
@@ -60,6 +79,11 @@ class ApiToken(models.Model):
     def owner_key(self) -> str:
         """Who owns the names this token publishes: its owner, or the token itself."""
         return f"owner:{self.owner}" if self.owner else f"token:{self.pk}"
+
+    @property
+    def limited(self) -> bool:
+        """Whether any client limit is set."""
+        return self.rpm is not None or self.tpm is not None or self.max_concurrency is not None
 
 
 class ProviderSession(models.Model):
@@ -240,3 +264,47 @@ class Backend(models.Model):
 
     def __str__(self) -> str:
         return f"{self.llm_id}@{self.session_id}"
+
+
+class UsageRecordQuerySet(models.QuerySet["UsageRecord"]):
+    def between(self, since: datetime, until: datetime) -> UsageRecordQuerySet:
+        return self.filter(created_at__gte=since, created_at__lt=until)
+
+    def older_than(self, cutoff: datetime) -> UsageRecordQuerySet:
+        return self.filter(created_at__lt=cutoff)
+
+
+class UsageRecord(models.Model):
+    """One finished inference request (virtual_llms/usage.py writes them in batches)."""
+
+    token = models.ForeignKey(
+        ApiToken, null=True, on_delete=models.SET_NULL, related_name="usage_records"
+    )
+    # The name, not a key: rows come and go (gc_sweep), their usage stays.
+    llm_name = models.CharField(max_length=128, blank=True, default="")
+    endpoint = models.CharField(max_length=64)
+    status = models.PositiveSmallIntegerField()
+    code = models.CharField(max_length=64, blank=True, default="")  # the error's code
+    streamed = models.BooleanField(default=False)
+    # From the answer's ``usage``; NULL when the upstream reported none.
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    # Milliseconds: to the first byte of the body (NULL: none was sent), waiting in the
+    # LLM's queue, waiting for a wake, and the whole call.
+    ttfb_ms = models.FloatField(null=True, blank=True)
+    queue_ms = models.FloatField(default=0.0)
+    wake_ms = models.FloatField(default=0.0)
+    duration_ms = models.FloatField()
+    created_at = models.DateTimeField(db_index=True)
+
+    objects = UsageRecordQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "usage record"
+        verbose_name_plural = "usage"
+        indexes = [
+            models.Index(fields=["token", "created_at"], name="usage_token_time_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.llm_name} {self.status} at {self.created_at:%Y-%m-%d %H:%M:%S}"

@@ -7,15 +7,18 @@ what they do with an answer is answers.py's, shared with the control socket.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
+from django.utils.dateparse import parse_date, parse_datetime
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from . import answers, backends, selectors, services
+from . import answers, backends, selectors, services, usage
 from .auth import ADMIN_ROLES, CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate
 from .errors import ApiError
 from .http import json_view, read_json_object
@@ -214,6 +217,69 @@ class BackendDrainView(APIView):
         backend = backends.backend_get(name=name, session_id=session_id)
         backends.backend_set_draining(backend=backend, draining=data["draining"])
         return Response(selectors.backend_json(backend))
+
+
+# --- usage (PROTOCOL.md "Client limits and usage") -------------------------------------------
+
+# The default period of /api/v1/usage: the last day.
+USAGE_DEFAULT_PERIOD = timedelta(hours=24)
+
+
+def _instant(request: Request, name: str, default: datetime) -> datetime:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = parse_datetime(raw)
+        if value is None:
+            day = parse_date(raw)
+            value = datetime(day.year, day.month, day.day) if day else None
+    except ValueError:
+        value = None
+    if value is None:
+        raise ApiError(400, "invalid_request", f"'{name}' must be an ISO 8601 date or time.")
+    return value if timezone.is_aware(value) else value.replace(tzinfo=UTC)
+
+
+def _period(request: Request) -> tuple[datetime, datetime]:
+    until = _instant(request, "until", timezone.now())
+    since = _instant(request, "since", until - USAGE_DEFAULT_PERIOD)
+    if since > until:
+        raise ApiError(400, "invalid_request", "'since' must not be after 'until'.")
+    return since, until
+
+
+def _usage_body(
+    since: datetime, until: datetime, group_by: str, rows: list[usage.UsageRow]
+) -> dict[str, Any]:
+    return {
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "groupBy": group_by,
+        "rows": [row.as_json() for row in rows],
+    }
+
+
+class UsageView(APIView):
+    roles = ADMIN_ROLES
+
+    def get(self, request: Request) -> Response:
+        since, until = _period(request)
+        group_by = request.query_params.get("groupBy") or "token"
+        if group_by not in usage.GROUPS:
+            raise ApiError(
+                400, "invalid_request", f"'groupBy' must be one of {', '.join(usage.GROUPS)}."
+            )
+        return Response(_usage_body(since, until, group_by, usage.summary(since, until, group_by)))
+
+
+class UsageMeView(APIView):
+    roles = CLIENT_ROLES
+
+    def get(self, request: Request) -> Response:
+        since, until = _period(request)
+        rows = usage.summary(since, until, "token", token=_token(request))
+        return Response(_usage_body(since, until, "token", rows))
 
 
 # --- task results: plain async views on the hot path ---------------------------------------

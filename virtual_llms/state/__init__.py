@@ -1,8 +1,8 @@
 """State every worker must agree on, with TTLs, one concern per module: presence and
 liveness (presence.py), open tasks (tasks.py), row stamps (stamps.py), leases (leases.py),
-tasks in flight per backend (slots.py), and routing with the per-LLM queue (routing.py):
-the request path's round trip; snapshot.py reads all of it for the whole fleet at once
-(/metrics).
+tasks in flight per backend (slots.py), client limits' windows (limits.py), and routing
+with the per-LLM queue (routing.py): the request path's round trip; snapshot.py reads the
+whole fleet at once (/metrics).
 
 With ``REDIS_URL`` it lives in Redis (Lua scripts in ``lua/``); without, in this process's
 memory (the embedded, one-process broker). Both implementations of each concern have the
@@ -26,6 +26,7 @@ from .base import (
     RedisConn,
 )
 from .leases import LeaseStore, MemoryLeases, RedisLeases
+from .limits import LimitStore, MemoryLimits, RedisLimits, Verdict
 from .presence import MemoryPresence, PresenceStore, RedisPresence
 from .routing import Candidate, MemoryQueue, MemoryRouting, RedisRouting, Routed, RoutingStore
 from .slots import MemorySlots, RedisSlots, SlotStore
@@ -43,6 +44,7 @@ __all__ = [
     "Presence",
     "Routed",
     "SharedState",
+    "Verdict",
     "current_state",
     "get_state",
     "name_field",
@@ -59,6 +61,7 @@ class SharedState:
     leases: LeaseStore
     routing: RoutingStore
     slots: SlotStore
+    limits: LimitStore
     # With Redis: its connections (closed per loop by aclose, and at reset).
     conn: RedisConn | None = None
 
@@ -84,6 +87,7 @@ def _memory() -> SharedState:
         leases=MemoryLeases(store),
         routing=MemoryRouting(store, stamps, presence, slots, queue),
         slots=slots,
+        limits=MemoryLimits(),
     )
 
 
@@ -96,6 +100,7 @@ def _redis(url: str, prefix: str) -> SharedState:
         leases=RedisLeases(conn),
         routing=RedisRouting(conn),
         slots=RedisSlots(conn),
+        limits=RedisLimits(conn),
         conn=conn,
     )
 

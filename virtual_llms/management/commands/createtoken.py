@@ -1,5 +1,6 @@
-"""``manage.py createtoken ROLE LABEL [--owner OWNER]``: make a token; its plaintext is the
-last stdout line."""
+"""``manage.py createtoken ROLE LABEL [--owner OWNER] [--rpm N] [--tpm N]
+[--max-concurrency N]``: make a token (a publisher token of an owner, a client token with
+limits, if given); its plaintext is the last stdout line."""
 
 from typing import Any
 
@@ -21,10 +22,32 @@ class Command(BaseCommand):
             help="publisher tokens with the same owner share their names: one may adopt "
             "another's inactive row, and both may serve one name as a pool",
         )
+        parser.add_argument("--rpm", type=int, help="client limit: requests per minute")
+        parser.add_argument("--tpm", type=int, help="client limit: tokens per minute")
+        parser.add_argument(
+            "--max-concurrency", type=int, help="client limit: requests in flight at once"
+        )
 
-    def handle(self, *args: Any, role: str, label: str, owner: str, **options: Any) -> None:
+    def handle(
+        self,
+        *args: Any,
+        role: str,
+        label: str,
+        owner: str = "",
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrency: int | None = None,
+        **options: Any,
+    ) -> None:
         try:
-            token, plaintext = token_create(role=role, label=label, owner=owner)
+            token, plaintext = token_create(
+                role=role,
+                label=label,
+                owner=owner,
+                rpm=rpm,
+                tpm=tpm,
+                max_concurrency=max_concurrency,
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         owned = f" of owner '{owner}'" if owner else ""
