@@ -96,6 +96,34 @@ class OpenAIErrorSerializer(serializers.Serializer[Any]):
     error = _OpenAIErrorBody()
 
 
+# A Serializer class cannot declare a field called "errors" (its own property).
+UsageRowSerializer = inline_serializer(
+    name="UsageRow",
+    fields={
+        "key": serializers.CharField(help_text="the token's label, the LLM's name or the day"),
+        "requests": serializers.IntegerField(),
+        "errors": serializers.IntegerField(help_text="answers with a status of 400 and up"),
+        "promptTokens": serializers.IntegerField(),
+        "completionTokens": serializers.IntegerField(),
+    },
+)
+
+
+class UsageSerializer(serializers.Serializer[Any]):
+    """``GET /api/v1/usage`` and ``/api/v1/usage/me`` (views.UsageView)."""
+
+    since = serializers.DateTimeField()
+    until = serializers.DateTimeField()
+    groupBy = serializers.ChoiceField(choices=["token", "model", "day"])
+    rows = serializers.ListField(child=UsageRowSerializer)
+
+
+USAGE_PARAMETERS = [
+    OpenApiParameter("since", str, description="ISO 8601; default: 24 h before until"),
+    OpenApiParameter("until", str, description="ISO 8601; default: now"),
+]
+
+
 class BackendSerializer(serializers.Serializer[Any]):
     """One publisher session serving a virtual row (serializers.backend_json)."""
 

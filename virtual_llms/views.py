@@ -26,10 +26,12 @@ from .models import ApiToken, Llm, LlmKind, Role
 from .openapi import (
     TAG_PUBLISHER,
     TAG_REST,
+    USAGE_PARAMETERS,
     BackendSerializer,
     HeartbeatResponseSerializer,
     LlmDetailSerializer,
     RegisterResponseSerializer,
+    UsageSerializer,
     api_errors,
 )
 from .protocol import AnswerKind
@@ -263,6 +265,16 @@ def _usage_body(
 class UsageView(APIView):
     roles = ADMIN_ROLES
 
+    @extend_schema(
+        operation_id="usage",
+        summary="Usage per token, model or day (admin)",
+        tags=[TAG_REST],
+        parameters=[
+            *USAGE_PARAMETERS,
+            OpenApiParameter("groupBy", str, enum=["token", "model", "day"]),
+        ],
+        responses={200: UsageSerializer, **api_errors(400, 401, 403)},
+    )
     def get(self, request: Request) -> Response:
         since, until = _period(request)
         group_by = request.query_params.get("groupBy") or "token"
@@ -276,6 +288,13 @@ class UsageView(APIView):
 class UsageMeView(APIView):
     roles = CLIENT_ROLES
 
+    @extend_schema(
+        operation_id="usageMe",
+        summary="This client token's own usage",
+        tags=[TAG_REST],
+        parameters=USAGE_PARAMETERS,
+        responses={200: UsageSerializer, **api_errors(400, 401, 403)},
+    )
     def get(self, request: Request) -> Response:
         since, until = _period(request)
         rows = usage.summary(since, until, "token", token=_token(request))
