@@ -28,7 +28,11 @@ site_app = BrokerASGIHandler()  # the admin (and anything else): the full middle
 
 async def django_asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     path: str = scope.get("path", "")
-    app = api_app if path.startswith(("/api/", "/v1/")) or path in ("/api", "/v1") else site_app
+    app = (
+        api_app
+        if path.startswith(("/api/", "/v1/")) or path in ("/api", "/v1", "/metrics")
+        else site_app
+    )
     # Counted for a graceful drain, which also tells clients to reconnect elsewhere.
     with drain.tracked(scope):
         await app(scope, receive, drain.closing_send(send))

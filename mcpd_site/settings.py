@@ -303,6 +303,12 @@ MCPD_PING_SECONDS = _env_float("MCPD_PING_SECONDS", 15.0)
 # off by default, since each client call already gets its line on mcpd.request; "-" for
 # stdout, else a file to append to.
 MCPD_ACCESS_LOG = os.environ.get("MCPD_ACCESS_LOG", "").strip()
+# /metrics answers anyone with this set (a scraper on a private network); else an admin token.
+MCPD_METRICS_PUBLIC = _env_bool("MCPD_METRICS_PUBLIC", False)
+# "json": every log line is one JSON object (log shippers); else plain text.
+MCPD_LOG_FORMAT = os.environ.get("MCPD_LOG_FORMAT", "").strip().lower() or "plain"
+if MCPD_LOG_FORMAT not in ("plain", "json"):
+    raise ValueError(f"MCPD_LOG_FORMAT must be plain or json, got {MCPD_LOG_FORMAT!r}")
 # Optional key for encrypting public LLMs' API keys; derived from SECRET_KEY when unset.
 MCPD_ENCRYPTION_KEY = os.environ.get("MCPD_ENCRYPTION_KEY", "")
 
@@ -315,14 +321,23 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MCPD_MAX_BODY_BYTES
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        # One object per line: time, level, logger, message, and a request line's fields
+        # (request_log.py) as keys of their own.
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+    },
     "filters": {
         "quiet_connection_errors": {
             "()": "virtual_llms.runtime.channels_layer.QuietConnectionErrors",
         },
         "contract_responses": {"()": "virtual_llms.logfilters.ContractResponses"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": MCPD_LOG_FORMAT}},
     "root": {"handlers": ["console"], "level": os.environ.get("MCPD_LOG_LEVEL", "INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},

@@ -3,7 +3,7 @@
 from django.contrib import admin
 from django.urls import path, re_path
 
-from virtual_llms import edge, health, inference, openapi, streams, views
+from virtual_llms import edge, health, inference, metrics, openapi, streams, views
 
 # JSON in the contract's shapes on /api/ and /v1/, Django's pages for the admin (edge.py).
 handler400 = "virtual_llms.edge.bad_request"
@@ -42,6 +42,7 @@ urlpatterns = [
     path("api/v1/usage/me", views.UsageMeView.as_view()),
     path("healthz", health.healthz),
     path("readyz", health.readyz),
+    path("metrics", metrics.metrics_view),
     path("admin/", admin.site.urls),
     # Last: any other path under /api/ or /v1/ is a JSON 404, whatever the method, DEBUG or not.
     re_path(r"^(?:api|v1)(?:/|$)", edge.no_route),

@@ -11,9 +11,14 @@ class VirtualLlmsConfig(AppConfig):
     def ready(self) -> None:
         from django.db.models.signals import post_delete, post_save
 
-        from . import checks  # noqa: F401 - registers the system checks
+        from . import (
+            checks,  # noqa: F401 - registers the system checks
+            inference,
+            metrics,
+            request_log,
+            usage,
+        )
         from .backends import mirror
-        from . import inference, usage  # isort: skip
         from .models import Llm
         from .services import llm_saved
 
@@ -33,3 +38,6 @@ class VirtualLlmsConfig(AppConfig):
         # Every finished inference call becomes a usage record (written in batches).
         if usage.record not in inference.observers:
             inference.observers.append(usage.record)
+        # The observers of every client call, stream and wake: /metrics and the request log.
+        metrics.install()
+        request_log.install()

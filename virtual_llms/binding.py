@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from . import events, selectors, services
+from . import events, observers, selectors, services
 from .errors import unavailable
 from .hub import HANDOVER_SECONDS, Closing, ControlStream, Hub, get_hub
 from .protocol import Frame
@@ -36,7 +36,8 @@ async def stream_open(stream: ControlStream) -> None:
     # Requests queued for its LLMs (a publisher back after a hand-over or a drop) go now.
     llm_ids = await sync_to_async(selectors.llm_ids_of_session)(session_id=session_id)
     await get_state().routing.kick(llm_ids)
-    log.info("session %s bound (epoch %s)", session_id, stream.epoch)
+    log.debug("session %s bound (epoch %s)", session_id, stream.epoch)  # see request_log
+    observers.stream_opened(session_id, stream.transport, stream.epoch)
 
 
 async def stream_refresh(stream: ControlStream) -> bool:
@@ -91,6 +92,7 @@ async def stream_close(stream: ControlStream) -> None:
     (this worker drains) first gives its publisher HANDOVER_SECONDS to reconnect elsewhere."""
     hub = await get_hub()
     hub.closing_streams += 1
+    observers.stream_closed(stream.session_id, stream.transport, stream.epoch, stream.why.value)
     try:
         await _close(hub, stream)
     finally:
@@ -126,4 +128,4 @@ async def _close(hub: Hub, stream: ControlStream) -> None:
         await sync_to_async(services.session_rebind)(session_id=sid, unbound_at=unbound_at)
         log.info("session %s rebound by a newer stream", sid)
     else:
-        log.info("session %s unbound", sid)
+        log.debug("session %s unbound", sid)  # the close's line: request_log.py

@@ -97,7 +97,7 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
             await refuse(self, exc)
             return
         await self.accept()
-        self.stream = ControlStream(self.session_id, self.token.pk)
+        self.stream = ControlStream(self.session_id, self.token.pk, "ws")
         await binding.stream_open(self.stream)
         await self.send(json.dumps({"type": "ready", "providerSessionId": self.session_id}))
         self.pump = asyncio.create_task(self._pump(self.stream))

@@ -90,9 +90,10 @@ class Closing(enum.Enum):
 class ControlStream:
     """A publisher's control stream held by this process (SSE response or WebSocket)."""
 
-    def __init__(self, session_id: str, token_id: int) -> None:
+    def __init__(self, session_id: str, token_id: int, transport: str = "sse") -> None:
         self.session_id = session_id
         self.token_id = token_id
+        self.transport = transport  # "sse" or "ws"
         self.epoch = secrets.token_hex(8)
         self.queue: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.closed = False

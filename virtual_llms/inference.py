@@ -64,17 +64,23 @@ class Outcome:
     model: str | None = None  # the LLM's name, once one was found
     kind: str | None = None  # "virtual" or "public"
     client_token_id: int | None = None
+    client_label: str = ""  # the client token's label (never the token)
     task_id: str | None = None
     streaming: bool = False
     status: int = 0  # the status line sent; 499 if the client left before it
     code: str | None = None  # the error's code, for an error answer or event
+    # The status of an error that ended a stream after its 200 was sent (an SSE error event).
+    late_status: int | None = None
     wake_s: float = 0.0
     queue_s: float = 0.0
     upstream_s: float | None = None  # the wait for the publisher's (or upstream's) answer
     first_byte_s: float | None = None  # from the start to the first byte of the body
+    first_token_s: float | None = None  # from the start to the answer's first data sent
+    overhead_s: float | None = None  # the Server-Timing ``mcpd`` part, when one was sent
     total_s: float = 0.0
     failovers: int = 0  # times the task was sent again after its stream went away
     client_left: bool = False
+    abandoned: bool = False  # the task ended unanswered: the publisher was told to cancel
     prompt_tokens: int | None = None  # from the answer's usage (None: it reported none)
     completion_tokens: int | None = None
     # Headers every response of the call carries (a limited token's x-ratelimit-*).
@@ -96,6 +102,11 @@ def _observe(outcome: Outcome) -> None:
             observer(outcome)
         except Exception:
             log.exception("an outcome observer failed")
+
+
+def _timing(out: Outcome, broker_s: float, upstream_s: float | None = None) -> str:
+    out.overhead_s = broker_s
+    return server_timing(broker_s, upstream_s)
 
 
 def server_timing(broker_s: float, upstream_s: float | None = None) -> str:
@@ -235,13 +246,14 @@ async def relay(request: HttpRequest, endpoint: str) -> AsyncGenerator[Head | by
             yield _error_head(out, failure)
             yield failure.body(openai=True)
         elif call.sse:
-            out.code = failure.code
+            out.code, out.late_status = failure.code, failure.status
             yield sse.event(None, failure.openai_body())
     finally:
         if call.pending is not None:
             if call.finished:
                 await _shielded(tasks.finish(call.pending))
             else:
+                out.abandoned = True
                 await _shielded(tasks.abandon(call.pending))
         out.total_s = call.since_start()
         if out.status == 0:
@@ -268,7 +280,7 @@ async def _open(call: _Call, request: HttpRequest) -> CachedRow:
     out = call.out
     # A missing token wins over a bad body, and a bad body over an unknown model.
     token = await aauthenticate(request.headers.get("Authorization"), CLIENT_ROLES)
-    out.client_token_id = token.pk
+    out.client_token_id, out.client_label = token.pk, token.label
     call.limit = await limits.admit(token)  # None, at no cost, for a token with no limit
     if call.limit is not None:
         out.headers = call.limit.headers
@@ -394,10 +406,10 @@ async def _unary(call: _Call, llm: LlmRef) -> tuple[Head, bytes]:
     except ApiError as exc:
         return _error_head(out, exc), exc.body(openai=True)
     out.total_s = call.since_start()
-    headers = {"Server-Timing": server_timing(out.broker_s, out.upstream_s)}
+    headers = {"Server-Timing": _timing(out, out.broker_s, out.upstream_s)}
     if out.wake_s:
         _wake_header(headers, out.wake_s)
-    out.first_byte_s = out.total_s
+    out.first_byte_s = out.first_token_s = out.total_s
     usage.note_body(out, event["json"])
     return _head(out, Head(event["status"], JSON, headers)), event["json"]
 
@@ -462,7 +474,7 @@ async def _stream(call: _Call, llm: LlmRef) -> AsyncGenerator[Head | bytes, None
                     yield first["json"]
                     return
             out.total_s = call.since_start()
-            headers["Server-Timing"] = server_timing(out.broker_s)
+            headers["Server-Timing"] = _timing(out, out.broker_s)
             committed = True
             yield _head(out, _sse_head(call, headers))
             out.first_byte_s = call.since_start()
@@ -473,7 +485,7 @@ async def _stream(call: _Call, llm: LlmRef) -> AsyncGenerator[Head | bytes, None
             yield _error_head(out, exc)
             yield exc.body(openai=True)
             return
-        out.code = exc.code
+        out.code, out.late_status = exc.code, exc.status
         yield sse.event(None, exc.openai_body())
         return
     async with contextlib.aclosing(_stream_body(call, llm, first)) as body:
@@ -530,6 +542,7 @@ async def _stream_body(
                 body = result_body(event)
                 if 200 <= event["status"] < 300:
                     # An upstream that ignored "stream": one chunk, then [DONE].
+                    call.out.first_token_s = call.since_start()
                     usage.note_body(call.out, body)
                     yield sse.data(jsonio.dumps_line(as_stream_chunk(body)))
                     yield sse.DONE
@@ -549,12 +562,14 @@ async def _stream_body(
                     if chunk["data"] != "[DONE]":
                         out.append(sse.DONE)
                     break
+            if call.out.first_token_s is None:
+                call.out.first_token_s = call.since_start()
             yield b"".join(out)
             if call.finished:
                 return
             event = None
     except ApiError as exc:
-        call.out.code = exc.code
+        call.out.code, call.out.late_status = exc.code, exc.status
         yield sse.event(None, exc.openai_body())
 
 
@@ -569,7 +584,7 @@ async def _public(call: _Call, row: Llm) -> AsyncGenerator[Head | bytes, None]:
         yield exc.body(openai=True)
         return
     out.upstream_s = time.perf_counter() - sent
-    headers = {"Server-Timing": server_timing(sent - out.started)}
+    headers = {"Server-Timing": _timing(out, sent - out.started)}
     if upstream.streaming:
         call.sse = True
         headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -582,6 +597,8 @@ async def _public(call: _Call, row: Llm) -> AsyncGenerator[Head | bytes, None]:
         usage.note_body(out, upstream.content)
     async with contextlib.aclosing(upstream.body()) as body:
         async for chunk in body:
+            if out.first_token_s is None:
+                out.first_token_s = call.since_start()
             if seen is not None:
                 seen.feed(chunk)
             yield chunk

@@ -359,6 +359,23 @@ PLAIN: dict[str, type[APIView]] = {
             503: OpenApiResponse(HealthSerializer, description="`failed` names what is not."),
         },
     ),
+    "/metrics": _described(
+        "Metrics",
+        "get",
+        operation_id="metrics",
+        summary="Prometheus metrics: this worker's series and the broker-wide gauges",
+        description=(
+            "The Prometheus text format (OpenMetrics when `Accept` asks for it): this "
+            "worker's counters and histograms, and the gauges about the whole broker, read "
+            "from the shared state (the same on every worker). For an admin token, or for "
+            "anyone when the broker runs with `MCPD_METRICS_PUBLIC=1`."
+        ),
+        tags=[TAG_HEALTH],
+        responses={
+            (200, "text/plain"): OpenApiResponse(OpenApiTypes.STR),
+            **api_errors(401, 403),
+        },
+    ),
 }
 
 

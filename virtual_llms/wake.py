@@ -20,7 +20,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from . import events, rowcache, services
+from . import events, observers, rowcache, services
 from .answers import result_body
 from .errors import ApiError, offline
 from .hub import WakeOutcome, get_hub
@@ -165,6 +165,7 @@ async def _lead_wake(llm: LlmRef, key: str, epoch: int) -> WakeOutcome:
 
     keeper = asyncio.create_task(keep_lease())
     outcome = WakeOutcome(False, 502, "wake_failed", "wake failed", epoch)
+    sent: tuple[str, float] | None = None  # the session woken, and when its task went
     try:
         # Read the row again now that this worker holds the lease: a request that read it
         # just before the previous wake succeeded must not wake it a second time (the
@@ -184,6 +185,7 @@ async def _lead_wake(llm: LlmRef, key: str, epoch: int) -> WakeOutcome:
             token_id=target.token_id,
             frame={"kind": "wake", "taskId": "", "llmName": llm.name},
         )
+        sent = (target.sid, time.perf_counter())
         try:
             event = await next_event(pending, settings.MCPD_WAKE_TIMEOUT_SECONDS)
         except ApiError:
@@ -219,7 +221,14 @@ async def _lead_wake(llm: LlmRef, key: str, epoch: int) -> WakeOutcome:
             outcome = WakeOutcome(
                 False, outcome.status, outcome.code, outcome.message, epoch, remembered=True
             )
-        log.info("wake of %s: %s", llm.name, "ok" if outcome.ok else outcome.message)
+        if sent is None:
+            log.info("wake of %s: %s", llm.name, "ok" if outcome.ok else outcome.message)
+        else:  # its line is the request log's (request_log.py)
+            observers.wake_ended(
+                observers.WakeEvent(
+                    llm.name, sent[0], outcome.ok, outcome.code, time.perf_counter() - sent[1]
+                )
+            )
         memory = math.ceil(settings.MCPD_WAKE_FAILURE_SECONDS) if failed else 0
         try:
             await leases.end(key, epoch, _record(outcome), WAKE_OUTCOME_SECONDS, memory)

@@ -1,7 +1,8 @@
 """State every worker must agree on, with TTLs, one concern per module: presence and
 liveness (presence.py), open tasks (tasks.py), row stamps (stamps.py), leases (leases.py),
 tasks in flight per backend (slots.py), client limits' windows (limits.py), and routing
-with the per-LLM queue (routing.py): the request path's round trip.
+with the per-LLM queue (routing.py): the request path's round trip; snapshot.py reads the
+whole fleet at once (/metrics).
 
 With ``REDIS_URL`` it lives in Redis (Lua scripts in ``lua/``); without, in this process's
 memory (the embedded, one-process broker). Both implementations of each concern have the

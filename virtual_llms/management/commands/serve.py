@@ -79,6 +79,7 @@ class Command(BaseCommand):
     def handle(
         self, *args: Any, bind: str, port: int, backlog: int, daphne: list[str], **options: Any
     ) -> None:
+        from virtual_llms import request_log
         from virtual_llms.runtime.daphne_server import (
             draining_cli,
             skip_form_parsing,
@@ -87,6 +88,7 @@ class Command(BaseCommand):
 
         if backlog < 1:
             raise CommandError("--backlog must be at least 1.")
+        request_log.set_worker(str(port))  # the log lines' worker=
         skip_form_parsing()
         skip_twisted_request_log()
         freeze_startup_objects()
