@@ -96,6 +96,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI's files, served under /static/ (no CDN)
     "channels",
+    "django_htmx",  # htmx's file and {% htmx_script %} for the admin's Fleet page (no CDN)
     "virtual_llms",
 ]
 

@@ -48,6 +48,12 @@ class MemoryLeases:
         self._store = store
         self._epochs: dict[str, int] = {}
 
+    def peek_sync(self, key: str) -> str:
+        """The lease's value as Redis keeps it ("<epoch> <holder>"), "" when nobody holds it
+        (the Fleet page, state/snapshot.py)."""
+        epoch = self._store.get(f"l:{key}")
+        return "" if epoch is None else f"{epoch} local"
+
     async def acquire(self, key: str, holder: str, ttl_ms: int) -> int | None:
         if self._store.get(f"l:{key}") is not None:
             return None

@@ -1,0 +1,187 @@
+"""The admin's Fleet page: its rows from one snapshot, the stream's worker and transport from
+its epoch, the fragment htmx polls, Drain / Evict, and refusals that change nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.test import Client
+from django.utils import timezone
+
+from virtual_llms import stream_epochs
+from virtual_llms.auth import token_create
+from virtual_llms.models import Backend, Llm, ProviderSession, UsageRecord
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def pool() -> Llm:
+    token, _ = token_create(role="publisher", label="gpu-box", owner="team-a")
+    row = Llm.objects.create(
+        name="pool-a",
+        type="openai",
+        model="m",
+        kind="virtual",
+        provider_session_id="sess-a",
+        publisher_token=token,
+        pool=True,
+        last_heartbeat_at=timezone.now(),
+    )
+    for sid, slots in (("sess-a", 2), ("sess-b", None)):
+        ProviderSession.objects.create(pk=sid, token=token)
+        Backend.objects.create(
+            llm=row, session_id=sid, token=token, model="m", max_concurrency=slots
+        )
+    return row
+
+
+def hold(sid: str, epoch: str, held: bool) -> None:
+    """Bind (or release) a session's stream to a live worker, as binding.py does."""
+    from virtual_llms.state import get_state
+
+    async def go() -> None:
+        state = get_state()
+        try:
+            if held:
+                await state.presence.beat("worker-channel")
+                await state.presence.bind(sid, "worker-channel", epoch)
+            else:
+                await state.presence.release(sid, "worker-channel", epoch)
+        finally:
+            await state.aclose()
+
+    async_to_sync(go)()
+
+
+def backend_rows(html: str) -> dict[str, str]:
+    """Each backend row's session and its cells' text, squeezed."""
+    found = {}
+    for sid, body in re.findall(
+        r'<tr class="backend"[^>]*data-sid="([^"]+)"[^>]*>(.*?)</tr>', html, re.S
+    ):
+        text = re.sub(r"<[^>]+>", " ", body)
+        found[sid] = " ".join(text.split())
+    return found
+
+
+def test_the_epoch_says_transport_worker_and_since() -> None:
+    epoch = stream_epochs.new("ws")
+    info = stream_epochs.parse(epoch)
+    assert info is not None
+    assert info.transport == "ws"
+    assert " " not in epoch
+    assert abs((timezone.now() - info.since).total_seconds()) < 5  # type: ignore[operator]
+    assert stream_epochs.parse("0123456789abcdef") is None  # an epoch made before
+
+
+def test_the_page_lists_backends_with_their_stream_and_recent_requests(
+    admin_client: Client, pool: Llm
+) -> None:
+    epoch = stream_epochs.new("sse")
+    now = timezone.now()
+    UsageRecord.objects.bulk_create(
+        [
+            UsageRecord(
+                llm_name="pool-a",
+                endpoint="/v1/chat/completions",
+                status=s,
+                duration_ms=5,
+                ttfb_ms=3,
+                created_at=now,
+            )
+            for s in (200, 200, 502)
+        ]
+    )
+    hold("sess-a", epoch, True)
+    try:
+        page = admin_client.get("/admin/fleet/")
+    finally:
+        hold("sess-a", epoch, False)
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'hx-get="/admin/fleet/rows/"' in html
+    assert "every 3s" in html
+    assert "/static/django_htmx/htmx-2.min.js" in html  # vendored, no CDN
+    cells = backend_rows(html)
+    worker = stream_epochs.parse(epoch).worker  # type: ignore[union-attr]
+    assert cells["sess-a"].startswith("sess-a gpu-box team-a active 0 / 2 " + worker + " sse")
+    assert cells["sess-b"].startswith("sess-b gpu-box team-a disconnected 0 / ∞ — — —")
+    head = re.search(r'<tr class="llm-head".*?</tr>', html, re.S)
+    assert head is not None
+    text = " ".join(re.sub(r"<[^>]+>", " ", head.group(0)).split())
+    assert "in flight 0 / 2" in text
+    assert "queue 0" in text
+    assert "5 min: 3 req, 1 err" in text
+    # The index links to it.
+    assert 'href="/admin/fleet/"' in admin_client.get("/admin/").content.decode()
+
+
+def test_the_fragment_is_the_rows_alone(admin_client: Client, pool: Llm) -> None:
+    html = admin_client.get("/admin/fleet/rows/").content.decode()
+    assert 'id="fleet-table"' in html
+    assert "<html" not in html
+    assert set(backend_rows(html)) == {"sess-a", "sess-b"}
+
+
+def test_drain_undrain_and_evict_from_the_page(admin_client: Client, pool: Llm) -> None:
+    hx = {"HX-Request": "true"}
+    got = admin_client.post(
+        "/admin/fleet/backend/", {"llm": "pool-a", "sid": "sess-a", "action": "drain"}, headers=hx
+    )
+    assert got.status_code == 200
+    assert "Draining sess-a of pool-a" in got.content.decode()
+    assert Backend.objects.get(session_id="sess-a").draining
+    assert 'value="undrain"' in got.content.decode()
+    # Without htmx: back to the page.
+    got = admin_client.post(
+        "/admin/fleet/backend/", {"llm": "pool-a", "sid": "sess-a", "action": "undrain"}
+    )
+    assert got.status_code == 302
+    assert got["Location"] == "/admin/fleet/"
+    assert not Backend.objects.get(session_id="sess-a").draining
+    got = admin_client.post(
+        "/admin/fleet/backend/", {"llm": "pool-a", "sid": "sess-b", "action": "evict"}, headers=hx
+    )
+    assert got.status_code == 200
+    assert set(Backend.objects.values_list("session_id", flat=True)) == {"sess-a"}
+    assert set(backend_rows(got.content.decode())) == {"sess-a"}
+
+
+def test_bad_posts_change_nothing(admin_client: Client, pool: Llm) -> None:
+    post = admin_client.post
+    assert (
+        post("/admin/fleet/backend/", {"llm": "pool-a", "sid": "sess-a", "action": "x"}).status_code
+        == 400
+    )
+    assert (
+        post(
+            "/admin/fleet/backend/", {"llm": "pool-a", "sid": "nope", "action": "evict"}
+        ).status_code
+        == 404
+    )
+    assert (
+        post(
+            "/admin/fleet/backend/", {"llm": "../x", "sid": "sess-a", "action": "drain"}
+        ).status_code
+        == 404
+    )
+    assert admin_client.get("/admin/fleet/backend/").status_code == 405
+    assert Backend.objects.filter(draining=False).count() == 2
+
+
+def test_the_page_needs_an_admin_login_and_the_csrf_token(
+    client: Client, pool: Llm, admin_user: object
+) -> None:
+    got = client.get("/admin/fleet/")
+    assert got.status_code == 302
+    assert got["Location"].startswith("/admin/login/")
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(admin_user)  # type: ignore[arg-type]
+    got = strict.post(
+        "/admin/fleet/backend/", {"llm": "pool-a", "sid": "sess-a", "action": "evict"}
+    )
+    assert got.status_code == 403
+    assert Backend.objects.count() == 2
