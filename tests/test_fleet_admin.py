@@ -185,3 +185,38 @@ def test_the_page_needs_an_admin_login_and_the_csrf_token(
     )
     assert got.status_code == 403
     assert Backend.objects.count() == 2
+
+
+def test_a_wake_in_progress_shows_with_its_age(admin_client: Client, pool: Llm) -> None:
+    import time
+
+    from virtual_llms.state import get_state
+
+    async def lead() -> int:
+        """Take the wake's lease as wake.py's leader does."""
+        state = get_state()
+        try:
+            since_ms = int(time.time() * 1000) - 7_000  # its request arrived 7 s ago
+            joined = await state.leases.join(f"wake:{pool.pk}", "hub-x", 60_000, 0, since_ms)
+            assert joined.kind == "lead"
+            return joined.epoch
+        finally:
+            await state.aclose()
+
+    before = admin_client.get("/admin/fleet/rows/").content.decode()
+    assert "waking" not in before
+    epoch = async_to_sync(lead)()
+    try:
+        html = admin_client.get("/admin/fleet/rows/").content.decode()
+    finally:
+
+        async def release() -> None:
+            state = get_state()
+            try:
+                await state.leases.release(f"wake:{pool.pk}", epoch)
+            finally:
+                await state.aclose()
+
+        async_to_sync(release)()
+    assert re.search(r"waking for ([789]) s", html), html
+    assert "waking" not in admin_client.get("/admin/fleet/rows/").content.decode()

@@ -64,6 +64,7 @@ class LlmRow:
     in_flight: int
     slots: float
     waking: bool
+    wake_age_s: int | None  # since the request that started the wake arrived
     requests: int
     errors: int
     p50_ttft_ms: float | None
@@ -89,6 +90,14 @@ def _recent(now: datetime) -> dict[str, tuple[int, int, float | None]]:
         .order_by()
     )
     return {r["llm_name"]: (r["requests"], r["errors"], r.get("p50")) for r in rows}
+
+
+def _wake_age(lease: str, now: datetime) -> int | None:
+    """The age of the wake whose lease reads "<epoch> <holder> <since ms>" (wake_join.lua)."""
+    parts = lease.split(" ")
+    if len(parts) < 3 or not parts[2].isdigit():
+        return None
+    return max(0, int(now.timestamp() - int(parts[2]) / 1000))
 
 
 def fleet(now: datetime | None = None) -> tuple[LlmRow, ...]:
@@ -141,6 +150,7 @@ def fleet(now: datetime | None = None) -> tuple[LlmRow, ...]:
                 in_flight=llm.in_flight,
                 slots=llm.slots,
                 waking=bool(llm.wake),
+                wake_age_s=_wake_age(llm.wake, now) if llm.wake else None,
                 requests=requests,
                 errors=errors,
                 p50_ttft_ms=p50,
