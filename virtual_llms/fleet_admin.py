@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin, messages
 from django.db import connection
 from django.db.models import Aggregate, Count, FloatField, Q
@@ -25,9 +26,6 @@ from . import backends, fleet_snapshot, stream_epochs
 from .errors import ApiError
 from .models import Backend, Llm, LlmKind, UsageRecord
 
-# How often the page re-reads the fleet (seconds): an operator watching an incident sees a
-# backend come, get busy or go within this; each refresh costs one state read.
-REFRESH_SECONDS = 3
 # The window of the requests, errors and p50 time to first token beside each LLM.
 RECENT = timedelta(minutes=5)
 ACTIONS = ("drain", "undrain", "evict")
@@ -167,7 +165,7 @@ def _context(request: HttpRequest) -> dict[str, Any]:
         "now": now,
         "backend_count": sum(len(r.backends) for r in rows),
         "can_change": request.user.has_perm("virtual_llms.change_backend"),
-        "refresh_seconds": REFRESH_SECONDS,
+        "refresh_seconds": settings.MCPD_FLEET_REFRESH_SECONDS,
     }
 
 
