@@ -4,6 +4,7 @@ its epoch, the fragment htmx polls, Drain / Evict, and refusals that change noth
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -220,3 +221,80 @@ def test_a_wake_in_progress_shows_with_its_age(admin_client: Client, pool: Llm) 
         async_to_sync(release)()
     assert re.search(r"waking for ([789]) s", html), html
     assert "waking" not in admin_client.get("/admin/fleet/rows/").content.decode()
+
+
+def test_the_cost_of_a_refresh_does_not_grow_with_the_fleet(admin_client: Client) -> None:
+    """Five queries and one state read per refresh, for 2 backends as for 500 (50 pools of
+    10); the time of a refresh with 500 is printed."""
+    import time
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from virtual_llms.state import get_state
+
+    token, _ = token_create(role="publisher", label="rack", owner="team-r")
+    sessions = [ProviderSession(pk=f"s{i:03d}", token=token) for i in range(10)]
+    ProviderSession.objects.bulk_create(sessions)
+
+    def grow(pools: int) -> None:
+        """Pools of 10 backends up to ``pools`` (bulk: Llm.save() would add its own backend)."""
+        have = Llm.objects.count()
+        rows = Llm.objects.bulk_create(
+            [
+                Llm(
+                    name=f"pool-{p:02d}",
+                    type="openai",
+                    model="m",
+                    kind="virtual",
+                    pool=True,
+                    provider_session_id="s000",
+                    publisher_token=token,
+                )
+                for p in range(have, pools)
+            ]
+        )
+        Backend.objects.bulk_create(
+            [
+                Backend(llm=row, session=s, token=token, model="m", max_concurrency=4)
+                for row in rows
+                for s in sessions
+            ]
+        )
+
+    state = get_state()
+    calls: list[str] = []
+    if state.conn is not None:  # count the Redis scripts a refresh runs
+        real = state.conn.sync_script
+
+        def counted(name: str) -> Any:
+            calls.append(name)
+            return real(name)
+
+        state.conn.sync_script = counted  # type: ignore[method-assign]  # a spy, undone below
+    try:
+        grow(1)
+        with CaptureQueriesContext(connection) as small:
+            assert admin_client.get("/admin/fleet/rows/").status_code == 200
+        scripts_small = list(calls)
+        grow(50)
+        calls.clear()
+        started = time.perf_counter()
+        with CaptureQueriesContext(connection) as large:
+            html = admin_client.get("/admin/fleet/rows/").content.decode()
+        took = time.perf_counter() - started
+    finally:
+        if state.conn is not None:
+            del state.conn.sync_script
+    assert html.count('<tr class="backend"') == 500
+    fleet_queries = [
+        q["sql"]
+        for q in large.captured_queries
+        if "django_session" not in q["sql"] and "auth_user" not in q["sql"]
+    ]
+    assert len(large.captured_queries) == len(small.captured_queries), fleet_queries
+    assert len(fleet_queries) == 5, fleet_queries
+    assert calls == scripts_small
+    if state.conn is not None:
+        assert calls == ["fleet_snapshot"]
+    print(f"\na Fleet refresh with 500 backends: {took * 1000:.0f} ms ({connection.vendor})")
