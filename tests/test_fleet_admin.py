@@ -176,6 +176,9 @@ def test_bad_posts_change_nothing(admin_client: Client, pool: Llm) -> None:
 def test_the_page_needs_an_admin_login_and_the_csrf_token(
     client: Client, pool: Llm, admin_user: object
 ) -> None:
+    got = client.get("/admin/fleet/rows/", headers={"HX-Request": "true"})
+    assert got["HX-Redirect"] == "/admin/login/?next=/admin/fleet/"  # htmx: the whole page
+    assert "<form" not in got.content.decode()
     got = client.get("/admin/fleet/")
     assert got.status_code == 302
     assert got["Location"].startswith("/admin/login/")

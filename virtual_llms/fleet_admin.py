@@ -6,8 +6,10 @@ of the fleet (fleet_snapshot.read(detail=True)), and four database queries."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import wraps
 from typing import Any
 
 from django.conf import settings
@@ -17,10 +19,11 @@ from django.db.models import Aggregate, Count, FloatField, Q
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import path, reverse
 from django.urls.resolvers import URLPattern
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import HttpResponseClientRedirect
 
 from . import backends, fleet_snapshot, stream_epochs
 from .errors import ApiError
@@ -217,12 +220,36 @@ def act(request: HttpRequest) -> HttpResponseBase:
     return redirect("mcpd-fleet")
 
 
+def _logged_out_htmx(
+    view: Callable[[HttpRequest], HttpResponseBase],
+) -> Callable[[HttpRequest], HttpResponseBase]:
+    """htmx's calls of a page whose login has expired: the whole page goes to the login
+    (HX-Redirect), rather than the login form being swapped into the table."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest) -> HttpResponseBase:
+        if request.headers.get("HX-Request") == "true" and not admin.site.has_permission(request):
+            login = reverse("admin:login")
+            return HttpResponseClientRedirect(f"{login}?next={reverse('mcpd-fleet')}")
+        return view(request)
+
+    return wrapped
+
+
 def urls() -> list[URLPattern]:
     """The page's routes, under /admin/fleet/ (mcpd_site/urls.py puts them before the
     admin's own), behind the admin's login."""
     view = admin.site.admin_view
     return [
         path("admin/fleet/", view(require_GET(page)), name="mcpd-fleet"),
-        path("admin/fleet/rows/", view(require_GET(rows)), name="mcpd-fleet-rows"),
-        path("admin/fleet/backend/", view(require_POST(act)), name="mcpd-fleet-backend"),
+        path(
+            "admin/fleet/rows/",
+            _logged_out_htmx(view(require_GET(rows))),
+            name="mcpd-fleet-rows",
+        ),
+        path(
+            "admin/fleet/backend/",
+            _logged_out_htmx(view(require_POST(act))),
+            name="mcpd-fleet-backend",
+        ),
     ]
