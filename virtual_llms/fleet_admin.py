@@ -169,6 +169,7 @@ def _context(request: HttpRequest) -> dict[str, Any]:
         "backend_count": sum(len(r.backends) for r in rows),
         "can_change": request.user.has_perm("virtual_llms.change_backend"),
         "refresh_seconds": settings.MCPD_FLEET_REFRESH_SECONDS,
+        "action_url": reverse("mcpd-fleet-backend"),
     }
 
 
