@@ -1,7 +1,7 @@
 """The admin's Fleet page: every virtual LLM with its backends, queue, wake and last five
 minutes, re-read every few seconds by htmx (django-htmx's vendored copy) from a fragment URL,
 with Drain / Evict per backend. One read of the shared state per refresh, whatever the size
-of the fleet (fleet_snapshot.read(detail=True)), and four database queries."""
+of the fleet (fleet_snapshot.read(detail=True)), and five database queries."""
 
 from __future__ import annotations
 
