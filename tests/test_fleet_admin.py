@@ -116,8 +116,11 @@ def test_the_page_lists_backends_with_their_stream_and_recent_requests(
     assert "in flight 0 / 2" in text
     assert "queue 0" in text
     assert "5 min: 3 req, 1 err" in text
-    # The index links to it.
+    # The index and the sidebar of every admin page link to it.
     assert 'href="/admin/fleet/"' in admin_client.get("/admin/").content.decode()
+    sidebar = admin_client.get("/admin/virtual_llms/llm/").content.decode()
+    assert re.search(r'id="nav-sidebar".*href="/admin/fleet/"', sidebar, re.S)
+    assert 'class="model-fleet current-model"' in html  # the page marks itself there
 
 
 def test_the_fragment_is_the_rows_alone(admin_client: Client, pool: Llm) -> None:
