@@ -53,7 +53,7 @@ pytest-embedded: venv
 pytest-services: venv
 	@if $(PY) tests/services_up.py; then \
 	  DATABASE_URL=$(MCPD_TEST_PG_URL) REDIS_URL=$(MCPD_TEST_REDIS_URL) \
-	    $(PY) -m pytest -m "not multiproc" $(PYTEST_ARGS); \
+	    $(PY) -m pytest -m "not multiproc and not browser" $(PYTEST_ARGS); \
 	elif [ "$$CI" = "true" ]; then \
 	  echo "CI: PostgreSQL or Redis is unreachable; the services suite must run." >&2; exit 1; \
 	else \

@@ -96,6 +96,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI's files, served under /static/ (no CDN)
     "channels",
+    "django_htmx",  # htmx's file and {% htmx_script %} for the admin's Fleet page (no CDN)
     "virtual_llms",
 ]
 
@@ -300,6 +301,9 @@ MCPD_MAX_NAMES_PER_OWNER = _env_int("MCPD_MAX_NAMES_PER_OWNER", 4096)
 MCPD_MAX_SESSIONS_PER_OWNER = _env_int("MCPD_MAX_SESSIONS_PER_OWNER", 4096)
 # Usage records (virtual_llms/usage.py) older than this are deleted by gcsweep.
 MCPD_USAGE_RETENTION_DAYS = _env_int("MCPD_USAGE_RETENTION_DAYS", 90)
+# The admin's Fleet page re-reads the fleet this often (one state read per open page each
+# time): a change shows within it.
+MCPD_FLEET_REFRESH_SECONDS = _env_int("MCPD_FLEET_REFRESH_SECONDS", 3)
 # Idle control streams and waiting clients get a comment this often; proxies cut at 60 s.
 MCPD_PING_SECONDS = _env_float("MCPD_PING_SECONDS", 15.0)
 # daphne's access log, one line per HTTP request (every chunk batch a publisher posts too):

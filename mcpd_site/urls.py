@@ -3,7 +3,7 @@
 from django.contrib import admin
 from django.urls import path, re_path
 
-from virtual_llms import edge, health, inference, metrics, openapi, streams, views
+from virtual_llms import edge, fleet_admin, health, inference, metrics, openapi, streams, views
 
 # JSON in the contract's shapes on /api/ and /v1/, Django's pages for the admin (edge.py).
 handler400 = "virtual_llms.edge.bad_request"
@@ -43,6 +43,7 @@ urlpatterns = [
     path("healthz", health.healthz),
     path("readyz", health.readyz),
     path("metrics", metrics.metrics_view),
+    *fleet_admin.urls(),  # /admin/fleet/: the Fleet page, before the admin's catch-all
     path("admin/", admin.site.urls),
     # Last: any other path under /api/ or /v1/ is a JSON 404, whatever the method, DEBUG or not.
     re_path(r"^(?:api|v1)(?:/|$)", edge.no_route),

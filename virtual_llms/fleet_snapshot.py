@@ -1,6 +1,7 @@
 """Every LLM with its backends as the whole broker sees them now, read at once: two database
 queries (rows, backends) and one read of the shared state (state/snapshot.py), however many
-rows — for the /metrics gauges (metrics.py), the same from any worker."""
+rows — for the /metrics gauges (metrics.py), the same from any worker, and the admin's Fleet
+page (fleet_admin.py, ``detail=True``: also who holds each stream and the wakes running)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class BackendView:
     draining: bool  # drained by an admin, or its stream is on a draining worker
     held: bool  # its session holds a stream on a live worker
     in_flight: int
+    presence: str = ""  # with detail: "<hub channel> <epoch>" of its stream, "" when not held
 
     @property
     def state(self) -> str:
@@ -43,6 +45,7 @@ class LlmView:
     name: str
     backends: tuple[BackendView, ...]
     queue_depth: int
+    wake: str = ""  # with detail: its wake lease's value while a wake runs, else ""
 
     @property
     def in_flight(self) -> int:
@@ -65,7 +68,7 @@ class Snapshot:
     llms: tuple[LlmView, ...]  # the virtual rows
 
 
-def read() -> Snapshot:
+def read(*, detail: bool = False) -> Snapshot:
     """The snapshot (sync: the ORM, and the state's sync client): the rows and the backends
     in one query each, as tuples (model instances cost more than the state's read with
     hundreds of rows). As the relay reads them (rowcache.py): a row that is not a pool is
@@ -91,6 +94,7 @@ def read() -> Snapshot:
     states = fleet_sync(
         get_state(),
         [(str(llm_id), [b[0] for b in backends]) for llm_id, _, backends in virtual],
+        detail=detail,
     )
     llms = []
     for (llm_id, name, backends), state in zip(virtual, states, strict=True):
@@ -102,10 +106,11 @@ def read() -> Snapshot:
                 draining=drained or held == HELD_DRAINING,
                 held=held != HELD_NONE,
                 in_flight=in_flight,
+                presence=state.presence[i] if state.presence else "",
             )
-            for (sid, status, slots, drained), (held, in_flight) in zip(
-                backends, state.backends, strict=True
+            for i, ((sid, status, slots, drained), (held, in_flight)) in enumerate(
+                zip(backends, state.backends, strict=True)
             )
         )
-        llms.append(LlmView(llm_id, name, views, state.queue_depth))
+        llms.append(LlmView(llm_id, name, views, state.queue_depth, state.wake))
     return Snapshot(frozenset(row[1] for row in rows), tuple(llms))

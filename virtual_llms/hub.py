@@ -13,14 +13,13 @@ import asyncio
 import contextlib
 import enum
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import events, revocation
+from . import events, revocation, stream_epochs
 from .auth import forget_token
 from .errors import ApiError, unavailable
 from .loopcache import AsyncPerLoop
@@ -94,7 +93,7 @@ class ControlStream:
         self.session_id = session_id
         self.token_id = token_id
         self.transport = transport  # "sse" or "ws"
-        self.epoch = secrets.token_hex(8)
+        self.epoch = stream_epochs.new(transport)
         self.queue: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.closed = False
         self.why = Closing.END

@@ -27,6 +27,11 @@ wakes_log = logging.getLogger("mcpd.wake")
 _worker = f"pid{os.getpid()}"
 
 
+def worker_name() -> str:
+    """This worker's name in the log lines (its port under `manage.py serve`)."""
+    return _worker
+
+
 def set_worker(name: str) -> None:
     """Name this worker in the lines (``manage.py serve``: its port)."""
     global _worker

@@ -47,6 +47,13 @@ class MemoryLeases:
     def __init__(self, store: MemoryStore) -> None:
         self._store = store
         self._epochs: dict[str, int] = {}
+        self._since: dict[str, int] = {}  # when each wake's leader's request arrived (ms)
+
+    def peek_sync(self, key: str) -> str:
+        """The lease's value as Redis keeps it ("<epoch> <holder> <since ms>"), "" when
+        nobody holds it (the Fleet page, state/snapshot.py)."""
+        epoch = self._store.get(f"l:{key}")
+        return "" if epoch is None else f"{epoch} local {self._since.get(key, '-')}"
 
     async def acquire(self, key: str, holder: str, ttl_ms: int) -> int | None:
         if self._store.get(f"l:{key}") is not None:
@@ -82,6 +89,7 @@ class MemoryLeases:
             return Joined("outcome", record=failed)
         epoch_taken = await self.acquire(key, holder, ttl_ms)
         assert epoch_taken is not None  # one loop, nothing ran in between
+        self._since[key] = since_ms
         return Joined("lead", epoch=epoch_taken)
 
     async def end(

@@ -107,6 +107,11 @@ class MemoryPresence:
     def held_sync(self, sids: list[str]) -> set[str]:
         return {sid for sid in sids if self._store.get(f"s:{sid}") is not None}
 
+    def peek_sync(self, sid: str) -> Presence | None:
+        """Who holds the session's stream (the Fleet page, state/snapshot.py)."""
+        found: Presence | None = self._store.get(f"s:{sid}")
+        return found
+
 
 class RedisPresence:
     def __init__(self, conn: RedisConn) -> None:

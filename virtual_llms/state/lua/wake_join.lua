@@ -24,5 +24,6 @@ local failed = redis.call('GET', KEYS[4])
 if failed then return {'outcome', failed} end
 local epoch = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], 86400)
-redis.call('SET', KEYS[1], epoch .. ' ' .. ARGV[1], 'PX', ARGV[2])
+-- "<epoch> <holder> <since ms>": the admin's Fleet page shows the wake's age from the third.
+redis.call('SET', KEYS[1], epoch .. ' ' .. ARGV[1] .. ' ' .. ARGV[4], 'PX', ARGV[2])
 return {'lead', epoch}
