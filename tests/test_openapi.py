@@ -48,6 +48,7 @@ async def test_the_document_is_valid_openapi_and_describes_every_route() -> None
         for p in site_urls.urlpatterns
         if isinstance(p, URLPattern) and p.callback is not edge.no_route  # the JSON 404
     } - NOT_DESCRIBED
+    routes = {r for r in routes if not r.startswith("/admin/")}  # the admin's HTML pages
     assert len(routes) >= 17
     assert routes <= set(document["paths"])
     tags = [tag["name"] for tag in document["tags"]]

@@ -393,6 +393,8 @@ def add_plain_views(endpoints: list[Endpoint]) -> list[Endpoint]:
             continue  # not an endpoint: the JSON 404 of every path no route takes
         regex = str(pattern.pattern)
         path: str = enumerator.get_path_from_regex(regex)
+        if path.startswith("/admin/"):
+            continue  # the admin's own pages (the Fleet page): HTML for a logged-in operator
         view = PLAIN.get(path)
         if view is None:
             warn(f"{path} is a plain view with no description in virtual_llms/openapi.py")
