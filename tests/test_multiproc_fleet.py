@@ -352,3 +352,29 @@ def test_a_rolling_restart_of_a_pool_of_real_agents_fails_no_request(
     failed = [o for o in outcomes if o.status != 200]
     assert len(outcomes) >= 30, summary(outcomes)
     assert not failed, (summary(outcomes), failed[:5])
+
+
+async def test_a_task_fails_over_when_the_worker_holding_its_stream_is_killed(
+    broker: Broker, owner_tokens: list[str]
+) -> None:
+    """Box 0's stream is on worker 0, box 1's on worker 1. Box 1 is busy; the call (on
+    worker 2) goes to box 0; worker 0 is SIGKILLed with the task in flight: the call waits
+    for box 1's slot and gets its answer, 200."""
+    async with pool(broker, owner_tokens, [1, 1]) as (name, boxes):
+        a, b = boxes
+        assert (await a.pub.set_status(name, "draining")).status_code == 200
+        busy = asyncio.create_task(ask(broker, 1, name, "busy"))  # box 1: box 0 drains
+        await until(lambda: b.running == 1)
+        assert (await a.pub.set_status(name, "active")).status_code == 200
+        call = asyncio.create_task(ask(broker, 2, name, "victim"))  # box 0: box 1 is full
+        await until(lambda: a.running == 1)
+        a.answer = False
+        broker.kill(0)  # SIGKILL: no drain, no goodbye
+        try:
+            b.release.set()
+            assert await busy == b.pub.session_id
+            assert await asyncio.wait_for(call, 20) == b.pub.session_id
+            sent = [f["body"]["messages"][0]["content"] for f in b.tasks]
+            assert sent == ["busy", "victim"]  # sent again, to box 1
+        finally:
+            broker.start_worker(0)
