@@ -609,3 +609,61 @@ async def test_an_answer_for_a_task_id_that_cannot_exist_is_404(
 
 def test_the_task_id_rule_takes_every_id_the_broker_makes() -> None:
     assert all(is_task_id(secrets.token_urlsafe(18)) for _ in range(2000))
+
+
+# --- found by the fuzzer (tests/test_fuzz.py) -------------------------------------------------
+
+HUGE_INT = b'{"model": ' + b"9" * 5000 + b"}"  # past Python's 4,300-digit int conversion
+
+
+@pytest.mark.parametrize(("path", "role"), BODY_ROUTES)
+async def test_an_integer_of_5000_digits_is_400_invalid_json_not_a_500(
+    upkeep: None, virtual_llm: None, tokens: Tokens, path: str, role: str
+) -> None:
+    """orjson refuses it and the standard library raised ValueError (not a JSONDecodeError)."""
+    before = await sync_to_async(snapshot)()
+    got = await call("POST", path, token=token_of(tokens, role), body=HUGE_INT)
+    error = error_of(path, got, 400)
+    assert error["code"] == "invalid_json"
+    assert "4300 digits" in error["message"]
+    assert await sync_to_async(snapshot)() == before
+
+
+async def test_an_integer_of_5000_digits_in_a_frame_gets_protocol_error_and_the_socket_stays(
+    tokens: Tokens, virtual_llm: None, hub: hub_mod.Hub
+) -> None:
+    """It closed the socket with 1011 (and the session's rows went inactive)."""
+    sock = ws("/api/v1/virtual/sessions/sess/ws", tokens.publisher_plain)
+    await sock.connect()
+    assert (await receive(sock))["type"] == "ready"
+    await sock.send_to(bytes_data=HUGE_INT)
+    refused = await receive(sock)
+    assert (refused["type"], refused["code"]) == ("protocol_error", "invalid_json")
+    await sock.send_to(text_data=json.dumps({"type": "heartbeat"}))
+    assert await receive(sock) == {"type": "heartbeat", "ok": True, "llms": 1}
+    assert await sync_to_async(lambda: Llm.objects.get(name="m1").status)() == "active"
+    await sock.disconnect()
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "POST", "PUT", "PATCH", "DELETE"])
+@pytest.mark.parametrize("path", ["/api/docs/", "/api/schema/"])
+async def test_the_openapi_routes_refuse_other_methods_with_a_json_405(
+    upkeep: None, method: str, path: str
+) -> None:
+    """OPTIONS /api/docs/ was a 500 (DRF rendered its metadata through the page's HTML
+    renderer, which has no template for it), and a 405 on /api/schema/ came as
+    ``application/vnd.oai.openapi+json``."""
+    got = await call(method, path)
+    if method == "OPTIONS" and path == "/api/schema/":
+        assert got[0] == 200, got  # DRF's metadata, as JSON
+        return
+    assert api_error(got, 405)["code"] == "method_not_allowed"
+
+
+async def test_the_openapi_routes_still_serve_the_document_and_the_page(upkeep: None) -> None:
+    status, headers, content = await call("GET", "/api/schema/")
+    assert status == 200
+    assert json.loads(content)["openapi"].startswith("3.")
+    status, headers, content = await call("GET", "/api/docs/")
+    assert status == 200
+    assert headers[b"Content-Type"].startswith(b"text/html")

@@ -61,6 +61,10 @@ def loads(data: bytes | str, max_depth: int | None = None) -> Any:
             value = json.loads(data)
         except RecursionError:
             raise TooDeep(min(max_depth or READ_LIMIT, READ_LIMIT), data) from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise
+        except ValueError as exc:  # an integer of more than 4,300 digits (sys.int_info)
+            raise json.JSONDecodeError(str(exc), data if isinstance(data, str) else "", 0) from None
     if max_depth is not None and not within_depth(value, data, max_depth):
         raise TooDeep(max_depth, data)
     return value
