@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
+import h11
 import pytest
 from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
@@ -29,6 +31,7 @@ from django.http.multipartparser import MultiPartParserError
 from django.test import RequestFactory, override_settings
 
 from mcpd_site import asgi
+from tests.cluster import Broker
 from tests.conftest import Tokens
 from virtual_llms import edge, inference, rowcache, sse, tasks
 from virtual_llms import hub as hub_mod
@@ -667,3 +670,55 @@ async def test_the_openapi_routes_still_serve_the_document_and_the_page(upkeep: 
     status, headers, content = await call("GET", "/api/docs/")
     assert status == 200
     assert headers[b"Content-Type"].startswith(b"text/html")
+
+
+def raw_http(broker: Broker, head: bytes) -> tuple[int, bytes, bytes]:
+    """One request written byte for byte (no client library would send these): the status,
+    the Content-Type and the body of the answer."""
+    with socket.create_connection(("127.0.0.1", broker.ports[0]), timeout=10) as sock:
+        sock.sendall(head + b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))  # to read
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(answer)
+    conn.receive_data(b"")
+    status, ctype, body = 0, b"", b""
+    while not isinstance(event := conn.next_event(), h11.EndOfMessage | h11.ConnectionClosed):
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            ctype = dict(event.headers).get(b"content-type", b"")
+        elif isinstance(event, h11.Data):
+            body += event.data
+    return status, ctype, body
+
+
+@pytest.mark.django_db(transaction=False)
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /v1/models HTTP/1.1\r\nAccept: \x85\r\n",
+        b"GET /api/v1/llms HTTP/1.1\r\nAuthorization: Bearer \x0b\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: a\x1cb\r\n",
+    ],
+    ids=["nel-in-accept", "vt-in-authorization", "fs-in-content-type"],
+)
+def test_daphnes_own_400s_are_the_contracts_json_on_the_api(embedded: Broker, head: bytes) -> None:
+    """daphne refuses header values with these bytes before the application sees them, with
+    its HTML page (the fuzzer found ``Accept: \\x85``); on /api/ and /v1/ they are the
+    contract's JSON now. (A path or query string that is not ASCII Twisted refuses first,
+    with a bare 400 without a body, below daphne.)"""
+    status, ctype, body = raw_http(embedded, head)
+    assert (status, ctype) == (400, b"application/json"), body[:300]
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"]
+    if b" /v1/" in head:
+        assert error["type"] == "invalid_request_error"
+    else:
+        assert set(error) == {"code", "message"}
+    # The admin keeps daphne's page.
+    status, ctype, _ = raw_http(embedded, b"GET /admin/ HTTP/1.1\r\nAccept: \x85\r\n")
+    assert (status, ctype) == (400, b"text/html; charset=utf-8")
