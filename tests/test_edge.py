@@ -722,3 +722,18 @@ def test_daphnes_own_400s_are_the_contracts_json_on_the_api(embedded: Broker, he
     # The admin keeps daphne's page.
     status, ctype, _ = raw_http(embedded, b"GET /admin/ HTTP/1.1\r\nAccept: \x85\r\n")
     assert (status, ctype) == (400, b"text/html; charset=utf-8")
+
+
+@pytest.mark.parametrize("fmt", [b"0", b"", b"xml", b"%00"])
+async def test_a_format_no_renderer_has_is_a_json_404_with_a_message(
+    upkeep: None, fmt: bytes
+) -> None:
+    """``GET /api/schema/?format=0`` answered ``{"error": {"code": "not_found", "message": ""}}``
+    (found by tests/test_fuzz.py)."""
+    got = await call("GET", "/api/schema/", query=b"format=" + fmt)
+    if got[0] == 200:  # an empty format is no format: the document
+        assert fmt == b""
+        return
+    error = api_error(got, 404)
+    assert error["code"] == "not_found"
+    assert error["message"]
