@@ -96,56 +96,60 @@ class Target:
     frame_session_id: str
     frame_token: str
     tokens: dict[str, str] = field(default_factory=dict)
+    _client: httpx.Client | None = None
+    _redis: Any = None
 
     def url(self, i: int = 0) -> str:
         return self.broker.url(i)
 
-    def columns(self, table: str) -> list[str]:
-        if self.broker.services:
-            return [
-                str(r[0])
-                for r in self.broker.sql(
-                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s "
-                    "ORDER BY ordinal_position",
-                    table,
-                )
-            ]
-        path = self.broker.tmp / "db.sqlite3"
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-            return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
-
     def snapshot(self, ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
         """The rows, sessions, backends and tokens (minus the ``ignore``d columns and a
         token's ``last_used_at``), and the count of the broker's Redis keys."""
-        state: dict[str, Any] = {}
-        for table in TABLES:
-            cols = [c for c in self.columns(table) if c not in ignore | {"last_used_at"}]
-            query = f"SELECT {', '.join(cols)} FROM {table}"
-            if self.broker.services:
-                state[table] = sorted(map(repr, self.broker.sql(query)))
-            else:
-                path = self.broker.tmp / "db.sqlite3"
-                with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-                    state[table] = sorted(map(repr, conn.execute(query)))
+        skip = ignore | {"last_used_at"}
         if self.broker.services:
+            import psycopg
+
+            opened: Any = psycopg.connect(self.broker.env["DATABASE_URL"], autocommit=True)
+        else:
+            path = self.broker.tmp / "db.sqlite3"
+            opened = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        state: dict[str, Any] = {}
+        with contextlib.closing(opened) as conn:
+            for table in TABLES:
+                cur = conn.execute(f"SELECT * FROM {table}")
+                keep = [i for i, d in enumerate(cur.description) if d[0] not in skip]
+                state[table] = sorted(repr([row[i] for i in keep]) for row in cur.fetchall())
+        if self.broker.services:
+            prefix = self.broker.env["MCPD_REDIS_PREFIX"]
+            keys = [
+                k
+                for k in self.redis().scan_iter(match=f"{prefix}:*", count=1000)
+                if not any(part in k for part in VOLATILE_KEYS)
+            ]
+            state["redis keys"] = len(keys)
+        return state
+
+    def redis(self) -> Any:
+        if self._redis is None:
             import redis
 
-            client = redis.Redis.from_url(self.broker.env["REDIS_URL"])
-            try:
-                prefix = self.broker.env["MCPD_REDIS_PREFIX"]
-                keys = [
-                    k
-                    for k in client.scan_iter(match=f"{prefix}:*", count=1000)
-                    if not any(part in k for part in VOLATILE_KEYS)
-                ]
-                state["redis keys"] = len(keys)
-            finally:
-                client.close()
-        return state
+            self._redis = redis.Redis.from_url(self.broker.env["REDIS_URL"])
+        return self._redis
+
+    def client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(timeout=httpx.Timeout(15.0))
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._redis is not None:
+            self._redis.close()
 
     def serves(self) -> None:
         for i in range(self.broker.n):
-            response = httpx.get(f"{self.url(i)}/healthz", timeout=10)
+            response = self.client().get(f"{self.url(i)}/healthz")
             assert response.status_code == 200, (i, response.status_code, response.text[:300])
 
 
@@ -210,7 +214,9 @@ FUZZ_ENV = {"MCPD_INFER_TIMEOUT_SECONDS": "5", "MCPD_MAX_BODY_BYTES": str(64 * 1
 def target() -> Iterator[Target]:
     broker = Broker(1, services=False, env=FUZZ_ENV).start()
     try:
-        yield setup_target(broker)
+        made = setup_target(broker)
+        yield made
+        made.close()
     finally:
         broker.stop()
 
@@ -546,12 +552,12 @@ def send(client: httpx.Client, target: Target, worker: int, case: HttpInput) -> 
 
 def check_http(target: Target, case: HttpInput, worker: int = 0) -> None:
     before = target.snapshot()
-    with httpx.Client(timeout=httpx.Timeout(15.0)) as client:
-        try:
-            response = send(client, target, worker, case)
-        except (httpx.LocalProtocolError, httpx.InvalidURL, UnicodeEncodeError):
-            TRIED["http refused by the client library"] += 1
-            return
+    target.client().cookies.clear()  # each input on its own (the admin's pages set cookies)
+    try:
+        response = send(target.client(), target, worker, case)
+    except (httpx.LocalProtocolError, httpx.InvalidURL, UnicodeEncodeError):
+        TRIED["http refused by the client library"] += 1
+        return
     TRIED["http"] += 1
     where = f"{case.method} {response.request.url} -> {response.status_code}"
     assert response.status_code < 500, (where, response.text[:500])
@@ -751,7 +757,9 @@ def target3() -> Iterator[Target]:
     require_services()
     broker = Broker(3, services=True, env=FUZZ_ENV).start()
     try:
-        yield setup_target(broker)
+        made = setup_target(broker)
+        yield made
+        made.close()
     finally:
         broker.stop()
 
