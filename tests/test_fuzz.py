@@ -147,6 +147,14 @@ class Target:
         if self._redis is not None:
             self._redis.close()
 
+    def assert_no_tracebacks(self) -> None:
+        """No worker logged a traceback: an input that failed out of sight (a background
+        task, a socket's frame) fails the module too."""
+        for i in range(self.broker.n):
+            log = self.broker.log(i, tail=None)
+            at = log.find("Traceback")
+            assert at < 0, log[max(0, at - 2000) : at + 6000]
+
     def serves(self) -> None:
         for i in range(self.broker.n):
             response = self.client().get(f"{self.url(i)}/healthz")
@@ -217,6 +225,7 @@ def target() -> Iterator[Target]:
         made = setup_target(broker)
         yield made
         made.close()
+        made.assert_no_tracebacks()
     finally:
         broker.stop()
 
@@ -760,6 +769,7 @@ def target3() -> Iterator[Target]:
         made = setup_target(broker)
         yield made
         made.close()
+        made.assert_no_tracebacks()
     finally:
         broker.stop()
 
