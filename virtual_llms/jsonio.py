@@ -9,7 +9,9 @@ on the bench host, orjson 0.6 and 0.4 (docs/benchmarks.md, *Big answers*).
 What the standard library accepts is still accepted: input that orjson refuses (``NaN`` and
 ``Infinity``, a byte order mark, UTF-16 or UTF-32, lone surrogates) is read by ``json``,
 which raises its own ``json.JSONDecodeError`` or ``UnicodeDecodeError`` (both
-``ValueError``) for what is not JSON at all. Two differences remain, both where JSON
+``ValueError``) for what is not JSON at all, and a ``JSONDecodeError`` too for an integer
+of more than 4,300 digits (Python's ``sys.int_info.default_max_str_digits``, where ``json``
+raised a bare ``ValueError``). Two differences remain, both where JSON
 promises nothing (RFC 8259, section 6):
 
 - an integer outside the 64-bit range is read as a float, as JavaScript reads every number;
