@@ -82,13 +82,7 @@ async def close(boxes: list[Box]) -> None:
 async def run(requests: int) -> dict[str, Any]:
     broker = Broker(3, services=True, env={"MCPD_QUEUE_TIMEOUT_SECONDS": "60"}).start()
     try:
-        owner = f"bench-{uuid.uuid4().hex[:6]}"
-        tokens = [
-            broker.manage("createtoken", "publisher", f"box-{i}", "--owner", owner)
-            .stdout.strip()
-            .splitlines()[-1]
-            for i in range(3)
-        ]
+        tokens = broker.owner_tokens(3)
         client = broker.token("client")
         figures: dict[str, Any] = {}
 

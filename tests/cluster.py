@@ -212,6 +212,21 @@ class Broker:
         assert len(tokens) == len(roles), out
         return tokens
 
+    def owner_tokens(self, n: int) -> list[str]:
+        """``n`` publisher tokens of one new owner (the boxes of a pool), made by one
+        process."""
+        script = (
+            "import sys, uuid, django\n"
+            "django.setup()\n"
+            "from virtual_llms.auth import token_create\n"
+            "owner = f'team-{uuid.uuid4().hex[:6]}'\n"
+            "for i in range(int(sys.argv[1])):\n"
+            "    print(token_create(role='publisher', label=f'{owner}-box-{i}', owner=owner)[1])\n"
+        )
+        tokens = self.python("-c", script, str(n)).stdout.split()
+        assert len(tokens) == n, tokens
+        return tokens
+
     def token(self, role: str) -> str:
         """One shared token per role for this broker."""
         if role not in self._tokens:

@@ -50,13 +50,7 @@ def broker() -> Iterator[Broker]:
 @pytest.fixture(scope="module")
 def owner_tokens(broker: Broker) -> list[str]:
     """Three publisher tokens of one owner (one per box)."""
-    owner = f"team-{uuid.uuid4().hex[:6]}"
-    return [
-        broker.manage("createtoken", "publisher", f"box-{i}", "--owner", owner)
-        .stdout.strip()
-        .splitlines()[-1]
-        for i in range(3)
-    ]
+    return broker.owner_tokens(3)
 
 
 class Box:

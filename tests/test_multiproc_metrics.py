@@ -331,13 +331,7 @@ async def test_metrics_refuses_a_client_token_in_the_api_shape(broker: Broker) -
 @pytest.fixture(scope="module")
 def owner_tokens(broker: Broker) -> list[str]:
     """Publisher tokens of one owner, one per box of a pool."""
-    owner = f"team-{uuid.uuid4().hex[:6]}"
-    return [
-        broker.manage("createtoken", "publisher", f"box-{i}", "--owner", owner)
-        .stdout.strip()
-        .splitlines()[-1]
-        for i in range(2)
-    ]
+    return broker.owner_tokens(2)
 
 
 async def test_a_pools_queue_wait_and_failover_are_counted(

@@ -121,8 +121,10 @@ class UsageSerializer(serializers.Serializer[Any]):
 
 
 USAGE_PARAMETERS = [
-    OpenApiParameter("since", str, description="ISO 8601; default: 24 h before until"),
-    OpenApiParameter("until", str, description="ISO 8601; default: now"),
+    OpenApiParameter(
+        "since", OpenApiTypes.DATETIME, description="ISO 8601; default: 24 h before until"
+    ),
+    OpenApiParameter("until", OpenApiTypes.DATETIME, description="ISO 8601; default: now"),
 ]
 
 
@@ -182,7 +184,9 @@ ModelListSerializer = inline_serializer(
 class RelayedRequestSerializer(serializers.Serializer[Any]):
     """The OpenAI request body, relayed as it is; only ``model`` and ``stream`` are read."""
 
-    model = serializers.CharField(help_text="the LLM's name (`GET /v1/models`)")
+    model = serializers.CharField(
+        min_length=1, max_length=128, help_text="the LLM's name (`GET /v1/models`)"
+    )
     stream = serializers.BooleanField(required=False, help_text="answer as an event stream")
 
 

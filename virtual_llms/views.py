@@ -134,7 +134,7 @@ class LlmListView(APIView):
         parameters=[
             OpenApiParameter(
                 "limit",
-                int,
+                {"type": "integer", "minimum": 1, "maximum": PAGE_MAX},
                 description=f"at most this many rows (1-{PAGE_MAX}), in name order; a "
                 'Link header (rel="next") names the next page',
             ),
@@ -277,7 +277,11 @@ def _instant(request: Request, name: str, default: datetime) -> datetime:
 
 def _period(request: Request) -> tuple[datetime, datetime]:
     until = _instant(request, "until", timezone.now())
-    since = _instant(request, "since", until - USAGE_DEFAULT_PERIOD)
+    try:
+        default_since = until - USAGE_DEFAULT_PERIOD
+    except OverflowError:  # an until within a day of year 1 (found by schemathesis)
+        default_since = datetime.min.replace(tzinfo=UTC)
+    since = _instant(request, "since", default_since)
     if since > until:
         raise ApiError(400, "invalid_request", "'since' must not be after 'until'.")
     return since, until

@@ -95,6 +95,22 @@ async def resubscribe_dropped(layer: Any, *, force: bool = False) -> int:
     return done
 
 
+def _reconnect_race(exc: BaseException | None, lost: tuple[type[BaseException], ...]) -> bool:
+    """redis-py reconnecting the layer's pub/sub connection while another coroutine (a new
+    channel's SUBSCRIBE, e.g. a publisher's socket opening again) reads it: asyncio's
+    "read() called while another coroutine is already waiting", raised while handling the
+    lost connection. channels-redis's receive loop retries a second later, as for the loss
+    itself (seen in CI after a Redis restart with WebSocket publishers)."""
+    if not isinstance(exc, RuntimeError) or "already waiting" not in str(exc):
+        return False
+    context = exc.__context__
+    while context is not None:
+        if isinstance(context, lost):
+            return True
+        context = context.__context__
+    return False
+
+
 class QuietConnectionErrors:
     """A logging filter for channels-redis's receive loop: a lost or stalled Redis connection
     is one line, not a traceback (the hub logs the outage once: recovery.py); anything else is
@@ -104,7 +120,9 @@ class QuietConnectionErrors:
         import redis.exceptions
 
         lost = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError)
-        if record.exc_info and isinstance(record.exc_info[1], lost):
+        if record.exc_info and (
+            isinstance(record.exc_info[1], lost) or _reconnect_race(record.exc_info[1], lost)
+        ):
             record.msg = f"{record.getMessage()}: {record.exc_info[1]}"
             record.args = ()
             record.exc_info = None
