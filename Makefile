@@ -10,12 +10,13 @@ MCPD_TEST_PG_URL ?= postgres://postgres@127.0.0.1:5432/mcpd
 MCPD_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 export MCPD_TEST_PG_URL MCPD_TEST_REDIS_URL
 
-.PHONY: help venv run test lint types migrations-check pytest pytest-embedded pytest-services bench bench-quick bench-pool bench-metrics soak clean
+.PHONY: help venv run test lint types migrations-check pytest pytest-embedded pytest-services bench bench-quick bench-pool bench-metrics soak fuzz clean
 
 help:
 	@echo "make run    - install, migrate, print dev tokens, serve on http://$(HOST):$(PORT)"
 	@echo "make test   - lint, types, migrations check and the whole test suite"
 	@echo "make bench  - benchmarks (not part of make test); make bench-quick, make soak, make bench-metrics"
+	@echo "make fuzz   - the fuzz test's long run (HYPOTHESIS_PROFILE=soak; part of make soak)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +45,8 @@ migrations-check: venv
 
 # The suite runs twice: embedded (SQLite, in-memory layer) and on PostgreSQL + Redis.
 # The second run, and the multi-process tests in the first, need the services: without
-# them they are skipped and said so, except under CI=true, where that fails.
+# them they are skipped and said so, except under CI=true, where that fails. The fuzz tests
+# start a broker of their own whatever the run's database: they run in the first run only.
 pytest: pytest-embedded pytest-services
 
 pytest-embedded: venv
@@ -53,7 +55,7 @@ pytest-embedded: venv
 pytest-services: venv
 	@if $(PY) tests/services_up.py; then \
 	  DATABASE_URL=$(MCPD_TEST_PG_URL) REDIS_URL=$(MCPD_TEST_REDIS_URL) \
-	    $(PY) -m pytest -m "not multiproc and not browser" $(PYTEST_ARGS); \
+	    $(PY) -m pytest -m "not multiproc and not browser and not fuzz" $(PYTEST_ARGS); \
 	elif [ "$$CI" = "true" ]; then \
 	  echo "CI: PostgreSQL or Redis is unreachable; the services suite must run." >&2; exit 1; \
 	else \
@@ -81,9 +83,15 @@ bench-pool: $(VENV)/.installed-bench
 bench-metrics: $(VENV)/.installed-bench
 	$(PY) -m bench.metrics_scrape
 
-# Sustained load, then: nothing failed, nothing left behind, RSS and threads flat (~22 min).
+# tests/test_fuzz.py with 20 times the inputs of make test (about 75,000; the count is printed).
+fuzz: venv
+	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -p no:cacheprovider -o timeout=0 tests/test_fuzz.py
+
+# Sustained load, then: nothing failed, nothing left behind, RSS and threads flat (~22 min);
+# then the long fuzz run.
 soak: $(VENV)/.installed-bench
 	$(PY) -m bench.run --soak
+	$(MAKE) fuzz
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .test-db.sqlite3* staticfiles

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
 
+import h11
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
@@ -29,6 +32,7 @@ from django.http.multipartparser import MultiPartParserError
 from django.test import RequestFactory, override_settings
 
 from mcpd_site import asgi
+from tests.cluster import Broker
 from tests.conftest import Tokens
 from virtual_llms import edge, inference, rowcache, sse, tasks
 from virtual_llms import hub as hub_mod
@@ -609,3 +613,144 @@ async def test_an_answer_for_a_task_id_that_cannot_exist_is_404(
 
 def test_the_task_id_rule_takes_every_id_the_broker_makes() -> None:
     assert all(is_task_id(secrets.token_urlsafe(18)) for _ in range(2000))
+
+
+# --- found by the fuzzer (tests/test_fuzz.py) -------------------------------------------------
+
+HUGE_INT = b'{"model": ' + b"9" * 5000 + b"}"  # past Python's 4,300-digit int conversion
+
+
+@pytest.mark.parametrize(("path", "role"), BODY_ROUTES)
+async def test_an_integer_of_5000_digits_is_400_invalid_json_not_a_500(
+    upkeep: None, virtual_llm: None, tokens: Tokens, path: str, role: str
+) -> None:
+    """orjson refuses it and the standard library raised ValueError (not a JSONDecodeError)."""
+    before = await sync_to_async(snapshot)()
+    got = await call("POST", path, token=token_of(tokens, role), body=HUGE_INT)
+    error = error_of(path, got, 400)
+    assert error["code"] == "invalid_json"
+    assert "4300 digits" in error["message"]
+    assert await sync_to_async(snapshot)() == before
+
+
+async def test_an_integer_of_5000_digits_in_a_frame_gets_protocol_error_and_the_socket_stays(
+    tokens: Tokens, virtual_llm: None, hub: hub_mod.Hub
+) -> None:
+    """It closed the socket with 1011 (and the session's rows went inactive)."""
+    sock = ws("/api/v1/virtual/sessions/sess/ws", tokens.publisher_plain)
+    await sock.connect()
+    assert (await receive(sock))["type"] == "ready"
+    await sock.send_to(bytes_data=HUGE_INT)
+    refused = await receive(sock)
+    assert (refused["type"], refused["code"]) == ("protocol_error", "invalid_json")
+    await sock.send_to(text_data=json.dumps({"type": "heartbeat"}))
+    assert await receive(sock) == {"type": "heartbeat", "ok": True, "llms": 1}
+    assert await sync_to_async(lambda: Llm.objects.get(name="m1").status)() == "active"
+    await sock.disconnect()
+
+
+@pytest.mark.parametrize("method", ["OPTIONS", "POST", "PUT", "PATCH", "DELETE"])
+@pytest.mark.parametrize("path", ["/api/docs/", "/api/schema/"])
+async def test_the_openapi_routes_refuse_other_methods_with_a_json_405(
+    upkeep: None, method: str, path: str
+) -> None:
+    """OPTIONS /api/docs/ was a 500 (DRF rendered its metadata through the page's HTML
+    renderer, which has no template for it), and a 405 on /api/schema/ came as
+    ``application/vnd.oai.openapi+json``."""
+    got = await call(method, path)
+    if method == "OPTIONS" and path == "/api/schema/":
+        assert got[0] == 200, got  # DRF's metadata, as JSON
+        return
+    assert api_error(got, 405)["code"] == "method_not_allowed"
+
+
+async def test_the_openapi_routes_still_serve_the_document_and_the_page(upkeep: None) -> None:
+    status, headers, content = await call("GET", "/api/schema/")
+    assert status == 200
+    assert json.loads(content)["openapi"].startswith("3.")
+    status, headers, content = await call("GET", "/api/docs/")
+    assert status == 200
+    assert headers[b"Content-Type"].startswith(b"text/html")
+
+
+def raw_http(broker: Broker, head: bytes) -> tuple[int, bytes, bytes]:
+    """One request written byte for byte (no client library would send these): the status,
+    the Content-Type and the body of the answer."""
+    with socket.create_connection(("127.0.0.1", broker.ports[0]), timeout=10) as sock:
+        sock.sendall(head + b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))  # to read
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(answer)
+    conn.receive_data(b"")
+    status, ctype, body = 0, b"", b""
+    while not isinstance(event := conn.next_event(), h11.EndOfMessage | h11.ConnectionClosed):
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            ctype = dict(event.headers).get(b"content-type", b"")
+        elif isinstance(event, h11.Data):
+            body += event.data
+    return status, ctype, body
+
+
+@pytest.mark.django_db(transaction=False)
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /v1/models HTTP/1.1\r\nAccept: \x85\r\n",
+        b"GET /api/v1/llms HTTP/1.1\r\nAuthorization: Bearer \x0b\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Type: a\x1cb\r\n",
+    ],
+    ids=["nel-in-accept", "vt-in-authorization", "fs-in-content-type"],
+)
+def test_daphnes_own_400s_are_the_contracts_json_on_the_api(embedded: Broker, head: bytes) -> None:
+    """daphne refuses header values with these bytes before the application sees them, with
+    its HTML page (the fuzzer found ``Accept: \\x85``); on /api/ and /v1/ they are the
+    contract's JSON now. (A path or query string that is not ASCII Twisted refuses first,
+    with a bare 400 without a body, below daphne.)"""
+    status, ctype, body = raw_http(embedded, head)
+    assert (status, ctype) == (400, b"application/json"), body[:300]
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"]
+    if b" /v1/" in head:
+        assert error["type"] == "invalid_request_error"
+    else:
+        assert set(error) == {"code", "message"}
+    # The admin keeps daphne's page.
+    status, ctype, _ = raw_http(embedded, b"GET /admin/ HTTP/1.1\r\nAccept: \x85\r\n")
+    assert (status, ctype) == (400, b"text/html; charset=utf-8")
+
+
+@pytest.mark.parametrize("fmt", [b"0", b"", b"xml", b"%00"])
+async def test_a_format_no_renderer_has_is_a_json_404_with_a_message(
+    upkeep: None, fmt: bytes
+) -> None:
+    """``GET /api/schema/?format=0`` answered ``{"error": {"code": "not_found", "message": ""}}``
+    (found by tests/test_fuzz.py)."""
+    got = await call("GET", "/api/schema/", query=b"format=" + fmt)
+    if got[0] == 200:  # an empty format is no format: the document
+        assert fmt == b""
+        return
+    error = api_error(got, 404)
+    assert error["code"] == "not_found"
+    assert error["message"]
+
+
+@pytest.mark.django_db(transaction=False)
+def test_a_head_answer_has_no_body_and_the_connection_serves_on(embedded: Broker) -> None:
+    """HEAD /api/schema/ (a body of several parts) sent all but the first part after its
+    headers: the next answer on the kept-alive connection was read from the middle of the
+    document, "illegal request line" (found by tests/test_fuzz.py)."""
+    with httpx.Client(base_url=embedded.url(), timeout=10) as client:
+        for _ in range(2):
+            head = client.head("/api/schema/")
+            assert head.status_code == 200
+            assert head.content == b""
+            after = client.get("/healthz")  # on the same connection
+            assert after.status_code == 200, after.text[:300]
+    status, _, body = raw_http(embedded, b"HEAD /api/schema/ HTTP/1.1\r\n")
+    assert (status, body) == (200, b"")

@@ -174,3 +174,12 @@ def test_orjsons_write_limit_is_found_not_assumed() -> None:
     orjson.dumps(value)
     with pytest.raises(orjson.JSONEncodeError):
         orjson.dumps([value])
+
+
+def test_an_integer_past_pythons_digit_limit_is_a_json_decode_error() -> None:
+    """orjson refuses it and the standard library raised a bare ValueError (a 500 on every
+    body route; found by tests/test_fuzz.py)."""
+    for doc in (b"9" * 5000, '{"model": ' + "9" * 5000 + "}"):
+        with pytest.raises(json.JSONDecodeError, match="4300 digits"):
+            jsonio.loads(doc, 128)
+    assert jsonio.loads(b"9" * 4000) == int("9" * 4000)  # within the limit: read as before

@@ -153,5 +153,17 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
         status = 401
         code = "unauthorized"
     response.status_code = status
-    response.data = {"error": {"code": code, "message": _flatten(detail)}}
+    # An exception with an empty detail (the 404 of ``?format=`` naming no renderer): its
+    # default message, or the status's phrase; the contract's message is never empty.
+    message = _flatten(detail) or str(getattr(exc, "default_detail", "")) or _phrase(status)
+    response.data = {"error": {"code": code, "message": message}}
     return response
+
+
+def _phrase(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return f"{HTTPStatus(status).phrase}."
+    except ValueError:
+        return f"HTTP {status}."

@@ -9,7 +9,9 @@ on the bench host, orjson 0.6 and 0.4 (docs/benchmarks.md, *Big answers*).
 What the standard library accepts is still accepted: input that orjson refuses (``NaN`` and
 ``Infinity``, a byte order mark, UTF-16 or UTF-32, lone surrogates) is read by ``json``,
 which raises its own ``json.JSONDecodeError`` or ``UnicodeDecodeError`` (both
-``ValueError``) for what is not JSON at all. Two differences remain, both where JSON
+``ValueError``) for what is not JSON at all, and a ``JSONDecodeError`` too for an integer
+of more than 4,300 digits (Python's ``sys.int_info.default_max_str_digits``, where ``json``
+raised a bare ``ValueError``). Two differences remain, both where JSON
 promises nothing (RFC 8259, section 6):
 
 - an integer outside the 64-bit range is read as a float, as JavaScript reads every number;
@@ -61,6 +63,10 @@ def loads(data: bytes | str, max_depth: int | None = None) -> Any:
             value = json.loads(data)
         except RecursionError:
             raise TooDeep(min(max_depth or READ_LIMIT, READ_LIMIT), data) from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise
+        except ValueError as exc:  # an integer of more than 4,300 digits (sys.int_info)
+            raise json.JSONDecodeError(str(exc), data if isinstance(data, str) else "", 0) from None
     if max_depth is not None and not within_depth(value, data, max_depth):
         raise TooDeep(max_depth, data)
     return value

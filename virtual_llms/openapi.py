@@ -39,12 +39,14 @@ from drf_spectacular.utils import (
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework import serializers
 from rest_framework.permissions import AllowAny
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from . import edge, inference
 from .drf import Negotiated
+from .errors import ApiError
 from .models import LlmStatus
 from .serializers import LlmSerializer
 
@@ -418,7 +420,19 @@ def document() -> dict[str, Any]:
     return generated
 
 
-class SchemaView(SpectacularAPIView):
+class JsonRefusals:
+    """A DRF view whose refusals are JSON (``application/json``) whatever its renderers are:
+    the schema's OpenAPI renderers answered a 405 as ``application/vnd.oai.openapi+json``
+    and the docs page's HTML renderer failed on them (tests/test_fuzz.py found both)."""
+
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(response, Response) and response.status_code >= 400:
+            request.accepted_renderer = JSONRenderer()
+            request.accepted_media_type = "application/json"
+        return super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+
+
+class SchemaView(JsonRefusals, SpectacularAPIView):
     """The document, JSON unless ``?format=yaml`` or ``Accept`` asks for YAML."""
 
     content_negotiation_class = Negotiated
@@ -433,7 +447,18 @@ class SchemaView(SpectacularAPIView):
         return Response(document())
 
 
-class DocsView(SpectacularSwaggerView):
+class DocsView(JsonRefusals, SpectacularSwaggerView):
     """Swagger UI, its assets from drf-spectacular-sidecar (served under /static/)."""
 
     url_name = "openapi-schema"
+
+    def dispatch(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        """GET and HEAD only, any other method a JSON 405 before DRF: DRF renders every answer
+        of this view (OPTIONS' metadata, a 405) through its HTML template renderer, which has
+        no template for them (a 500, found by tests/test_fuzz.py)."""
+        if request.method not in ("GET", "HEAD"):
+            error = ApiError(405, "method_not_allowed", f"Use GET or HEAD on {request.path}.")
+            response = error.response(openai=False)
+            response["Allow"] = "GET, HEAD"
+            return response
+        return super().dispatch(request, *args, **kwargs)

@@ -1,5 +1,7 @@
 """What daphne does not expose, set by replacing the classes it builds from.
 
+- daphne's own refusals (:func:`json_basic_errors`) in the contract's JSON on /api/ and /v1/,
+  and no body after a HEAD's headers (:func:`head_without_body`).
 - Two switches: Twisted's form parsing and its request log line (below). Relies on daphne
   4.2 building its requests from ``daphne.http_protocol.WebRequest`` (a Twisted ``Request``,
   whose ``parsePOSTFormSubmission`` argument exists since Twisted 22.8) and its factory from
@@ -36,6 +38,67 @@ def skip_form_parsing() -> None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("parsePOSTFormSubmission", False)
             super().__init__(*args, **kwargs)
+
+    http_protocol.WebRequest = WebRequest
+
+
+API_PATHS = (b"/api/", b"/v1/")
+
+
+def json_basic_errors() -> None:
+    """daphne's own refusals, made before the application sees the request (a header value
+    holding a byte it refuses, such as ``\\x85``; a path or query string that is not ASCII;
+    an application that failed before its answer), answered on /api/ and /v1/ as the
+    contract's JSON error instead of daphne's HTML page (tests/test_fuzz.py found them).
+    Relies on daphne 4.2 answering them all through ``WebRequest.basic_error``."""
+    from daphne import http_protocol
+
+    base = http_protocol.WebRequest
+    if getattr(base, "mcpd_json_errors", False):
+        return
+
+    class WebRequest(base):  # type: ignore[misc,valid-type]  # daphne is untyped
+        mcpd_json_errors = True
+
+        def basic_error(self, status: int, status_text: bytes, body: str) -> None:
+            path = bytes(self.uri or b"").split(b"?", 1)[0]
+            if not (path.startswith(API_PATHS) or path in (b"/api", b"/v1")):
+                super().basic_error(status, status_text, body)
+                return
+            from virtual_llms.errors import ApiError
+
+            code = "internal_error" if status >= 500 else "invalid_request"
+            error = ApiError(status, code, f"{body}.")
+            headers = [(b"Content-Type", b"application/json")]
+            headers += [(k.encode(), v.encode()) for k, v in error.headers.items()]
+            self.handle_reply({"type": "http.response.start", "status": status, "headers": headers})
+            self.handle_reply(
+                {"type": "http.response.body", "body": error.body(openai=path.startswith(b"/v1"))}
+            )
+
+    http_protocol.WebRequest = WebRequest
+
+
+def head_without_body() -> None:
+    """No body bytes in the answer to a HEAD. Twisted drops a HEAD's body by replacing the
+    request's ``write`` after the first, but daphne writes each later part of a body through
+    ``http.Request.write(self, ...)``, which that does not reach: an answer of several parts
+    (``/api/schema/``) sent the rest of its body after the headers, and the next answer on
+    the kept-alive connection was read from the middle of it (tests/test_fuzz.py found it).
+    Relies on daphne 4.2 handing every body part to ``WebRequest.handle_reply``."""
+    from daphne import http_protocol
+
+    base = http_protocol.WebRequest
+    if getattr(base, "mcpd_head_without_body", False):
+        return
+
+    class WebRequest(base):  # type: ignore[misc,valid-type]  # daphne is untyped
+        mcpd_head_without_body = True
+
+        def handle_reply(self, message: dict[str, Any]) -> None:
+            if self.method == b"HEAD" and message.get("type") == "http.response.body":
+                message = {**message, "body": b""}
+            super().handle_reply(message)
 
     http_protocol.WebRequest = WebRequest
 

@@ -82,6 +82,8 @@ class Command(BaseCommand):
         from virtual_llms import request_log
         from virtual_llms.runtime.daphne_server import (
             draining_cli,
+            head_without_body,
+            json_basic_errors,
             skip_form_parsing,
             skip_twisted_request_log,
         )
@@ -91,6 +93,8 @@ class Command(BaseCommand):
         request_log.set_worker(str(port))  # the log lines' worker=
         skip_form_parsing()
         skip_twisted_request_log()
+        json_basic_errors()
+        head_without_body()
         freeze_startup_objects()
         draining_cli().run(daphne_args(bind, port, daphne, backlog))
 
