@@ -2,10 +2,11 @@
 row's fields derived from them, owners, drain and the eviction of one backend.
 
 A virtual row's own ``status``, ``inactive_since``, ``last_heartbeat_at``,
-``provider_session_id``, ``publisher_token`` and ``model`` are what v1 readers see; since
-v1.1 they are derived from the row's backends (:func:`derive`) after every write to them,
-in the same transaction. A row that is not a pool has exactly one backend, so it reads
-exactly as in v1.
+``provider_session_id``, ``publisher_token`` and ``model`` are what v1 readers see. Every
+write to a row's backends re-derives them (:func:`derive`) in the same transaction. A row
+that is not a pool has exactly one backend and stays its authority for status and
+heartbeat, as in v1 (docs/design.md "Fleets": the row cache, gcsweep and the wake read the
+row's own columns), so a write to the row alone is seen as before.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from django.utils import timezone
 
 from .errors import ApiError
 from .models import (
-    ApiToken,
     Backend,
     Llm,
     LlmKind,
@@ -34,17 +34,10 @@ from .state import name_field
 
 
 def llm_touch(*fields: str) -> None:
-    from .services import llm_touch as touch  # services imports this module
+    """services.llm_touch (imported late: services imports this module)."""
+    from .services import llm_touch as touch
 
     touch(*fields)
-
-
-def owner_key(token_id: int | None) -> str | None:
-    """The owner of the names a publisher token publishes (ApiToken.owner_key)."""
-    if token_id is None:
-        return None
-    token = ApiToken.objects.filter(pk=token_id).only("pk", "owner").first()
-    return None if token is None else token.owner_key
 
 
 def mirror(row: Llm) -> None:

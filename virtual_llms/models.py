@@ -248,7 +248,7 @@ class BackendQuerySet(models.QuerySet["Backend"]):
 class Backend(models.Model):
     """One session serving a virtual row's name (PROTOCOL.md v1.1 "Pools"). The row's own
     status, ``inactive_since``, ``provider_session_id`` and ``publisher_token`` are derived
-    from its backends (services.llm_derive); a row that is not a pool has exactly one."""
+    from its backends (backends.derive); a row that is not a pool has exactly one."""
 
     llm = models.ForeignKey(Llm, on_delete=models.CASCADE, related_name="backends")
     session = models.ForeignKey(ProviderSession, on_delete=models.CASCADE, related_name="backends")
