@@ -83,7 +83,7 @@ bench-pool: $(VENV)/.installed-bench
 bench-metrics: $(VENV)/.installed-bench
 	$(PY) -m bench.metrics_scrape
 
-# tests/test_fuzz.py with 20 times the inputs of make test (about 75,000; the count is printed).
+# tests/test_fuzz.py with 40 times the inputs of make test (about 75,000; the count is printed).
 fuzz: venv
 	HYPOTHESIS_PROFILE=soak $(PY) -m pytest -p no:cacheprovider -o timeout=0 tests/test_fuzz.py
 

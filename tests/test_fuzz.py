@@ -45,7 +45,7 @@ _COMMON: dict[str, Any] = {
 }
 # "suite": make test (about a minute for the module); "soak": make fuzz / make soak.
 # Each test takes a share of its profile's examples (budget below).
-EXAMPLES = {"quick": 40, "suite": 2000, "soak": 40000}
+EXAMPLES = {"quick": 40, "suite": 1000, "soak": 40000}
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "suite")
 if PROFILE not in EXAMPLES:
     PROFILE = "suite"
