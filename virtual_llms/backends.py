@@ -157,6 +157,12 @@ def backend_evict(*, backend: Backend) -> None:
         llm_evict(llm=row)
         return
     from . import events  # the channel layer is only touched there
+    from .errors import unavailable
 
-    # Its tasks in flight fail with 502 llm_evicted, as a row's do (hub.Hub).
-    events.broadcast_sync({"type": "backend.evicted", "llmId": str(row.pk), "sid": sid})
+    # Its tasks in flight fail with 502 llm_evicted, as a row's do (hub.Hub). With Redis
+    # away the eviction stands; those tasks end with the publisher's answer or a timeout.
+    try:
+        events.broadcast_sync({"type": "backend.evicted", "llmId": str(row.pk), "sid": sid})
+    except Exception as exc:
+        if unavailable(exc) is None:
+            raise
