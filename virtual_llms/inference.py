@@ -8,6 +8,11 @@ still get its own status (the contract's table), for up to one ping interval; a 
 line open, so proxies that cut quiet connections never see 15 s of silence. Whatever ends
 the call — an answer, an error, a timeout, the client leaving — its ``finally:`` records
 the outcome once, for the observers (metrics, the request log, usage records).
+
+One file, past 600 lines, on purpose: the call's stages (admission, wake, queue, dispatch,
+failover, the streamed and unary answers) share one ``_Call`` and one ``finally:``; split
+across modules, the one place a call ends would become several. What each stage needs from
+elsewhere lives there (wake.py, queue.py, routing.py, limits.py, tasks.py).
 """
 
 from __future__ import annotations
