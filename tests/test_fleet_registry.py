@@ -351,3 +351,18 @@ def test_the_llm_list_pages_on_request(admin: str, client_token: str) -> None:
     for bad in ("0", "1001", "x", "-1"):
         response = Client().get(f"/api/v1/llms?limit={bad}", headers=auth(client_token))
         assert error_code(response, 400) == "invalid_request"
+
+
+def test_a_session_alone_on_its_name_can_make_it_a_pool(admin: str) -> None:
+    """An agent restarted with pool = true keeps its session (sticky): the name becomes a
+    pool, and another box of the owner may join."""
+    _, a = publisher("box-a", owner="gpu-team")
+    _, b = publisher("box-b", owner="gpu-team")
+    assert register(a, "sa").status_code == 200
+    assert error_code(register(b, "sb", pool=True), 409) == "name_conflict"
+    assert register(a, "sa", pool=True).status_code == 200
+    assert register(b, "sb", pool=True).status_code == 200
+    assert Llm.objects.get(name="pool").pool
+    # with another box serving it, a session cannot take the pool away
+    assert error_code(register(a, "sa"), 409) == "name_conflict"
+    assert Llm.objects.get(name="pool").pool

@@ -185,7 +185,11 @@ def _register_on(
     ]
     same_owner = _owner_of(row) == token.owner_key
     if mine is not None and not (others_live and spec.pool != row.pool):
-        pass  # sticky reconnect (its pool flag cannot change while others serve it)
+        # Sticky reconnect. Alone on the name, the session may turn it into a pool (an
+        # agent restarted with pool = true keeps its session) or back; with others serving
+        # it, the flag stays.
+        if not others_live:
+            row.pool = spec.pool
     elif not same_owner:
         if row.status != LlmStatus.INACTIVE or others_live:
             raise _conflict(f"'{spec.name}' is already active under a different session")
