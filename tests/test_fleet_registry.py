@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from virtual_llms import backends, services
@@ -351,6 +353,25 @@ def test_the_llm_list_pages_on_request(admin: str, client_token: str) -> None:
     for bad in ("0", "1001", "x", "-1"):
         response = Client().get(f"/api/v1/llms?limit={bad}", headers=auth(client_token))
         assert error_code(response, 400) == "invalid_request"
+
+
+def test_the_llm_list_reads_no_backends(admin: str, client_token: str) -> None:
+    """A pool's row carries what the list shows (backends.mirror): listing reads the rows
+    alone, not every backend of every row; the detail reads its one row's."""
+    _, a = publisher("box-a", owner="gpu-team")
+    _, b = publisher("box-b", owner="gpu-team")
+    assert register(a, "sa", pool=True).status_code == 200
+    assert register(b, "sb", pool=True).status_code == 200
+    table = Backend._meta.db_table
+    with CaptureQueriesContext(connection) as listed:
+        rows = Client().get("/api/v1/llms", headers=auth(client_token)).json()
+    assert [(row["name"], row["status"], row["providerSessionId"]) for row in rows] == [
+        ("pool", "active", "sa")
+    ]
+    assert not [q["sql"] for q in listed.captured_queries if table in q["sql"]]
+    with CaptureQueriesContext(connection) as one:
+        assert len(detail(client_token).json()["backends"]) == 2
+    assert [q["sql"] for q in one.captured_queries if table in q["sql"]]
 
 
 def test_a_session_alone_on_its_name_can_make_it_a_pool(admin: str) -> None:

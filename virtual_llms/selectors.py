@@ -20,7 +20,10 @@ def llm_get(*, name: str) -> Llm | None:
 
 
 def llm_list() -> QuerySet[Llm]:
-    return Llm.objects.prefetch_related("backends")
+    """Every row, for ``GET /api/v1/llms``: a row's own columns say all the list shows (a
+    pool's are derived from its backends as they change: backends.mirror), so its backends
+    are not read."""
+    return Llm.objects.all()
 
 
 def llm_callable_get(*, name: str) -> Llm | None:
