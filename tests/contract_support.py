@@ -237,6 +237,29 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def wake_waiting(broker: Broker) -> int:
+    """How many calls wait for a wake, on all the broker's workers (each worker's
+    ``mcpd_wake_waiting`` gauge in ``/metrics``)."""
+    total = 0
+    async with http(broker.token("admin")) as client:
+        for worker in range(broker.n):
+            response = await client.get(f"{broker.url(worker)}/metrics")
+            assert response.status_code == 200, response.text
+            found = re.search(r"^mcpd_wake_waiting ([0-9.e+]+)$", response.text, re.M)
+            assert found, response.text[:500]
+            total += int(float(found.group(1)))
+    return total
+
+
+async def wait_wake_waiting(broker: Broker, calls: int, timeout: float = 10.0) -> None:
+    """Wait until ``calls`` calls wait for a wake: each has arrived and joined it."""
+
+    async def check() -> bool:
+        return await wake_waiting(broker) >= calls
+
+    await wait_for(check, timeout)
+
+
 async def wait_status(broker: Broker, name: str, status: str, timeout: float = 5.0) -> float:
     async def check() -> bool:
         row = await get_row(broker, name)

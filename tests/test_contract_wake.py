@@ -24,6 +24,7 @@ from tests.contract_support import (
     publisher,
     sse_events,
     uname,
+    wait_wake_waiting,
 )
 
 pytestmark = pytest.mark.multiproc
@@ -57,7 +58,7 @@ async def test_one_wake_for_many_concurrent_requests(broker: Broker, transport: 
         assert wake["kind"] == "wake", f"the first frame must be the wake task: {wake}"
         assert set(wake) - {"_event", "_id"} == {"kind", "taskId", "llmName"}
         assert wake["llmName"] == name
-        await asyncio.sleep(1.0)  # every request is waiting now
+        await wait_wake_waiting(broker, len(calls))  # every request is waiting now
         assert not any(c.done() for c in calls)
         assert len(kinds(pub, "wake")) == 1, pub.seen
         assert kinds(pub, "infer") == [], "no infer task before the wake's result"
@@ -93,7 +94,7 @@ async def test_failed_wake_fails_every_waiter_and_stays_hibernating(
             asyncio.create_task(post_chat(broker, chat_body(name), worker=i % 3)) for i in range(4)
         ]
         wake = await pub.next_frame("wake")
-        await asyncio.sleep(0.8)
+        await wait_wake_waiting(broker, len(calls))
         if transport == "ws":
             await pub.send_ws({"type": "error", "taskId": wake["taskId"], "error": message})
         else:
@@ -124,7 +125,7 @@ async def test_wake_result_with_error_status_fails_the_wake(broker: Broker) -> N
     async with publisher(broker, "sse", [provider(name, status="hibernating")]) as pub:
         calls = [asyncio.create_task(post_chat(broker, chat_body(name), worker=w)) for w in (0, 2)]
         wake = await pub.next_frame("wake")
-        await asyncio.sleep(0.5)
+        await wait_wake_waiting(broker, len(calls))
         posted = await pub.result(
             wake["taskId"], 500, {"error": "weights missing"}, url=broker.url(1)
         )
@@ -188,7 +189,7 @@ async def test_status_hibernating_then_streamed_request_wakes_first(
             call = asyncio.create_task(stream())
             wake = await pub.next_frame()
             assert wake["kind"] == "wake"
-            await asyncio.sleep(0.3)
+            await wait_wake_waiting(broker, 1)
             assert kinds(pub, "infer") == []
             await answer_wake(pub, broker, wake)
             frame = await pub.next_frame("infer")

@@ -467,6 +467,10 @@ class Hub:
         self.wake_waiters.setdefault(llm_id, set()).add(future)
         return future
 
+    def wake_waiting(self) -> int:
+        """How many calls on this worker wait for a wake (metrics: mcpd_wake_waiting)."""
+        return sum(len(waiters) for waiters in self.wake_waiters.values())
+
     def wake_unwait(self, llm_id: str, future: asyncio.Future[WakeOutcome]) -> None:
         waiters = self.wake_waiters.get(llm_id)
         if waiters is not None:

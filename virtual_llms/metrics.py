@@ -38,6 +38,7 @@ from . import fleet_snapshot, inference, observers
 from .auth import ADMIN_ROLES, aauthenticate
 from .errors import unavailable
 from .http import json_view
+from .hub import current_hub
 from .inference import Outcome
 from .observers import StreamEvent, WakeEvent
 
@@ -135,6 +136,11 @@ CONTROL_STREAMS = Gauge(
 )
 for _transport in ("sse", "ws"):
     CONTROL_STREAMS.labels(_transport)
+WAKE_WAITING = Gauge(
+    "mcpd_wake_waiting",
+    "Calls on this worker waiting for a model to wake (whichever worker leads the wake).",
+    registry=WORKER,
+)
 
 
 class _Children:
@@ -318,5 +324,7 @@ async def metrics_view(request: HttpRequest) -> HttpResponseBase:
     """``GET /metrics``: for an admin token, or anyone with MCPD_METRICS_PUBLIC."""
     if not settings.MCPD_METRICS_PUBLIC:
         await aauthenticate(request.headers.get("Authorization"), ADMIN_ROLES)
+    hub = current_hub()  # read on the hub's loop; the scrape itself runs on a thread
+    WAKE_WAITING.set(0 if hub is None else hub.wake_waiting())
     body, content_type, timing = await sync_to_async(scrape)(request.headers.get("Accept"))
     return HttpResponse(body, content_type=content_type, headers={"Server-Timing": timing})
