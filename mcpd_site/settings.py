@@ -284,6 +284,11 @@ MCPD_WAKE_FAILURE_SECONDS = _env_float_or_zero("MCPD_WAKE_FAILURE_SECONDS", 0.0)
 MCPD_DRAIN_SECONDS = _env_float("MCPD_DRAIN_SECONDS", 30.0)
 # Largest request body accepted from a client or a publisher.
 MCPD_MAX_BODY_BYTES = _env_int("MCPD_MAX_BODY_BYTES", 10 * 1024 * 1024)
+# A message between workers bigger than this (a task's body, an answer) does not ride Redis
+# pub/sub, whose per-subscriber output limit (32 MB by default) would cut the receiving
+# worker's subscription: it is stored under a key of its own and taken by its receiver
+# (spill.py). Small messages, nearly all of them, ride pub/sub as ever.
+MCPD_PUBSUB_INLINE_BYTES = _env_int("MCPD_PUBSUB_INLINE_BYTES", 64 * 1024)
 # Deepest JSON accepted in a request body or a socket frame (deeper: 400 invalid_json).
 # OpenAI bodies nest a dozen levels (a tool's JSON schema a few more); at most 500, since a
 # task frame wraps the body in a few more levels and the channel layer's msgpack writes 511.

@@ -38,6 +38,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "code": "",
         "message": "",
     },
+    "messages.lost": {"type": "messages.lost", "channel": "c", "at": 1.5},
 }
 
 

@@ -109,3 +109,34 @@ async def test_a_wake_failure_reaches_a_request_that_arrived_before_it_but_not_a
     assert after.kind == "lead"
     assert after.epoch == lead.epoch + 1
     await leases.release(key, after.epoch)
+
+
+async def test_a_big_message_rides_a_blob_and_arrives_whole(settings: object) -> None:
+    """spill.py: over MCPD_PUBSUB_INLINE_BYTES a message is not published as it is (on
+    Redis: a reference to a blob, taken once by its receiver); with either layer it arrives
+    whole, and no blob is left."""
+    settings.MCPD_PUBSUB_INLINE_BYTES = 1024  # type: ignore[attr-defined]
+    shared = state.get_state()
+    channel = await events.new_channel()
+    try:
+        big = {
+            "type": "task.event",
+            "taskId": "t",
+            "event": {"kind": "result", "json": b"x" * 5000},
+        }
+        small = {"type": "task.event", "taskId": "t", "event": {"kind": "chunks", "chunks": []}}
+        assert events.direct_payload(big) is None  # never published by a script whole
+        assert (events.direct_payload(small) is None) == (not settings.REDIS_URL)  # type: ignore[attr-defined]
+        await events.send(channel, big)
+        await events.send(channel, small)
+        assert await asyncio.wait_for(events.receive(channel), 5) == big
+        assert await asyncio.wait_for(events.receive(channel), 5) == small
+        if shared.conn is not None:
+            client = shared.conn.client()
+            assert [k async for k in client.scan_iter(match=shared.conn.key("spill", "*"))] == []
+        # A blob that is gone (expired) is skipped, not handed on as a reference.
+        blob = await shared.blobs.put(b"whatever")
+        assert await shared.blobs.take(blob) == b"whatever"
+        assert await shared.blobs.take(blob) is None
+    finally:
+        await events.close_layer()

@@ -9,7 +9,7 @@ from typing import Any
 
 from . import events, jsonio
 from .errors import ApiError
-from .hub import deliver_event, task_event_message
+from .hub import task_event_message
 from .models import is_task_id
 from .protocol import (
     PARSERS,
@@ -33,14 +33,17 @@ async def _post(task_id: str, token_id: int, event: TaskEvent, *, take: bool) ->
     if not is_task_id(task_id):
         return False  # no task has it: no round trip
     tasks = get_state().tasks
-    payload = events.direct_payload(task_event_message(task_id, event))
-    # With the Redis layer, the script that reads the record also publishes the event.
-    record = await (tasks.take if take else tasks.get)(task_id, token_id, payload)
+    message = task_event_message(task_id, event)
+    payload = events.layer_payload(message)
+    # With the Redis layer, the script that reads the record also publishes the event,
+    # unless it is too big for pub/sub (spill.py).
+    direct = events.inline(payload)
+    record = await (tasks.take if take else tasks.get)(task_id, token_id, direct)
     if record is None:
         return False
-    if payload is None:
+    if direct is None:
         try:
-            await deliver_event(record.split(" ", 1)[0], task_id, event)
+            await events.send(record.split(" ", 1)[0], message, payload)
         except BaseException:
             if take:
                 await tasks.put(task_id, token_id, record)

@@ -16,6 +16,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings
 
+from . import spill
 from .errors import ServiceTimeout
 from .runtime import channels_layer
 
@@ -43,23 +44,39 @@ async def resubscribe_dropped(*, force: bool = False) -> int:
     return await channels_layer.resubscribe_dropped(layer(), force=force)
 
 
-async def send(channel: str, message: Mapping[str, Any]) -> None:
+async def send(channel: str, message: Mapping[str, Any], payload: bytes | None = None) -> None:
+    """Send ``message`` to a hub's channel; a big one as a reference to its bytes (spill.py).
+    ``payload``: its layer_payload(), when the caller has it already."""
     try:
         async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+            if payload is None:
+                payload = layer_payload(message)
+            if payload is not None and spill.too_big(payload):
+                message = await spill.reference(payload)
             await layer().send(channel, message)
     except TimeoutError as exc:
         raise ServiceTimeout("channel layer") from exc
 
 
-def direct_payload(message: Mapping[str, Any]) -> bytes | None:
-    """What ``send(channel, message)`` would PUBLISH on the Redis pub/sub layer, for a caller
-    that publishes it itself, inside the Redis script that also writes the task's state
-    (state/): one round trip instead of two. Settings give that layer REDIS_URL, the state's
-    server. None for any other layer: the caller then uses ``send``
-    (runtime/channels_layer.py)."""
+def layer_payload(message: Mapping[str, Any]) -> bytes | None:
+    """What the Redis pub/sub layer would PUBLISH for ``message``; None for any other layer
+    (runtime/channels_layer.py). Settings give that layer REDIS_URL, the state's server."""
     return channels_layer.pubsub_payload(
         layer(), settings.CHANNEL_LAYERS["default"], settings.REDIS_URL, message
     )
+
+
+def inline(payload: bytes | None) -> bytes | None:
+    """``payload`` if it may ride pub/sub as it is, else None (spill.py)."""
+    return None if payload is None or spill.too_big(payload) else payload
+
+
+def direct_payload(message: Mapping[str, Any]) -> bytes | None:
+    """What ``send(channel, message)`` would PUBLISH on the Redis pub/sub layer, for a caller
+    that publishes it itself, inside the Redis script that also writes the task's state
+    (state/): one round trip instead of two. None for any other layer, and for a message too
+    big for pub/sub: the caller then uses ``send``, which sends a reference to it."""
+    return inline(layer_payload(message))
 
 
 def splice_base(message: Mapping[str, Any]) -> bytes | None:
@@ -74,8 +91,14 @@ def splice_base(message: Mapping[str, Any]) -> bytes | None:
 
 
 async def receive(channel: str) -> dict[str, Any]:
-    message: dict[str, Any] = await layer().receive(channel)
-    return message
+    """The channel's next message; one sent as a reference, taken from its blob."""
+    while True:
+        message: dict[str, Any] = await layer().receive(channel)
+        if not spill.is_reference(message):
+            return message
+        whole = await spill.resolve(message, layer().deserialize)
+        if whole is not None:
+            return whole
 
 
 async def join_workers(channel: str) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import events, revocation, stream_epochs
+from . import events, revocation, stream_epochs, subscription
 from .auth import forget_token
 from .errors import ApiError, unavailable
 from .loopcache import AsyncPerLoop
@@ -75,6 +75,8 @@ class Pending:
     # lost it (recovery.py): "<reply channel>", or "<reply channel> <llm id> <sid>" when the
     # task holds one of that backend's slots.
     record: str = ""
+    # When it was made (Unix time): a lost subscription fails the tasks sent before it.
+    sent: float = field(default_factory=time.time)
 
 
 class Closing(enum.Enum):
@@ -158,7 +160,9 @@ class Hub:
             "backend.evicted": self._on_backend_evicted,
             "queue.ready": self._on_queue_ready,
             "wake.outcome": self._on_wake_outcome,
+            "messages.lost": lambda message: subscription.on_messages_lost(self, message),
         }
+        self.subscription = subscription.Watch()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -268,6 +272,7 @@ class Hub:
     def _reassert(self) -> None:
         from . import recovery
 
+        self.subscription.recovered_at = time.monotonic()
         self.spawn(recovery.reassert(self))
 
     async def _beat_loop(self) -> None:
@@ -297,6 +302,7 @@ class Hub:
             try:
                 if await events.resubscribe_dropped():
                     log.warning("the channel layer's subscriptions dropped; subscribed again")
+                await self.subscription.check(self)
                 await self._check_holders()
             except asyncio.CancelledError:
                 raise

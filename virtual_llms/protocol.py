@@ -144,6 +144,15 @@ class BackendEvicted(TypedDict):
     sid: str
 
 
+class MessagesLost(TypedDict):
+    """Redis dropped the subscription of the hub ``channel``, noticed at ``at`` (Unix time):
+    tasks sent to its streams before then may not have reached them (subscription.py)."""
+
+    type: Literal["messages.lost"]
+    channel: str
+    at: float
+
+
 class QueueReady(TypedDict):
     """A slot of the LLM may be free: the waiter's turn to try (state/routing.py)."""
 
@@ -173,6 +182,7 @@ HubMessage = (
     | BackendEvicted
     | QueueReady
     | WakeOutcomeMessage
+    | MessagesLost
 )
 
 
@@ -200,6 +210,7 @@ HUB_MESSAGE_KEYS: dict[str, frozenset[str]] = {
     "backend.evicted": _required(BackendEvicted),
     "queue.ready": _required(QueueReady),
     "wake.outcome": _required(WakeOutcomeMessage),
+    "messages.lost": _required(MessagesLost),
 }
 
 

@@ -10,6 +10,8 @@
   a script, or if the broker publishes with its own client.
 - **Closing the layer's connections per event loop.** Only the pub/sub layer has per-loop
   connections to close (its ``flush``, recognised by its ``_get_layer``).
+- **Hearing of a lost subscription** (:class:`SubscriptionWatch`): a connect callback on
+  the layer's subscription connections.
 - **A consumer's dispatch.** channels' ``AsyncConsumer.dispatch`` runs
   ``close_old_connections()`` on the sync thread before every message: for the control
   socket that is a thread hop per result or chunk frame (a fifth of its CPU under load).
@@ -93,6 +95,35 @@ async def resubscribe_dropped(layer: Any, *, force: bool = False) -> int:
             await pubsub.ping()
         done += 1
     return done
+
+
+class SubscriptionWatch:
+    """Counts the re-connects of the pub/sub layer's subscription connections: each one means
+    Redis dropped this worker's subscription (a restart, or it cut the client off at its
+    output-buffer limit) and every message published to it meanwhile was lost. redis-py
+    re-subscribes on a reconnect (``PubSub.on_connect``, a connect callback) and channels-redis
+    carries on as if nothing happened; its connections' ``register_connect_callback`` (public
+    in redis-py's ``Connection``) lets us hear of it too. ``watch`` registers on connections
+    it has not seen, so a connection's first connect is not counted. Can go if channels-redis
+    reports a lost subscription itself."""
+
+    def __init__(self) -> None:
+        self.reconnects = 0
+        self._seen: set[int] = set()
+
+    def watch(self, layer: Any) -> None:
+        current: set[int] = set()
+        for shard in _shards(layer):
+            connection = getattr(shard._pubsub, "connection", None)
+            if connection is None:
+                continue
+            current.add(id(connection))
+            if id(connection) not in self._seen:
+                connection.register_connect_callback(self._connected)
+        self._seen = current
+
+    async def _connected(self, connection: Any) -> None:
+        self.reconnects += 1
 
 
 def _reconnect_race(exc: BaseException | None, lost: tuple[type[BaseException], ...]) -> bool:

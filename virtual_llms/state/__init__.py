@@ -1,8 +1,8 @@
 """State every worker must agree on, with TTLs, one concern per module: presence and
 liveness (presence.py), open tasks (tasks.py), row stamps (stamps.py), leases (leases.py),
 tasks in flight per backend (slots.py), client limits' windows (limits.py), and routing
-with the per-LLM queue (routing.py): the request path's round trip; snapshot.py reads the
-whole fleet at once (/metrics).
+with the per-LLM queue (routing.py): the request path's round trip, and big messages between
+workers (blobs.py); snapshot.py reads the whole fleet at once (/metrics).
 
 With ``REDIS_URL`` it lives in Redis (Lua scripts in ``lua/``); without, in this process's
 memory (the embedded, one-process broker). Both implementations of each concern have the
@@ -25,6 +25,7 @@ from .base import (
     Presence,
     RedisConn,
 )
+from .blobs import BlobStore, MemoryBlobs, RedisBlobs
 from .leases import LeaseStore, MemoryLeases, RedisLeases
 from .limits import LimitStore, MemoryLimits, RedisLimits, Verdict
 from .presence import MemoryPresence, PresenceStore, RedisPresence
@@ -62,6 +63,7 @@ class SharedState:
     routing: RoutingStore
     slots: SlotStore
     limits: LimitStore
+    blobs: BlobStore
     # With Redis: its connections (closed per loop by aclose, and at reset).
     conn: RedisConn | None = None
 
@@ -88,6 +90,7 @@ def _memory() -> SharedState:
         routing=MemoryRouting(store, stamps, presence, slots, queue),
         slots=slots,
         limits=MemoryLimits(),
+        blobs=MemoryBlobs(store),
     )
 
 
@@ -101,6 +104,7 @@ def _redis(url: str, prefix: str) -> SharedState:
         routing=RedisRouting(conn),
         slots=RedisSlots(conn),
         limits=RedisLimits(conn),
+        blobs=RedisBlobs(conn),
         conn=conn,
     )
 

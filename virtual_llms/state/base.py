@@ -33,6 +33,8 @@ TASK_TTL_SECONDS = 3600
 # Redis connections per process for the shared state, and how long a caller waits for one.
 REDIS_POOL_SIZE = 64
 REDIS_POOL_WAIT_SECONDS = 5.0
+# The bytes client's (state/blobs.py): a few big values at a time.
+RAW_POOL_SIZE = 8
 # Every command's bound: a stalled Redis (paused, or a network that drops packets) fails a
 # request with 503 after this long instead of holding it for ever (redis-py's default), and
 # a connection attempt fails after the second bound.
@@ -129,6 +131,7 @@ class RedisConn:
         self.url = url
         self.prefix = f"{prefix}:"
         self._clients: PerLoop[tuple[redis_asyncio.Redis, dict[str, AsyncScript]]] = PerLoop()
+        self._raw: PerLoop[redis_asyncio.Redis] = PerLoop()
         self._sync: tuple[redis.Redis, dict[str, Script]] | None = None
         self._sync_lock = threading.Lock()
 
@@ -154,6 +157,24 @@ class RedisConn:
 
     def client(self) -> redis_asyncio.Redis:
         return self._clients.get(self._make)[0]
+
+    def _make_raw(self) -> redis_asyncio.Redis:
+        import redis.asyncio as redis_asyncio
+
+        pool = redis_asyncio.BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=RAW_POOL_SIZE,
+            timeout=REDIS_POOL_WAIT_SECONDS,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
+            retry=_reconnect_once(),
+        )
+        return redis_asyncio.Redis(connection_pool=pool)
+
+    def raw_client(self) -> redis_asyncio.Redis:
+        """This loop's client that answers bytes as they are (the channel layer's messages
+        stored under keys of their own: spill.py); client() decodes every answer as text."""
+        return self._raw.get(self._make_raw)
 
     def script(self, name: str) -> AsyncScript:
         return self._clients.get(self._make)[1][name]
@@ -189,7 +210,10 @@ class RedisConn:
                 self._sync = None
 
     async def aclose(self) -> None:
-        """Close this event loop's client."""
+        """Close this event loop's clients."""
         conn = self._clients.pop()
         if conn is not None:
             await conn[0].aclose(close_connection_pool=True)
+        raw = self._raw.pop()
+        if raw is not None:
+            await raw.aclose(close_connection_pool=True)
