@@ -4,7 +4,7 @@
   PUBLISHes ``serialize(message)`` (plain msgpack: no prefix, no encryption unless
   configured) to the Redis channel named ``channel`` on its one host. The broker's Redis
   scripts publish those same bytes themselves, in the round trip that writes a task's state
-  (state/tasks.py, state/dispatch.py): one round trip instead of two, and off the layer's
+  (state/tasks.py, state/routing.py): one round trip instead of two, and off the layer's
   one publishing connection. :func:`pubsub_payload` gives the bytes, or None for any other
   layer (the caller then uses ``send``). Can go if channels-redis gains a way to send from
   a script, or if the broker publishes with its own client.
