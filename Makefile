@@ -49,8 +49,11 @@ migrations-check: venv
 # start a broker of their own whatever the run's database: they run in the first run only.
 pytest: pytest-embedded pytest-services
 
+# The first run on two xdist workers: the tests that start processes on one, one after
+# another (tests/conftest.py), the in-process tests on the other. PYTEST_WORKERS=0: none.
+PYTEST_WORKERS ?= 2
 pytest-embedded: venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 pytest-services: venv
 	@if $(PY) tests/services_up.py; then \

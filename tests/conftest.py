@@ -37,6 +37,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         drop_redis_keys(settings.REDIS_URL, settings.MCPD_REDIS_PREFIX)
 
 
+# Tests that start processes of their own (brokers, agents, a browser).
+PROCESS_MARKERS = ("multiproc", "browser", "fuzz")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``), the tests that start
+    processes run one after another on one xdist worker, as they would without it, while
+    the other worker takes the in-process tests: on two cores, two sets of daphne workers
+    at once would starve each other's timings."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in PROCESS_MARKERS):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 def require_services() -> None:
     """Skip without PostgreSQL + Redis, except in CI, where that is a failure."""
     ok, why = services_up()
