@@ -1,0 +1,219 @@
+"""Peers that stop reading (issue 29 item 4), on three daphne workers with PostgreSQL + Redis,
+from the outside. Raw sockets with a small receive buffer make "not reading" real: the
+kernel's buffers fill, then the worker's.
+
+- A publisher whose control stream (SSE or WebSocket) stops reading is offline once its sent
+  bytes make no progress for MCPD_PUBLISHER_STALL_SECONDS: the task sent to it fails then
+  (not at the infer timeout), its row goes inactive, the next call is a 503 at once.
+- A client that stops reading a long stream of big chunks is cut once
+  MCPD_CLIENT_BUFFER_BYTES wait for it: the publisher gets a cancel, its later chunks a 404,
+  and the worker's memory stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import Broker
+from tests.conftest import require_services
+from tests.contract_publisher import ContractPublisher, chat_chunk
+from tests.contract_support import (
+    CLIENT_W,
+    RESULT_W,
+    STREAM_W,
+    assert_offline,
+    assert_openai_error,
+    chat_body,
+    post_chat,
+    prime,
+    provider,
+    publisher,
+    uname,
+    wait_status,
+)
+
+pytestmark = pytest.mark.multiproc
+
+STALL_SECONDS = 2.0
+CLIENT_BUFFER = 1024 * 1024
+INFER_TIMEOUT = 60.0
+# A receive buffer this small (the kernel makes it a few KiB) fills with one big frame.
+SMALL_RCVBUF = 4096
+
+
+@pytest.fixture(scope="module")
+def slow_broker() -> Iterator[Broker]:
+    require_services()
+    broker = Broker(
+        3,
+        services=True,
+        env={
+            "MCPD_PUBLISHER_STALL_SECONDS": str(STALL_SECONDS),
+            "MCPD_CLIENT_BUFFER_BYTES": str(CLIENT_BUFFER),
+            "MCPD_INFER_TIMEOUT_SECONDS": str(INFER_TIMEOUT),
+        },
+    ).start()
+    try:
+        yield prime(broker)
+    finally:
+        broker.stop()
+
+
+def rss_bytes(pid: int) -> int:
+    """The process's resident set, from /proc/<pid>/status (VmRSS, in kB)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def slow_socket(broker: Broker, worker: int) -> socket.socket:
+    """A connection to ``worker`` whose receive buffer is tiny (set before connecting, so
+    the window it offers is small from the start)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RCVBUF)
+    sock.settimeout(10.0)
+    sock.connect(("127.0.0.1", broker.ports[worker]))
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    """Read until ``marker`` arrived (a little at a time: what follows stays unread)."""
+    seen = b""
+    while marker not in seen:
+        data = sock.recv(256)
+        assert data, f"closed before {marker!r}: {seen[-300:]!r}"
+        seen += data
+    return seen
+
+
+def open_sse_stream(broker: Broker, worker: int, token: str, session_id: str) -> socket.socket:
+    sock = slow_socket(broker, worker)
+    sock.sendall(
+        f"GET /api/v1/virtual/sessions/{session_id}/stream HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    head = read_until(sock, b"event: ready")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    return sock
+
+
+def open_ws_stream(broker: Broker, worker: int, token: str, session_id: str) -> socket.socket:
+    sock = slow_socket(broker, worker)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /api/v1/virtual/sessions/{session_id}/ws HTTP/1.1\r\n"
+        "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    head = read_until(sock, b'"ready"')
+    assert head.startswith(b"HTTP/1.1 101"), head[:200]
+    return sock
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_a_publisher_that_stops_reading_goes_offline_within_the_stall_bound(
+    slow_broker: Broker, transport: str
+) -> None:
+    b = slow_broker
+    name = uname(f"stall-{transport}")
+    token = b.token("publisher")
+    pub = ContractPublisher(b.url(STREAM_W), token)
+    try:
+        registered = await pub.register([provider(name)])
+        assert registered.status_code == 200, registered.text
+        assert pub.session_id is not None
+        opener = open_sse_stream if transport == "sse" else open_ws_stream
+        stream = await asyncio.to_thread(opener, b, STREAM_W, token, pub.session_id)
+        try:
+            # The publisher reads nothing more. A call with a big prompt: its task frame
+            # cannot reach the publisher, whose window is shut.
+            started = time.monotonic()
+            response = await post_chat(
+                b, chat_body(name, "x" * 300_000), timeout=INFER_TIMEOUT + 10
+            )
+            failed_after = time.monotonic() - started
+            # The stream is closed like a disconnected one: the task fails as the contract
+            # says for a stream lost mid-task, long before the infer timeout.
+            assert_openai_error(response, 502, "publisher_disconnected")
+            assert failed_after < STALL_SECONDS + 10, failed_after
+            await wait_status(b, name, "inactive", timeout=5.0)
+            # The next call is refused at once: the session holds no stream.
+            started = time.monotonic()
+            refused = await post_chat(b, chat_body(name, "again"), worker=RESULT_W)
+            assert_offline(refused)
+            assert time.monotonic() - started < 2.0
+            print(f"{transport}: the call failed after {failed_after:.2f} s")
+        finally:
+            stream.close()
+    finally:
+        await pub.aclose()
+
+
+def stop_reading_a_stream(broker: Broker, worker: int, token: str, name: str) -> socket.socket:
+    """A streamed call whose client reads its status line and first event, then nothing."""
+    sock = slow_socket(broker, worker)
+    body = json.dumps(chat_body(name, "a long answer", stream=True)).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        + f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    head = read_until(sock, b"data: ")
+    assert head.startswith(b"HTTP/1.1 200"), head[:300]
+    return sock
+
+
+async def test_a_client_that_stops_reading_is_cut_and_the_workers_memory_stays_flat(
+    slow_broker: Broker,
+) -> None:
+    b = slow_broker
+    name = uname("slowclient")
+    worker_pid = b.procs[CLIENT_W].pid  # type: ignore[union-attr]
+    async with publisher(b, "sse", [provider(name)]) as pub:
+        call = asyncio.create_task(
+            asyncio.to_thread(stop_reading_a_stream, b, CLIENT_W, b.token("client"), name)
+        )
+        frame = await pub.next_frame("infer")
+        task_id = frame["taskId"]
+        first = await pub.chunks(task_id, [{"data": chat_chunk("hi")}], url=b.url(RESULT_W))
+        assert first.status_code == 204, first.text
+        client = await asyncio.wait_for(call, 15.0)
+        try:
+            before = rss_bytes(worker_pid)
+            peak = before
+            # Up to 64 MiB of big chunks, 256 KiB per POST; the broker refuses them (404)
+            # once it has cut the client.
+            big = chat_chunk("x" * 16_000)
+            batch = [{"data": big} for _ in range(16)]
+            sent = 0
+            refused = False
+            while sent < 64 * 1024 * 1024:
+                answered = await pub.chunks(task_id, batch, url=b.url(RESULT_W))
+                peak = max(peak, rss_bytes(worker_pid))
+                if answered.status_code == 404:
+                    refused = True
+                    break
+                assert answered.status_code == 204, answered.text
+                sent += len(big) * len(batch)
+            assert refused, f"{sent} bytes relayed to a client that reads nothing"
+            cancel = await pub.next_frame("cancel", timeout=10.0)
+            assert cancel["taskId"] == task_id
+            # What the kernel holds (a few MiB on loopback) plus the bound, then nothing more.
+            assert sent < 16 * 1024 * 1024, sent
+            growth = peak - before
+            assert growth < 40 * 1024 * 1024, growth
+            print(f"cut after {sent / 2**20:.1f} MiB; worker RSS +{growth / 2**20:.1f} MiB")
+        finally:
+            client.close()
