@@ -292,7 +292,7 @@ def _stuck_transport() -> Any:
     takes ``accept`` bytes per write attempt: 0 is a peer that stopped reading."""
     from twisted.internet import abstract
 
-    class Stuck(abstract.FileDescriptor):  # type: ignore[misc]  # Twisted is untyped here
+    class Stuck(abstract.FileDescriptor):
         accept = 0
         aborted = False
         connected = True
@@ -339,7 +339,7 @@ async def test_a_send_buffer_hears_the_transport_fill_and_drain_and_bounds_it() 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         sent.append(send)
 
-    class Metered(MeteredServer, Server):  # type: ignore[misc]  # daphne is untyped
+    class Metered(MeteredServer, Server):
         default_limit = 100_000
 
     server = Metered(app, endpoints=["tcp:port=0"], signal_handlers=False)
@@ -404,7 +404,7 @@ async def test_a_finished_answer_leaves_no_producer_for_the_next_request() -> No
     async def app(scope: Any, receive: Any, send: Any) -> None:
         pass
 
-    class Metered(MeteredServer, Server):  # type: ignore[misc]  # daphne is untyped
+    class Metered(MeteredServer, Server):
         default_limit = 100_000
 
     server = Metered(app, endpoints=["tcp:port=0"], signal_handlers=False)
