@@ -159,9 +159,13 @@ class MeteredServer:
     default_limit = 0
 
     def create_application(self, protocol: Any, scope: dict[str, Any]) -> Any:
-        buffer = _buffer_for(protocol, scope, self.default_limit)
-        setattr(protocol, _ATTR, buffer)
-        scope.setdefault("extensions", {})[EXTENSION] = {"buffer": buffer}
+        try:
+            buffer = _buffer_for(protocol, scope, self.default_limit)
+        except Exception:  # a transport unlike daphne's: served as before, without a bound
+            log.exception("no send buffer for %s", scope.get("path"))
+        else:
+            setattr(protocol, _ATTR, buffer)
+            scope.setdefault("extensions", {})[EXTENSION] = {"buffer": buffer}
         return super().create_application(protocol, scope)  # type: ignore[misc]  # daphne
 
     async def handle_reply(self, protocol: Any, message: dict[str, Any]) -> None:
