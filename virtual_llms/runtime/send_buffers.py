@@ -177,7 +177,7 @@ class MeteredServer:
             if message.get("more_body"):
                 if not buffer.attached:
                     buffer.attach()  # a streamed answer: hear when the transport fills
-            elif buffer.attached and message["type"] == "http.response.body":
+            elif buffer.attached and message.get("type") == "http.response.body":
                 buffer.detach()  # its last part: Twisted wants no producer at finish
         await super().handle_reply(protocol, message)  # type: ignore[misc]  # daphne
 
