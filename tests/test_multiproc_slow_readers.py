@@ -187,11 +187,15 @@ async def test_a_client_that_reads_gets_a_stream_far_over_the_bound_whole(
     slow_broker: Broker,
 ) -> None:
     """The bound is on what waits for a client, not on what it is sent: 8 MiB of chunks
-    (eight times the bound) reach a client that reads them."""
+    (eight times the bound) reach a client that reads them. The publisher keeps at most two
+    batches (512 KB) ahead of what the client has read (this test's one process plays
+    both, and a client slower than its publisher by more than the bound is cut, by design)."""
     b = slow_broker
     name = uname("bigstream")
     big = chat_chunk("y" * 16_000)
     batches = 32
+    received = 0
+    read = asyncio.Condition()
     async with publisher(b, "sse", [provider(name)]) as pub:
 
         async def answer(frame: dict[str, object]) -> None:
@@ -199,6 +203,9 @@ async def test_a_client_that_reads_gets_a_stream_far_over_the_bound_whole(
                 return
             task_id = str(frame["taskId"])
             for i in range(batches):
+                ahead = (i - 2) * 16
+                async with read:
+                    await read.wait_for(lambda: received >= ahead)  # noqa: B023 - awaited here
                 chunks: list[dict[str, object]] = [{"data": big} for _ in range(16)]
                 if i == batches - 1:
                     chunks.append({"data": "[DONE]", "done": True})
@@ -215,11 +222,12 @@ async def test_a_client_that_reads_gets_a_stream_far_over_the_bound_whole(
             ) as response,
         ):
             assert response.status_code == 200
-            received = 0
             last = ""
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
                     received += 1
+                    async with read:
+                        read.notify_all()
                     last = line
         assert received == batches * 16 + 1
         assert last == "data: [DONE]"

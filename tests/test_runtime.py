@@ -332,7 +332,7 @@ async def test_a_send_buffer_hears_the_transport_fill_and_drain_and_bounds_it() 
     from daphne.server import Server
     from twisted.web import http
 
-    from virtual_llms.runtime.send_buffers import MeteredServer, of
+    from virtual_llms.runtime.send_buffers import MeteredServer, _unsent, of
 
     sent: list[Any] = []
 
@@ -373,6 +373,20 @@ async def test_a_send_buffer_hears_the_transport_fill_and_drain_and_bounds_it() 
     assert buffer.held == 0
     await send({"type": "http.response.body", "body": b"y" * 60_000, "more_body": True})
     assert buffer.held == 60_000
+    assert not transport.aborted
+    # What the transport holds unsent, read from its buffer's fields: all of it so far (the
+    # headers, two parts and their chunked framing).
+    unsent = _unsent(transport)
+    assert unsent is not None
+    assert 130_000 < unsent < 130_200
+    # A peer that reads, but slower than it is sent to: the buffer never drains, and what
+    # it took is not charged (held is at most what is unsent).
+    transport.accept = unsent - 20_000
+    transport.doWrite()
+    assert buffer.full
+    assert _unsent(transport) == 20_000
+    await send({"type": "http.response.body", "body": b"w" * 50_000, "more_body": True})
+    assert buffer.held == 70_000  # what is unsent now, not the 110,000 sent since it filled
     assert not transport.aborted
     transport.accept = 1 << 30  # the peer reads again: everything is sent
     transport.doWrite()

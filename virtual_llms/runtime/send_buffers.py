@@ -14,6 +14,8 @@ Relies on:
   and ``Server.handle_reply(protocol, message)``, which each ASGI ``send`` of that
   application calls (``send=partial(self.handle_reply, protocol)``); daphne's own refusals
   (``basic_error``) call the protocol directly and are not counted;
+- Twisted's ``FileDescriptor`` buffering (private): what a transport holds unsent is its
+  ``dataBuffer`` from ``offset`` on plus ``_tempDataLen``, read only while it is full;
 - Twisted's producer API (public): a streaming producer registered with a ``Request`` (or a
   transport) hears ``pauseProducing`` when the transport holds more than its ``bufferSize``
   (64 KiB) unsent and ``resumeProducing`` once it has sent all of it; a ``Request`` must have
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 log = logging.getLogger("mcpd.backpressure")
@@ -45,9 +47,11 @@ TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux only
 class SendBuffer:
     """One connection's send buffer as its transport reports it (a Twisted ``IPushProducer``;
     Twisted does not check the interface, only calls it). ``held``: the bytes the
-    application sent while the transport was full (holding more than its 64 KiB unsent), i.e.
-    what waits behind a full buffer; past ``limit`` (0: no bound) the connection is aborted,
-    and the application hears a disconnect, as if its peer had left."""
+    application sent while the transport was full (holding more than its 64 KiB unsent), at
+    most what it holds unsent, i.e. what waits behind a full buffer; past ``limit`` (0: no
+    bound) the connection is aborted, and the application hears a disconnect, as if its
+    peer had left. The write that filled the buffer is not counted: one big answer or task
+    frame is not a peer that stopped reading."""
 
     def __init__(
         self,
@@ -99,7 +103,12 @@ class SendBuffer:
         connection and answer False (the bytes are dropped)."""
         if self.overflowed:
             return False
+        # What came since it filled, but never more than it holds: a peer that reads slower
+        # than it is sent to (never draining it all) is not charged for what it took.
         self.held += size
+        unsent = _unsent(self.transport)  # before this message is written
+        if unsent is not None and unsent + size < self.held:
+            self.held = unsent + size
         if not self.limit or self.held <= self.limit:
             return True
         self.overflowed = True
@@ -126,6 +135,19 @@ class SendBuffer:
         except OSError:
             return False
         return True
+
+
+def _unsent(transport: Any) -> int | None:
+    """The bytes Twisted's transport under ``transport`` holds unsent (its ``dataBuffer``
+    from ``offset`` on, and ``_tempDataLen`` more), or None for a transport without them."""
+    for _ in range(4):
+        if transport is None:
+            return None
+        pending = getattr(transport, "_tempDataLen", None)
+        if isinstance(pending, int):
+            return len(transport.dataBuffer) - transport.offset + pending
+        transport = getattr(transport, "transport", None)  # through TLS and other wrappers
+    return None
 
 
 def _socket_of(transport: Any) -> socket.socket | None:
@@ -168,18 +190,24 @@ class MeteredServer:
             scope.setdefault("extensions", {})[EXTENSION] = {"buffer": buffer}
         return super().create_application(protocol, scope)  # type: ignore[misc]  # daphne
 
-    async def handle_reply(self, protocol: Any, message: dict[str, Any]) -> None:
-        # Per message: an attribute read and two compares; the count only while full.
+    def handle_reply(self, protocol: Any, message: dict[str, Any]) -> Awaitable[None]:
+        # Per message: an attribute read and two compares; the count only while full. Not a
+        # coroutine itself: the application's send awaits daphne's coroutine directly.
         buffer: SendBuffer | None = getattr(protocol, _ATTR, None)
         if buffer is not None:
             if buffer.full and not buffer.hand_over(_size(message)):
-                return
+                return _dropped()
             if message.get("more_body"):
                 if not buffer.attached:
                     buffer.attach()  # a streamed answer: hear when the transport fills
             elif buffer.attached and message.get("type") == "http.response.body":
                 buffer.detach()  # its last part: Twisted wants no producer at finish
-        await super().handle_reply(protocol, message)  # type: ignore[misc]  # daphne
+        reply: Awaitable[None] = super().handle_reply(protocol, message)  # type: ignore[misc]  # daphne
+        return reply
+
+
+async def _dropped() -> None:
+    """What ``send`` awaits for a message dropped on a connection being aborted."""
 
 
 def _buffer_for(protocol: Any, scope: Mapping[str, Any], limit: int) -> SendBuffer:
