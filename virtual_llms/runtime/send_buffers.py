@@ -145,7 +145,8 @@ def _unsent(transport: Any) -> int | None:
             return None
         pending = getattr(transport, "_tempDataLen", None)
         if isinstance(pending, int):
-            return len(transport.dataBuffer) - transport.offset + pending
+            held: int = len(transport.dataBuffer) - transport.offset + pending
+            return held
         transport = getattr(transport, "transport", None)  # through TLS and other wrappers
     return None
 
