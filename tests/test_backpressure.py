@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
+
+import pytest
 
 from virtual_llms.backpressure import hold_control_stream
 from virtual_llms.runtime.send_buffers import EXTENSION, SendBuffer
+
+LINUX = pytest.mark.skipif(sys.platform != "linux", reason="TCP_USER_TIMEOUT is Linux's")
 
 
 class Transport:
@@ -23,6 +28,7 @@ def scope_with(buffer: SendBuffer) -> dict[str, Any]:
     return {"type": "http", "extensions": {EXTENSION: {"buffer": buffer}}}
 
 
+@LINUX
 def test_a_control_stream_gets_the_publishers_bounds(settings: Any) -> None:
     settings.MCPD_PUBLISHER_BUFFER_BYTES = 123_456
     settings.MCPD_PUBLISHER_STALL_SECONDS = 3.0
@@ -33,6 +39,7 @@ def test_a_control_stream_gets_the_publishers_bounds(settings: Any) -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3000
 
 
+@LINUX
 def test_no_stall_bound_leaves_the_kernels_default(settings: Any) -> None:
     settings.MCPD_PUBLISHER_STALL_SECONDS = 0.0
     with socket.socket() as sock:

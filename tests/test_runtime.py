@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from typing import Any, cast
 
 import django
@@ -457,6 +458,7 @@ async def test_a_finished_answer_leaves_no_producer_for_the_next_request() -> No
     await asyncio.sleep(0)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_USER_TIMEOUT is Linux's")
 def test_the_kernel_has_a_tcp_user_timeout() -> None:
     """The stall bound of control streams is TCP's user timeout (Linux); where it is missing
     only the byte bound holds (docs/design.md)."""
