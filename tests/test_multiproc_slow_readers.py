@@ -29,12 +29,14 @@ from tests.contract_support import (
     assert_offline,
     assert_openai_error,
     chat_body,
+    get_row,
     http,
     post_chat,
     prime,
     provider,
     publisher,
     uname,
+    wait_for,
     wait_status,
 )
 from tests.slow_peers import open_sse_stream, open_ws_stream, rss_bytes, stop_reading_a_stream
@@ -141,6 +143,12 @@ async def test_a_client_that_stops_reading_is_cut_and_the_workers_memory_stays_f
             assert refused, f"{sent} bytes relayed to a client that reads nothing"
             cancel = await pub.next_frame("cancel", timeout=10.0)
             assert cancel["taskId"] == task_id
+
+            async def slot_freed() -> bool:
+                row = await get_row(b, name)
+                return row is not None and row["backends"][0]["inFlight"] == 0
+
+            await wait_for(slot_freed, timeout=5.0)
             # What the kernel holds (a few MiB on loopback) plus the bound, then nothing more.
             assert sent < 16 * 1024 * 1024, sent
             growth = peak - before
