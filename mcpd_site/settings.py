@@ -36,6 +36,16 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
+def _env_int_or_zero(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {raw!r}")
+    return value
+
+
 def _env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -309,6 +319,19 @@ MCPD_USAGE_RETENTION_DAYS = _env_int("MCPD_USAGE_RETENTION_DAYS", 90)
 # The admin's Fleet page re-reads the fleet this often (one state read per open page each
 # time): a change shows within it.
 MCPD_FLEET_REFRESH_SECONDS = _env_int("MCPD_FLEET_REFRESH_SECONDS", 3)
+# Peers that stop reading (backpressure.py). A response may have this many bytes wait in the
+# worker behind a full send buffer (the kernel's, then Twisted's 64 KiB): past it the
+# connection is closed and the call ends as if its client had left (a cancel frame to the
+# publisher, its slot freed). 4 MiB is hundreds of ordinary chunks; 0: no bound.
+MCPD_CLIENT_BUFFER_BYTES = _env_int_or_zero("MCPD_CLIENT_BUFFER_BYTES", 4 * 1024 * 1024)
+# The same bound for a publisher's control stream (SSE or WebSocket), past which it is
+# closed and unbound as if it had disconnected. Higher: a burst of task frames may carry
+# several bodies of up to MCPD_MAX_BODY_BYTES each. 0: no bound.
+MCPD_PUBLISHER_BUFFER_BYTES = _env_int_or_zero("MCPD_PUBLISHER_BUFFER_BYTES", 64 * 1024 * 1024)
+# A control stream whose sent bytes the publisher leaves unread (its window shut) or
+# unacknowledged this long is closed by the kernel (TCP_USER_TIMEOUT, Linux) and unbound.
+# 10 s: longer than any pause of a box that still serves; 0: off.
+MCPD_PUBLISHER_STALL_SECONDS = _env_float_or_zero("MCPD_PUBLISHER_STALL_SECONDS", 10.0)
 # Idle control streams and waiting clients get a comment this often; proxies cut at 60 s.
 MCPD_PING_SECONDS = _env_float("MCPD_PING_SECONDS", 15.0)
 # daphne's access log, one line per HTTP request (every chunk batch a publisher posts too):

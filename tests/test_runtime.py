@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from typing import Any, cast
 
 import django
@@ -282,3 +283,193 @@ def test_django_still_has_what_the_static_files_storage_uses() -> None:
     assert storage.stored_name("admin/css/base.css") == "admin/css/base.0123456789ab.css"
     with pytest.raises(ValueError, match="Missing staticfiles manifest entry"):
         storage.stored_name("admin/css/new.css")  # a stale collectstatic still fails loudly
+
+
+# --- send_buffers: what each connection's transport holds unsent ----------------------------
+
+
+def _stuck_transport() -> Any:
+    """A real Twisted transport (FileDescriptor's buffering and producer logic) whose peer
+    takes ``accept`` bytes per write attempt: 0 is a peer that stopped reading."""
+    from twisted.internet import abstract
+
+    class Stuck(abstract.FileDescriptor):
+        accept = 0
+        aborted = False
+        connected = True
+
+        def writeSomeData(self, data: bytes) -> int:
+            return min(len(data), self.accept)
+
+        def startWriting(self) -> None:  # no reactor: the test calls doWrite itself
+            pass
+
+        def stopWriting(self) -> None:
+            pass
+
+        startReading = stopReading = stopWriting
+
+        def abortConnection(self) -> None:
+            self.aborted = True
+
+        def getPeer(self) -> Any:
+            from twisted.internet.address import IPv4Address
+
+            return IPv4Address("TCP", "127.0.0.1", 50000)
+
+        getHost = getPeer
+
+    return Stuck()
+
+
+async def test_a_send_buffer_hears_the_transport_fill_and_drain_and_bounds_it() -> None:
+    """Through daphne's own Server and WebRequest on Twisted's HTTP channel: the ASGI send is
+    the server's handle_reply, a streamed answer's producer is told when the transport holds
+    more than 64 KiB and when it drained, bytes sent while it is full are counted, and past
+    the bound the connection is aborted. On failure, re-read runtime/send_buffers.py."""
+    from types import SimpleNamespace
+
+    from daphne import http_protocol
+    from daphne.server import Server
+    from twisted.web import http
+
+    from virtual_llms.runtime.send_buffers import MeteredServer, _unsent, of
+
+    sent: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        sent.append(send)
+
+    class Metered(MeteredServer, Server):
+        default_limit = 100_000
+
+    server = Metered(app, endpoints=["tcp:port=0"], signal_handlers=False)
+    server.connections = {}
+    transport = _stuck_transport()
+    channel = http.HTTPChannel()
+    channel.factory = SimpleNamespace(server=server, log=lambda request: None)
+    channel.makeConnection(transport)
+    channel.setTimeout(None)
+    # Twisted registers the HTTP channel as its transport's producer (after a WebSocket
+    # upgrade daphne leaves it there: send_buffers replaces it with its own).
+    assert transport.producer is channel
+    assert "unregisterProducer" not in inspect.getsource(http_protocol.WebRequest.process)
+    request = http_protocol.WebRequest(channel)
+    scope: dict[str, Any] = {"type": "http", "path": "/v1/chat/completions"}
+    server.create_application(request, scope)
+    await asyncio.sleep(0)
+    buffer = of(scope)
+    assert buffer is not None
+    assert buffer.limit == 100_000
+    # daphne hands the application send=partial(server.handle_reply, protocol).
+    send = sent[0]
+    assert send.func == server.handle_reply
+    assert send.args == (request,)
+
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"x" * 70_000, "more_body": True})
+    assert buffer.attached
+    assert request.producer is buffer
+    assert buffer.full
+    assert buffer.held == 0
+    await send({"type": "http.response.body", "body": b"y" * 60_000, "more_body": True})
+    assert buffer.held == 60_000
+    assert not transport.aborted
+    # What the transport holds unsent, read from its buffer's fields: all of it so far (the
+    # headers, two parts and their chunked framing).
+    unsent = _unsent(transport)
+    assert unsent is not None
+    assert 130_000 < unsent < 130_200
+    # A peer that reads, but slower than it is sent to: the buffer never drains, and what
+    # it took is not charged (held is at most what is unsent).
+    transport.accept = unsent - 20_000
+    transport.doWrite()
+    assert buffer.full
+    assert _unsent(transport) == 20_000
+    await send({"type": "http.response.body", "body": b"w" * 50_000, "more_body": True})
+    assert buffer.held == 70_000  # what is unsent now, not the 110,000 sent since it filled
+    assert not transport.aborted
+    transport.accept = 1 << 30  # the peer reads again: everything is sent
+    transport.doWrite()
+    assert not buffer.full
+    assert buffer.held == 0
+    transport.accept = 0
+    for _ in range(4):
+        await send({"type": "http.response.body", "body": b"z" * 70_000, "more_body": True})
+    assert buffer.overflowed
+    assert transport.aborted
+    assert not buffer.attached
+    assert request.producer is None
+    before = transport._tempDataLen
+    await send({"type": "http.response.body", "body": b"z" * 70_000, "more_body": True})
+    assert transport._tempDataLen == before  # dropped, not buffered
+
+
+async def test_a_finished_answer_leaves_no_producer_for_the_next_request() -> None:
+    """Twisted wants a request's producer unregistered before it finishes (else it logs a
+    failure and the next request on the connection could not register one)."""
+    from types import SimpleNamespace
+
+    from daphne import http_protocol
+    from daphne.server import Server
+    from twisted.web import http
+
+    from virtual_llms.runtime.send_buffers import MeteredServer, of
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    class Metered(MeteredServer, Server):
+        default_limit = 100_000
+
+    server = Metered(app, endpoints=["tcp:port=0"], signal_handlers=False)
+    server.connections = {}
+    transport = _stuck_transport()
+    transport.accept = 1 << 30
+    channel = http.HTTPChannel()
+    channel.factory = SimpleNamespace(server=server, log=lambda request: None)
+    channel.makeConnection(transport)
+    channel.setTimeout(None)
+    request = http_protocol.WebRequest(channel)
+    request.method, request.uri, request.clientproto = b"POST", b"/v1/x", b"HTTP/1.1"
+    channel.requests.append(request)  # as the channel does with each request it reads
+    scope: dict[str, Any] = {"type": "http", "path": "/v1/chat/completions"}
+    server.create_application(request, scope)
+    buffer = of(scope)
+    assert buffer is not None
+    await server.handle_reply(request, {"type": "http.response.start", "status": 200})
+    await server.handle_reply(
+        request, {"type": "http.response.body", "body": b"a", "more_body": True}
+    )
+    assert request.producer is buffer
+    assert channel._requestProducer is buffer
+    await server.handle_reply(request, {"type": "http.response.body", "body": b"b"})
+    assert request.finished
+    assert channel._requestProducer is None
+    # A one-part answer never registers a producer at all (nothing to count).
+    unary = http_protocol.WebRequest(channel)
+    unary.method, unary.uri, unary.clientproto = b"GET", b"/v1/models", b"HTTP/1.1"
+    channel.requests.append(unary)
+    server.create_application(unary, {"type": "http", "path": "/v1/models"})
+    await server.handle_reply(unary, {"type": "http.response.start", "status": 200})
+    await server.handle_reply(unary, {"type": "http.response.body", "body": b"{}"})
+    assert unary.finished
+    assert channel._requestProducer is None
+    await asyncio.sleep(0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_USER_TIMEOUT is Linux's")
+def test_the_kernel_has_a_tcp_user_timeout() -> None:
+    """The stall bound of control streams is TCP's user timeout (Linux); where it is missing
+    only the byte bound holds (docs/design.md)."""
+    import socket
+
+    from virtual_llms.runtime.send_buffers import SendBuffer, _socket_of
+
+    assert hasattr(socket, "TCP_USER_TIMEOUT")
+    with socket.socket() as sock:
+        transport = type("Transport", (), {"getHandle": lambda self: sock})()
+        assert _socket_of(transport) is sock
+        buffer = SendBuffer(transport, lambda: None, 0, "/x")
+        assert buffer.stall_after(2.5)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2500

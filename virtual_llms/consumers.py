@@ -14,7 +14,7 @@ from asgiref.typing import WebSocketConnectEvent, WebSocketDisconnectEvent
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from . import answers, binding, jsonio, services
+from . import answers, backpressure, binding, jsonio, services
 from .auth import PUBLISHER_ROLES, authenticate, header_from_scope
 from .errors import ApiError, unavailable
 from .hub import Closing, ControlStream
@@ -97,6 +97,7 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
             await refuse(self, exc)
             return
         await self.accept()
+        backpressure.hold_control_stream(self.scope)
         self.stream = ControlStream(self.session_id, self.token.pk, "ws")
         await binding.stream_open(self.stream)
         await self.send(json.dumps({"type": "ready", "providerSessionId": self.session_id}))

@@ -19,7 +19,7 @@ from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
-from . import binding, inference, selectors, services, sse
+from . import backpressure, binding, inference, selectors, services, sse
 from .auth import CLIENT_ROLES, PUBLISHER_ROLES, aauthenticate, authenticate
 from .errors import ApiError, unavailable
 from .http import json_view
@@ -91,6 +91,7 @@ def _stream_owner(header: str | None, session_id: str) -> int:
 async def control_stream(request: HttpRequest, session_id: str) -> HttpResponseBase:
     token_id = await sync_to_async(_stream_owner)(request.headers.get("Authorization"), session_id)
     stream = ControlStream(session_id, token_id)
+    backpressure.hold_control_stream(request.scope)  # type: ignore[attr-defined]  # ASGIRequest
     return _sse_response(await prestarted(_control_events(stream)))
 
 

@@ -9,6 +9,8 @@ no Django (the settings module imports it).
 - :mod:`.static_files` — WhiteNoise's static file serving as an async-only middleware.
 - :mod:`.daphne_server` — Twisted's form parsing and request log lines turned off in daphne.
 - :mod:`.redis_parser` — redis-py's hiredis pub/sub parser without its discarded debug line.
+- :mod:`.send_buffers` — what each connection's transport holds unsent, and a bound on it
+  (daphne's ``send`` never blocks; Twisted buffers without limit).
 - :mod:`.channels_layer` — the bytes channels-redis's pub/sub layer publishes (so a Redis
   script can publish them), and channels' consumer dispatch without a database check.
 """

@@ -6,6 +6,8 @@
   4.2 building its requests from ``daphne.http_protocol.WebRequest`` (a Twisted ``Request``,
   whose ``parsePOSTFormSubmission`` argument exists since Twisted 22.8) and its factory from
   ``daphne.server.HTTPFactory`` (a Twisted ``HTTPFactory`` with ``log``).
+- A bound on what each connection's transport holds unsent: :class:`DrainingServer` is also
+  a ``send_buffers.MeteredServer`` (that module says what it relies on).
 - A graceful stop: :class:`DrainingServer` keeps the listening ports daphne opens (its
   ``listen_success``) and handles SIGTERM itself (daphne's ``signal_handlers`` off: Twisted's
   handler stops the reactor at once, cutting every request), running drain.py first.
@@ -133,11 +135,18 @@ def draining_cli() -> Any:
 
     from daphne.cli import CommandLineInterface
     from daphne.server import Server
+    from django.conf import settings
     from twisted.internet import defer, reactor
 
     from virtual_llms import drain
 
-    class DrainingServer(Server):  # type: ignore[misc,unused-ignore]  # daphne is untyped
+    from .send_buffers import MeteredServer
+
+    class DrainingServer(MeteredServer, Server):  # type: ignore[misc,unused-ignore]  # daphne is untyped
+        # Every connection's send buffer is bounded (runtime/send_buffers.py); the control
+        # streams raise theirs (backpressure.py).
+        default_limit = settings.MCPD_CLIENT_BUFFER_BYTES
+
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs["signal_handlers"] = False
             super().__init__(*args, **kwargs)
