@@ -325,9 +325,11 @@ MCPD_FLEET_REFRESH_SECONDS = _env_int("MCPD_FLEET_REFRESH_SECONDS", 3)
 # publisher, its slot freed). 4 MiB is hundreds of ordinary chunks; 0: no bound.
 MCPD_CLIENT_BUFFER_BYTES = _env_int_or_zero("MCPD_CLIENT_BUFFER_BYTES", 4 * 1024 * 1024)
 # The same bound for a publisher's control stream (SSE or WebSocket), past which it is
-# closed and unbound as if it had disconnected. Higher: a burst of task frames may carry
-# several bodies of up to MCPD_MAX_BODY_BYTES each. 0: no bound.
-MCPD_PUBLISHER_BUFFER_BYTES = _env_int_or_zero("MCPD_PUBLISHER_BUFFER_BYTES", 64 * 1024 * 1024)
+# closed and unbound as if it had disconnected. Much higher: a publisher that reads slower
+# than its tasks arrive is busy, not gone (200 tasks of 900 KB at once put 180 MB behind its
+# buffer, and a 64 MiB bound cut a publisher that was reading them); one that stopped
+# reading is the stall bound's, below. This one only caps a trickle. 0: no bound.
+MCPD_PUBLISHER_BUFFER_BYTES = _env_int_or_zero("MCPD_PUBLISHER_BUFFER_BYTES", 1024 * 1024 * 1024)
 # A control stream whose sent bytes the publisher leaves unread (its window shut) or
 # unacknowledged this long is closed by the kernel (TCP_USER_TIMEOUT, Linux) and unbound.
 # 10 s: longer than any pause of a box that still serves; 0: off.

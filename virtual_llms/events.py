@@ -47,12 +47,15 @@ async def resubscribe_dropped(*, force: bool = False) -> int:
 async def send(channel: str, message: Mapping[str, Any], payload: bytes | None = None) -> None:
     """Send ``message`` to a hub's channel; a big one as a reference to its bytes (spill.py).
     ``payload``: its layer_payload(), when the caller has it already."""
+    if payload is None:
+        payload = layer_payload(message)
+    if payload is not None and spill.too_big(payload):
+        # Outside the send's deadline: a burst of big bodies queues for the bytes client's
+        # few connections (200 of 900 KB took over 2 s on a loaded host), and that client's
+        # own timeouts bound a stalled Redis.
+        message = await spill.reference(payload)
     try:
         async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
-            if payload is None:
-                payload = layer_payload(message)
-            if payload is not None and spill.too_big(payload):
-                message = await spill.reference(payload)
             await layer().send(channel, message)
     except TimeoutError as exc:
         raise ServiceTimeout("channel layer") from exc
