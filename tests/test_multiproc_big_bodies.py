@@ -104,3 +104,31 @@ async def test_a_burst_of_big_requests_and_answers_loses_nothing(big: Broker) ->
     finally:
         client.close()
     assert left == []
+
+
+async def test_a_burst_of_many_big_tasks_reaches_a_publisher_that_reads_them(big: Broker) -> None:
+    """200 tasks of 900 KB at once (180 MB behind the publisher's stream for a while): each
+    reaches it over its one stream and is answered; a publisher reading slower than its
+    tasks arrive is busy, not gone (16 answered before spill.py; at a 64 MiB stream bound,
+    the publisher was cut)."""
+    prime(big)
+    name = uname("many")
+    async with publisher(big, "sse", [provider(name)]) as pub:
+
+        async def answer(frame: Frame) -> None:
+            if frame["kind"] == "infer":
+                text = frame["body"]["messages"][0]["content"][:8]
+                await pub.result(frame["taskId"], 200, chat_answer(text), url=big.url(RESULT_W))
+
+        pub.serve(answer)
+        prompts = [f"{i:07d}-" + "z" * 900_000 for i in range(200)]
+        responses = await asyncio.wait_for(
+            asyncio.gather(
+                *(post_chat(big, chat_body(name, p), worker=0, timeout=60.0) for p in prompts)
+            ),
+            90.0,
+        )
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 200, [r.text[:200] for r in responses if r.status_code != 200][:3]
+    answers = [r.json()["choices"][0]["message"]["content"] for r in responses]
+    assert answers == [p[:8] for p in prompts]
