@@ -111,12 +111,27 @@ async def _next_up(t: _Targets, send: Callable[[_Request], Awaitable[R]], moved:
     a soak's rolling restart) goes on to the next one, as a load balancer does. ``moved``
     counts those."""
     first = t.take()
-    for k in range(len(t.items) - 1):
+    order = [t.items[(first + k) % len(t.items)] for k in range(len(t.items))]
+    # A worker taken out of rotation (set_out) gets no new request while others are in.
+    order = [r for r in order if not r.url.startswith(tuple(_out))] or order
+    for item in order[:-1]:
         try:
-            return await send(t.items[(first + k) % len(t.items)])
+            return await send(item)
         except _Refused:
             moved[0] += 1
-    return await send(t.items[(first + len(t.items) - 1) % len(t.items)])
+    return await send(order[-1])
+
+
+# Base URLs of the workers out of rotation (a soak's rolling restart: set_out).
+_out: set[str] = set()
+
+
+async def set_out(urls: list[str]) -> int:
+    """Take these workers' base URLs out of rotation for open_loop and streams (all others
+    back in), as a load balancer does before a worker restarts."""
+    _out.clear()
+    _out.update(url.rstrip("/") + "/" for url in urls)
+    return len(_out)
 
 
 async def _unary(
@@ -440,5 +455,12 @@ async def hello() -> dict[str, Any]:
 
 if __name__ == "__main__":
     rpc.serve(
-        {"pairs": pairs, "open_loop": open_loop, "streams": streams, "burst": burst, "hello": hello}
+        {
+            "pairs": pairs,
+            "open_loop": open_loop,
+            "streams": streams,
+            "burst": burst,
+            "hello": hello,
+            "set_out": set_out,
+        }
     )

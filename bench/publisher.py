@@ -63,6 +63,7 @@ class Publisher:
         self.errors: Counter[str] = Counter()
         self.wake_confirmed_at: list[float] = []
         self._rr = 0
+        self.out: set[str] = set()  # workers out of rotation (set_out)
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -332,8 +333,9 @@ class Publisher:
                     self.counts["answers_posted_after_close"] += 1
             assert self.http is not None
             first, self._rr = self._rr, self._rr + 1
+            ring = [w for w in self.workers if w not in self.out] or self.workers
             for attempt in range(3 * len(self.workers)):
-                worker = self.workers[(first + attempt) % len(self.workers)]
+                worker = ring[(first + attempt) % len(ring)]
                 url = f"{worker}/api/v1/virtual/tasks/{tid}/{kind}"
                 try:
                     async with self.http.post(
@@ -360,6 +362,12 @@ class Publisher:
             self.errors[f"{kind}: {exc!r}"[:200]] += 1
 
     # --- control ---------------------------------------------------------------------------
+
+    async def set_out(self, urls: list[str]) -> int:
+        """Post no answers to these workers (all others back in), as behind a load balancer
+        that took them out before a restart."""
+        self.out = {url.rstrip("/") for url in urls}
+        return len(self.out)
 
     async def release(self) -> int:
         self.released.set()
@@ -409,6 +417,7 @@ if __name__ == "__main__":
             "set_hold": publisher.set_hold,
             "stats": publisher.stats,
             "set_status": publisher.set_status,
+            "set_out": publisher.set_out,
             "stop": publisher.stop,
         }
     )

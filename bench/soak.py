@@ -135,12 +135,20 @@ async def soak_one(
     samples: list[Sample] = []
     totals = Totals()
     cancels_seen = 0
+
+    async def out(urls: list[str]) -> None:
+        await asyncio.gather(
+            bench.loadgen.call("set_out", urls=urls), line.call("set_out", urls=urls)
+        )
+
     try:
         for r in range(args.soak_rounds):
             ramp = 0.8 * seconds
             fault = FAULT_ROUNDS.get(r) if redis is not None else None
             faulting = (
-                asyncio.create_task(run_fault(fault, setup, llm, seconds, redis)) if fault else None
+                asyncio.create_task(run_fault(fault, setup, llm, seconds, redis, out))
+                if fault
+                else None
             )
             unary_r, full_r, left_r = await asyncio.gather(
                 bench.loadgen.call(

@@ -17,6 +17,7 @@ import json
 import re
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,10 @@ from tests.faults import PrivateRedis
 
 from .http import JSON, session
 from .scenarios import Setup, progress
+
+# Takes these workers' base URLs out of the clients' and the publisher's rotation (the
+# others back in).
+OutOfRotation = Callable[[list[str]], Awaitable[None]]
 
 ROLLING = "rolling restart"
 REDIS = "redis restart"
@@ -88,13 +93,16 @@ async def _ready(url: str, deadline: float) -> None:
             await asyncio.sleep(0.1)
 
 
-async def rolling_restart(setup: Setup) -> str:
+async def rolling_restart(setup: Setup, out: OutOfRotation) -> str:
     """SIGTERM each worker in turn, start it again and wait for its /readyz, as an operator
-    does (README "Restarts and upgrades"). Returns each worker's exit code and drain time."""
+    does (README "Restarts and upgrades"); the load generator and the publisher take it out
+    of their rotation first and back after, as a load balancer does. Returns each worker's
+    exit code and drain time."""
     done = []
     for i in range(setup.n):
         proc = setup.broker.procs[i]
         assert proc is not None
+        await out([setup.broker.url(i)])
         began = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, READY_SECONDS)
@@ -102,6 +110,7 @@ async def rolling_restart(setup: Setup) -> str:
         setup.broker.procs[i] = None
         await asyncio.to_thread(setup.broker.start_worker, i)
         await _ready(setup.broker.url(i), time.monotonic() + READY_SECONDS)
+        await out([])
         done.append(
             f"w{i} exit {code} after {drained:.1f} s, ready {time.monotonic() - began:.1f} s"
         )
@@ -136,14 +145,19 @@ async def back_after(setup: Setup, llm: str, since: float, limit: float = 60.0) 
 
 
 async def run_fault(
-    name: str, setup: Setup, llm: str, round_seconds: float, redis: PrivateRedis | None
+    name: str,
+    setup: Setup,
+    llm: str,
+    round_seconds: float,
+    redis: PrivateRedis | None,
+    out: OutOfRotation,
 ) -> FaultReport:
     """Wait START_SHARE of the round, then do the fault; how long it took to be served
     again."""
     await asyncio.sleep(START_SHARE * round_seconds)
     report = FaultReport(name)
     if name == ROLLING:
-        report.note = await rolling_restart(setup)
+        report.note = await rolling_restart(setup, out)
     else:
         assert redis is not None
         report.note = await redis_restart(redis)
