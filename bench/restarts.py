@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.restarts", description=__doc__)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--only", default="", help="run the faults whose name has this")
+    parser.add_argument(
+        "--timeline", action="store_true", help="also print requests answered per second"
+    )
     args = parser.parse_args(argv)
     local_calls_skip_proxies()
     postgres = PrivatePostgres()
@@ -97,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for what, fault in faults:
+            if args.only.lower() not in what.lower():
+                continue
             wait_serving(broker, token, name, timeout=60)
             load = Load(broker, token, name, threads=args.clients).start()
             began = time.monotonic()
@@ -110,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
             failed = [o.started for o in outcomes if o.status != 200]
             served = max(failed) - ended if failed and ended is not None else float("-inf")
             rows.append((what, len(outcomes), summary(outcomes), back, served))
+            if args.timeline:
+                per_second = [0] * (int(args.seconds) + 30)
+                for o in outcomes:
+                    per_second[min(len(per_second) - 1, int(o.ended - began))] += 1
+                print(f"{what}: answered per second from the start: {per_second}")
             print(
                 f"{what}: {len(outcomes)} requests {summary(outcomes)}; last failure ended "
                 f"{back:+.2f} s, was sent {served:+.2f} s from the fault's end",
