@@ -5,7 +5,9 @@ openai SDK).
 
 A *target* is ``{"url": ".../v1/chat/completions", "headers": {...}, "body": {...}}``, and
 optionally ``"min_bytes"``: a unary answer shorter than that fails. A list of targets is
-used round-robin (requests spread over a broker's workers).
+used round-robin (requests spread over a broker's workers); in ``open_loop`` and ``streams``
+a connect refused (a worker restarting: the soak's rolling restart) is sent to the next
+target instead, as a load balancer does.
 
 Calls:
 - ``pairs``: concurrency 1; direct and relayed requests alternate (the order flips every
@@ -29,8 +31,9 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -38,6 +41,7 @@ from . import rpc
 from .http import JSON, data_lines, session
 
 Target = dict[str, Any]
+R = TypeVar("R")
 MAX_ERRORS = 8
 # The error code of an OpenAI-shaped error body: {"error": {..., "code": "<code>"}}.
 ERROR_CODE = re.compile(rb'"code":\s*"([a-z_]+)"')
@@ -78,9 +82,13 @@ class _Targets:
         self._i = 0
 
     def next(self) -> _Request:
-        item = self.items[self._i % len(self.items)]
+        return self.items[self.take()]
+
+    def take(self) -> int:
+        """The next target's index (the following ones are this request's to retry on)."""
+        i = self._i % len(self.items)
         self._i += 1
-        return item
+        return i
 
 
 class _Errors:
@@ -94,7 +102,42 @@ class _Errors:
         return [f"{n}x {what}" for what, n in self.count.most_common(MAX_ERRORS)]
 
 
-async def _unary(target: _Request, timeout: float, errors: _Errors) -> bool:
+class _Refused(Exception):
+    """A connect refused: the request was never sent (a worker restarting)."""
+
+
+async def _next_up(t: _Targets, send: Callable[[_Request], Awaitable[R]], moved: list[int]) -> R:
+    """``send`` to the next target; a connect refused (never sent: a worker restarting, in
+    a soak's rolling restart) goes on to the next one, as a load balancer does. ``moved``
+    counts those."""
+    first = t.take()
+    order = [t.items[(first + k) % len(t.items)] for k in range(len(t.items))]
+    # A worker taken out of rotation (set_out) gets no new request while others are in.
+    order = [r for r in order if not r.url.startswith(tuple(_out))] or order
+    for item in order[:-1]:
+        try:
+            return await send(item)
+        except _Refused:
+            moved[0] += 1
+    return await send(order[-1])
+
+
+# Base URLs of the workers out of rotation (a soak's rolling restart: set_out).
+_out: set[str] = set()
+
+
+async def set_out(urls: list[str]) -> int:
+    """Take these workers' base URLs out of rotation for open_loop and streams (all others
+    back in), as a load balancer does before a worker restarts."""
+    _out.clear()
+    _out.update(url.rstrip("/") + "/" for url in urls)
+    return len(_out)
+
+
+async def _unary(
+    target: _Request, timeout: float, errors: _Errors, *, failover: bool = False
+) -> bool:
+    """One request; ``failover``: a refused connect raises _Refused instead of failing."""
     try:
         async with _http().post(
             target.url,
@@ -105,6 +148,11 @@ async def _unary(target: _Request, timeout: float, errors: _Errors) -> bool:
             body = await response.read()
     except TimeoutError:
         errors.add("timeout")
+        return False
+    except aiohttp.ClientConnectorError as exc:
+        if failover:
+            raise _Refused() from exc
+        errors.add(f"http: {exc!r}")
         return False
     except aiohttp.ClientError as exc:
         errors.add(f"http: {exc!r}")
@@ -142,9 +190,11 @@ async def _stream(
     errors: _Errors,
     check_order: bool = True,
     leave_after: int = 0,
+    failover: bool = False,
 ) -> StreamResult:
     """One streamed request. ``leave_after`` > 0: the client leaves (closes the connection)
-    once that many chunks have arrived, and the stream counts as ok."""
+    once that many chunks have arrived, and the stream counts as ok. ``failover``: a refused
+    connect raises _Refused instead of failing."""
     result = StreamResult()
     started = time.perf_counter()
     last = started
@@ -190,6 +240,11 @@ async def _stream(
                     if leave_after and result.chunks >= leave_after:
                         result.ok = True
                         return result  # leaving the block closes the unread response
+    except aiohttp.ClientConnectorError as exc:
+        if failover:
+            raise _Refused() from exc
+        errors.add(f"http: {exc!r}")
+        return result
     except aiohttp.ClientError as exc:
         errors.add(f"http: {exc!r}")
         return result
@@ -250,9 +305,19 @@ async def open_loop(
     failed = 0
     errors = _Errors()
 
+    moved = [0]
+
+    async def send(target: _Request) -> bool:
+        return await _unary(target, timeout, errors, failover=True)
+
     async def one(scheduled: float) -> None:
         nonlocal failed
-        if await _unary(t.next(), timeout, errors):
+        try:
+            ok = await _next_up(t, send, moved)
+        except _Refused:
+            errors.add("refused by every worker")
+            ok = False
+        if ok:
             lat.append((loop.time() - scheduled) * 1000)
         else:
             failed += 1
@@ -281,6 +346,8 @@ async def open_loop(
         "max_lag_ms": max(lags),
         "wall": wall,
         "errors": errors.top(),
+        "outcomes": dict(errors.count),
+        "moved": moved[0],
     }
 
 
@@ -295,13 +362,26 @@ async def streams(
     t = _Targets(targets)
     errors = _Errors()
     loop = asyncio.get_running_loop()
+    moved = [0]
 
     async def one(at: float) -> StreamResult:
         delay = at - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        try:
+            return await _next_up(t, send, moved)
+        except _Refused:
+            errors.add("refused by every worker")
+            return StreamResult()
+
+    async def send(target: _Request) -> StreamResult:
         return await _stream(
-            t.next(), expect=expect, stall_s=stall_s, errors=errors, leave_after=leave_after
+            target,
+            expect=expect,
+            stall_s=stall_s,
+            errors=errors,
+            leave_after=leave_after,
+            failover=True,
         )
 
     start = loop.time() + 0.02
@@ -330,6 +410,8 @@ async def streams(
         "wall": wall,
         "peak": peak,
         "errors": errors.top(),
+        "outcomes": dict(errors.count),
+        "moved": moved[0],
     }
 
 
@@ -373,5 +455,12 @@ async def hello() -> dict[str, Any]:
 
 if __name__ == "__main__":
     rpc.serve(
-        {"pairs": pairs, "open_loop": open_loop, "streams": streams, "burst": burst, "hello": hello}
+        {
+            "pairs": pairs,
+            "open_loop": open_loop,
+            "streams": streams,
+            "burst": burst,
+            "hello": hello,
+            "set_out": set_out,
+        }
     )

@@ -32,6 +32,7 @@ from . import rpc
 from .http import JSON, data_lines, session
 
 Frame = dict[str, Any]
+WS_RECONNECT = 4503  # a draining worker's close code: reconnect elsewhere at once
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Publisher:
         self.errors: Counter[str] = Counter()
         self.wake_confirmed_at: list[float] = []
         self._rr = 0
+        self.out: set[str] = set()  # workers out of rotation (set_out)
 
     # --- setup -----------------------------------------------------------------------------
 
@@ -126,26 +128,48 @@ class Publisher:
         s.sid = json.loads(answer)["providerSessionId"]
 
     async def _hold_stream(self, s: Session) -> None:
-        try:
-            if self.transport == "sse":
-                await self._read_sse(s)
-            else:
-                await self._read_ws(s)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.errors[f"stream: {exc!r}"[:200]] += 1
-        finally:
-            self.counts["streams_closed"] += 1
+        """Hold the session's stream; when a worker drains (SSE ``event: reconnect``,
+        WebSocket close 4503: a rolling restart, bench/soak.py) open it again at once on the
+        next worker, as the contract's agents do."""
+        refused = 0  # connects refused in a row since the stream was last open
+        while True:
+            try:
+                if self.transport == "sse":
+                    handed_over = await self._read_sse(s)
+                else:
+                    handed_over = await self._read_ws(s)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # refused (aiohttp's and websockets' both): a worker down
+                refused += 1
+                handed_over = self.counts["reconnects"] > 0 and refused < 2 * len(self.workers)
+                if not handed_over:
+                    self.errors[f"stream: {exc!r}"[:200]] += 1
+                await asyncio.sleep(0.1)
+            except Exception as exc:
+                self.errors[f"stream: {exc!r}"[:200]] += 1
+                handed_over = False
+            finally:
+                self.counts["streams_closed"] += 1
+            if not handed_over:
+                return
+            if s.ready.is_set():
+                refused = 0
+            s.ready.clear()
+            self.counts["reconnects"] += 1
+            at = self.workers.index(self.stream_url) if self.stream_url in self.workers else 0
+            self.stream_url = self.workers[(at + 1) % len(self.workers)]
 
-    async def _read_sse(self, s: Session) -> None:
+    async def _read_sse(self, s: Session) -> bool:
+        """Read the SSE stream until it ends; True if the worker said to reconnect."""
         assert self.http is not None
         url = f"{self.stream_url}/api/v1/virtual/sessions/{s.sid}/stream"
         async with self.http.get(url, headers=self.auth) as response:
             if response.status != 200:
                 raise RuntimeError(f"stream {response.status}")
             # The data tells the events apart: a task frame has a "kind", the ready event
-            # only the session id.
+            # only the session id, the reconnect event's a reason. On that one, go at once:
+            # the draining worker ends the response only once it has seen the new stream.
             async for batch in data_lines(response):
                 for data in batch:
                     frame = json.loads(data)
@@ -153,8 +177,12 @@ class Publisher:
                         self._on_frame(s, frame)
                     elif "providerSessionId" in frame:
                         s.ready.set()
+                    elif frame.get("reason") == "draining":
+                        return True
+            return False
 
-    async def _read_ws(self, s: Session) -> None:
+    async def _read_ws(self, s: Session) -> bool:
+        """Read the socket until it closes; True if the worker said to reconnect."""
         url = self.stream_url.replace("http", "ws", 1) + f"/api/v1/virtual/sessions/{s.sid}/ws"
         async with websockets.connect(
             url,
@@ -165,15 +193,22 @@ class Publisher:
             ping_interval=None,  # daphne pings us (--ping-interval); we answer
         ) as ws:
             s.ws = ws
-            async for message in ws:
-                frame = json.loads(message)
-                kind = frame.get("type")
-                if kind == "ready":
-                    s.ready.set()
-                elif kind == "task":
-                    self._on_frame(s, frame)
-                elif kind == "protocol_error":
-                    self.errors[f"protocol_error: {frame.get('message')}"[:200]] += 1
+            try:
+                async for message in ws:
+                    frame = json.loads(message)
+                    kind = frame.get("type")
+                    if kind == "ready":
+                        s.ready.set()
+                    elif kind == "task":
+                        self._on_frame(s, frame)
+                    elif kind == "protocol_error":
+                        self.errors[f"protocol_error: {frame.get('message')}"[:200]] += 1
+            except websockets.ConnectionClosed as closed:
+                if closed.rcvd is None or closed.rcvd.code != WS_RECONNECT:
+                    raise
+            finally:
+                s.ws = None
+        return ws.close_code == WS_RECONNECT
 
     # --- tasks -----------------------------------------------------------------------------
 
@@ -286,24 +321,53 @@ class Publisher:
         """Send a result/chunks/error: on the socket (WebSocket) or by POST (SSE)."""
         self.counts[f"sent_{kind}"] += 1
         try:
-            if self.transport == "ws":
-                assert s.ws is not None
+            if self.transport == "ws" and s.ws is not None:
                 # {"type": kind, "taskId": tid, ...payload's fields}
                 head = f'{{"type":"{kind}","taskId":{json.dumps(tid)},'.encode()
-                await s.ws.send((head + payload[1:]).decode())
-                return
+                try:
+                    await s.ws.send((head + payload[1:]).decode())
+                    return
+                except websockets.ConnectionClosed:
+                    # The worker drained (a rolling restart): the tasks it sent go on, and
+                    # their answers go to any worker by POST.
+                    self.counts["answers_posted_after_close"] += 1
             assert self.http is not None
-            worker = self.workers[self._rr % len(self.workers)]
-            self._rr += 1
-            url = f"{worker}/api/v1/virtual/tasks/{tid}/{kind}"
-            async with self.http.post(url, data=payload, headers=self.post_headers) as response:
-                answer = await response.read()
+            first, self._rr = self._rr, self._rr + 1
+            ring = [w for w in self.workers if w not in self.out] or self.workers
+            for attempt in range(3 * len(self.workers)):
+                worker = ring[(first + attempt) % len(ring)]
+                url = f"{worker}/api/v1/virtual/tasks/{tid}/{kind}"
+                try:
+                    async with self.http.post(
+                        url, data=payload, headers=self.post_headers
+                    ) as response:
+                        answer = await response.read()
+                except aiohttp.ClientConnectorError:
+                    # Never sent (a worker restarting): the next worker takes it, as behind
+                    # a load balancer.
+                    if attempt == 3 * len(self.workers) - 1:
+                        raise
+                    self.counts["answers_moved"] += 1
+                    continue
+                if response.status != 503 or attempt == 3 * len(self.workers) - 1:
+                    break
+                # Refused for now (the broker's Redis restarting): not delivered, so sent
+                # again, as the contract's Retry-After asks (a chunk dropped would leave a
+                # gap in the client's stream).
+                self.counts["answers_retried"] += 1
+                await asyncio.sleep(0.2)
             if response.status != 204:
                 self.errors[f"{kind} POST {response.status}: {answer[:100]!r}"] += 1
         except (aiohttp.ClientError, websockets.WebSocketException) as exc:
             self.errors[f"{kind}: {exc!r}"[:200]] += 1
 
     # --- control ---------------------------------------------------------------------------
+
+    async def set_out(self, urls: list[str]) -> int:
+        """Post no answers to these workers (all others back in), as behind a load balancer
+        that took them out before a restart."""
+        self.out = {url.rstrip("/") for url in urls}
+        return len(self.out)
 
     async def release(self) -> int:
         self.released.set()
@@ -353,6 +417,7 @@ if __name__ == "__main__":
             "set_hold": publisher.set_hold,
             "stats": publisher.stats,
             "set_status": publisher.set_status,
+            "set_out": publisher.set_out,
             "stop": publisher.stop,
         }
     )

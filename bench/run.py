@@ -116,9 +116,9 @@ async def start_upstream(log_dir: Path) -> tuple[asyncio.subprocess.Process, str
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-async def start_setup(key: str) -> Setup:
+async def start_setup(key: str, env: dict[str, str] | None = None) -> Setup:
     label, services, n = SETUPS[key]
-    broker = Broker(n, services=services, env=BROKER_ENV)
+    broker = Broker(n, services=services, env={**BROKER_ENV, **(env or {})})
     await asyncio.to_thread(broker.start)
     client_token, publisher_token = await asyncio.to_thread(
         broker.new_tokens, "client", "publisher"

@@ -149,6 +149,12 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # All the ORM work of a worker runs on one thread (runtime/django_asgi.py): a connect to
+    # a database host that went silent (a fail-over moving its address) would hold it, and
+    # every request behind it, for libpq's default of no limit. Refused (a restart) fails at
+    # once anyway. A ?connect_timeout= in DATABASE_URL wins.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several threads (the async ORM's and the test threads) share the file: wait for the
     # write lock instead of failing at once, and take it at BEGIN so a read-then-write

@@ -61,11 +61,19 @@ def free_port() -> int:
 
 class Broker:
     """A running broker. ``services=True``: ``workers`` daphne processes sharing one fresh
-    PostgreSQL database and one Redis prefix. ``services=False``: one embedded process."""
+    PostgreSQL database and one Redis prefix. ``services=False``: one embedded process.
+    ``pg_url``: the PostgreSQL server to make the database on (default: MCPD_TEST_PG_URL's);
+    a test that restarts PostgreSQL passes one of its own (tests/faults.py)."""
 
     def __init__(
-        self, workers: int = 3, *, services: bool = True, env: dict[str, str] | None = None
+        self,
+        workers: int = 3,
+        *,
+        services: bool = True,
+        env: dict[str, str] | None = None,
+        pg_url: str | None = None,
     ) -> None:
+        self.pg_url = pg_url or PG_URL
         self.services = services
         self.n = workers if services else 1
         self.tag = uuid.uuid4().hex[:10]
@@ -85,7 +93,7 @@ class Broker:
         self.env.pop("DATABASE_URL", None)
         self.env.pop("REDIS_URL", None)
         if services:
-            base, _, _ = PG_URL.rpartition("/")
+            base, _, _ = self.pg_url.rpartition("/")
             self.env["DATABASE_URL"] = f"{base}/{self.db_name}"
             self.env["REDIS_URL"] = REDIS_URL
             self.env["MCPD_REDIS_PREFIX"] = f"mcpdtest{self.tag}"
@@ -100,7 +108,7 @@ class Broker:
 
     def start(self) -> Broker:
         if self.services:
-            base, _, _ = PG_URL.rpartition("/")
+            base, _, _ = self.pg_url.rpartition("/")
             with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self.db_name}"')
         self.manage("migrate", "--verbosity", "0")
@@ -156,7 +164,7 @@ class Broker:
                 self.kill(i, signal.SIGTERM)
         if self.services:
             drop_redis_keys(self.env["REDIS_URL"], self.env["MCPD_REDIS_PREFIX"])
-            base, _, _ = PG_URL.rpartition("/")
+            base, _, _ = self.pg_url.rpartition("/")
             with (
                 contextlib.suppress(psycopg.Error),
                 psycopg.connect(f"{base}/postgres", autocommit=True) as conn,

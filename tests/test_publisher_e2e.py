@@ -101,7 +101,9 @@ def start_agent(
     *,
     transport: str = "sse",
     name: str = "agent",
+    settings: dict[str, Any] | None = None,
 ) -> Agent:
+    """``settings``: more top-level keys of the agent's config (``heartbeat_seconds``...)."""
     config = write_config(
         tmp / f"{name}.toml",
         {
@@ -109,6 +111,7 @@ def start_agent(
             "transport": transport,
             "state_file": f"{name}.state.json",
             "shutdown_grace_seconds": 10,  # a stop always ends within WAIT
+            **(settings or {}),
         },
         llms,
     )

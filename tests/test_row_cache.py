@@ -331,3 +331,30 @@ async def test_a_new_stream_since_the_lookup_gets_the_task(hub: hub_mod.Hub) -> 
     finally:
         await binding.stream_close(second)
         await binding.stream_close(first)
+
+
+def _database_away(**_: Any) -> Llm | None:
+    from django.db import OperationalError
+
+    raise OperationalError("connection refused")
+
+
+async def test_an_old_copy_serves_while_the_database_is_away_unless_its_stamps_moved(
+    async_orm: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22: the 10 s re-read of a cached row meets a PostgreSQL restart; the copy read
+    under the same stamps is still the row, so the relay goes on. A row whose stamps moved
+    may have changed: 503 (the OperationalError errors.unavailable maps)."""
+    from django.db import OperationalError
+
+    await make_row()
+    first = await lookup()
+    assert first is not None
+    monkeypatch.setattr(rowcache, "ROW_CACHE_SECONDS", 0.0)  # every copy is old now
+    monkeypatch.setattr(rowcache.selectors, "llm_get", _database_away)
+    assert await lookup() is first
+    from virtual_llms.state.stamps import name_field
+
+    await sync_to_async(state.get_state().stamps.touch)([name_field("m1")])
+    with pytest.raises(OperationalError):
+        await lookup()

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from .errors import ApiError
@@ -37,6 +38,15 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 # ``token.revoked`` broadcast did not reach (a Redis restart loses broadcasts): the contract
 # wants a revoked token dead everywhere within 1 s. One row read per token per second.
 AUTH_CACHE_SECONDS = 1.0
+# While the database is unreachable (a PostgreSQL restart or fail-over), the hot path still
+# accepts a token this process verified in the last AUTH_STALE_SECONDS, so the relay (client
+# calls, publishers' answers) goes on instead of failing every call, and a task dispatched
+# before the outage gets its answer. Safe because a token cannot be revoked while the
+# database is away (token_revoke writes the row first), and a revoke's broadcast drops the
+# token from here at once (forget_token). The bound covers a worker cut off from the
+# database alone while others revoke (and the broadcast lost as well); a PostgreSQL restart
+# takes seconds, a managed fail-over a minute or two.
+AUTH_STALE_SECONDS = 120.0
 
 _verified: dict[str, tuple[ApiToken, float]] = {}
 
@@ -112,9 +122,12 @@ def forget_token(*, token_id: int) -> None:
             _verified.pop(digest, None)
 
 
-def _cached(plaintext: str) -> ApiToken | None:
+def _cached(plaintext: str, *, stale: bool = False) -> ApiToken | None:
+    """The token if this process verified it in the last AUTH_CACHE_SECONDS (``stale``: in
+    the last AUTH_STALE_SECONDS)."""
     hit = _verified.get(_hash(plaintext))
-    if hit is None or hit[1] < time.monotonic():
+    extra = AUTH_STALE_SECONDS - AUTH_CACHE_SECONDS if stale else 0.0
+    if hit is None or hit[1] + extra < time.monotonic():
         return None
     return hit[0]
 
@@ -175,13 +188,21 @@ def authenticate(header: str | None, roles: Iterable[str]) -> ApiToken:
 
 async def aauthenticate(header: str | None, roles: Iterable[str]) -> ApiToken:
     """The same check from async code: no hop to the ORM thread for a token verified in the
-    last AUTH_CACHE_SECONDS."""
+    last AUTH_CACHE_SECONDS, nor for one verified in the last AUTH_STALE_SECONDS while the
+    database is unreachable."""
     plaintext = parse_bearer(header)
     cached = _cached(plaintext) if plaintext else None
     if cached is not None:
         require_role(cached, roles)
         return cached
-    return await sync_to_async(authenticate)(header, tuple(roles))
+    try:
+        return await sync_to_async(authenticate)(header, tuple(roles))
+    except (OperationalError, InterfaceError):
+        stale = _cached(plaintext, stale=True) if plaintext else None
+        if stale is None:
+            raise  # a 503 database_unavailable (errors.unavailable)
+        require_role(stale, roles)
+        return stale
 
 
 def header_from_scope(scope: Mapping[str, Any]) -> str | None:

@@ -20,6 +20,7 @@ from .errors import ApiError, unavailable
 from .hub import Closing, ControlStream
 from .models import ApiToken
 from .runtime.channels_layer import NoDatabaseCheckDispatch
+from .runtime.django_asgi import ApiASGIHandler
 
 log = logging.getLogger("mcpd.consumers")
 
@@ -91,6 +92,7 @@ class ControlSocketConsumer(NoDatabaseCheckDispatch, AsyncWebsocketConsumer):
 
     async def websocket_connect(self, message: WebSocketConnectEvent) -> None:
         self.session_id = self.scope["url_route"]["kwargs"]["session_id"]
+        ApiASGIHandler.start_upkeep()  # the heartbeat frames' database connection
         try:
             self.token = await sync_to_async(self._authorize)()
         except ApiError as exc:

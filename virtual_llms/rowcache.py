@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
+from django.db import InterfaceError, OperationalError
 
 from . import selectors
 from .errors import ApiError
@@ -17,7 +18,8 @@ from .models import Llm, LlmKind, LlmStatus, is_llm_name
 from .state import Candidate, get_state
 
 # A cached row is re-read at least this often even if no stamp changed: the bound on how long
-# a write made behind mcpd's back (raw SQL, a lost stamp update) can go unseen.
+# a write made behind mcpd's back (raw SQL, a lost stamp update) can go unseen. While the
+# database is unreachable, the copy is used past it (llm_lookup).
 ROW_CACHE_SECONDS = 10.0
 # Entries for rows this process asked for; past this many the cache starts over.
 ROW_CACHE_SIZE = 10_000
@@ -136,7 +138,16 @@ async def llm_lookup(name: str, stamp: str | None = None) -> CachedRow | None:
     if stamp is None:
         stamp = await get_state().routing.stamp(name)
     # Read after the stamps: a write that commits later touches them again.
-    row = await sync_to_async(selectors.llm_get)(name=name)
+    try:
+        row = await sync_to_async(selectors.llm_get)(name=name)
+    except (OperationalError, InterfaceError):
+        # The database is away (a restart): a copy read under the same stamps is still the
+        # row (no write through mcpd since; none can commit now), so the relay goes on.
+        # Its age stays, so the next request tries the database again.
+        old = _rows.get(name)
+        if old is not None and old.stamp == stamp:
+            return old
+        raise  # a 503 database_unavailable (errors.unavailable)
     if row is None:
         _rows.pop(name, None)
         return None

@@ -28,6 +28,7 @@ from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
+from .errors import unavailable
 from .loopcache import PerLoop
 from .models import ApiToken, UsageRecord
 
@@ -303,9 +304,15 @@ async def _flush_loop() -> None:
             if failing:
                 log.info("usage: records written again")
             failing = False
-        except Exception:
+        except Exception as exc:
             if not failing:
-                log.warning("usage: writing records failed; kept and retried", exc_info=True)
+                # The database away (a restart): one line, no traceback (errors.unavailable).
+                away = unavailable(exc) is not None
+                log.warning(
+                    "usage: writing records failed%s; kept and retried",
+                    f" ({type(exc).__name__}: {exc})" if away else "",
+                    exc_info=not away,
+                )
             failing = True
 
 

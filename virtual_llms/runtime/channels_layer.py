@@ -17,8 +17,8 @@
   socket that is a thread hop per result or chunk frame (a fifth of its CPU under load).
   :class:`NoDatabaseCheckDispatch` dispatches without it; the one frame that touches the
   database (heartbeat) runs on the shared sync thread, whose connection the API handler's
-  upkeep checks every second (runtime/django_asgi.py). Can go if channels makes the check
-  optional.
+  upkeep checks every second (runtime/django_asgi.py; the socket starts it too). Can go if
+  channels makes the check optional.
 """
 
 from __future__ import annotations

@@ -94,11 +94,16 @@ class ApiASGIHandler(BrokerASGIHandler):
 
     _upkeep: PerLoop[asyncio.Task[None]] = PerLoop()
 
-    def _start_upkeep(self) -> None:
-        self._upkeep.get(lambda: asyncio.create_task(_db_upkeep(), name="mcpd-db-upkeep"))
+    @classmethod
+    def start_upkeep(cls) -> None:
+        """Start this event loop's check of the ORM thread's connections, once: on the API's
+        first request, or the first control socket's (consumers.py), whose heartbeat frames
+        use that thread too and would otherwise keep a connection broken by a PostgreSQL
+        restart on a worker that serves no HTTP."""
+        cls._upkeep.get(lambda: asyncio.create_task(_db_upkeep(), name="mcpd-db-upkeep"))
 
     async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        self._start_upkeep()
+        self.start_upkeep()
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
