@@ -56,6 +56,10 @@ from .scenarios import QUICK, Bench, Setup, progress
 from .soak_faults import FAULT_ROUNDS, FaultReport, merge_outcomes, row_state, run_fault
 
 STREAMS_PER_ROUND = 16  # of each kind: run to [DONE], and left after LEAVE_AFTER chunks
+# Each round without a fault also sends a burst of big requests at once (issue 29 item 1:
+# such bursts lost tasks when they rode Redis pub/sub), all of which must be answered.
+BIG_BURST = 8
+BIG_BODY_BYTES = 4 * 1024 * 1024
 LEAVE_AFTER = 2
 STREAM_CHUNKS = 32
 STREAM_INTERVAL_MS = 20  # so a stream lasts ~0.64 s and is still running when its client leaves
@@ -70,6 +74,7 @@ class Sample:
     fds: list[int]
     threads: list[int]
     task_keys: int | None
+    blob_keys: int | None  # big messages' blobs (spill.py) nobody took
 
 
 @dataclass
@@ -84,6 +89,8 @@ class Totals:
     # without a fault (in a fault's round a task that timed out is cancelled too).
     left_clean: int = 0
     cancels_clean: int = 0
+    big_sent: int = 0  # big requests, in bursts (BIG_BURST)
+    big_failed: int = 0
     row: dict[str, object] = field(default_factory=dict)  # the LLM's row at the end
 
 
@@ -91,8 +98,9 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def open_task_keys(setup: Setup) -> int | None:
-    """Open-task keys (``<prefix>:t:*``) in Redis; None for the embedded broker."""
+def redis_keys(setup: Setup, kind: str) -> int | None:
+    """Keys ``<prefix>:<kind>:*`` in Redis (``t``: open tasks, ``spill``: big messages'
+    blobs); None for the embedded broker."""
     if not setup.broker.services:
         return None
     import redis
@@ -100,7 +108,7 @@ def open_task_keys(setup: Setup) -> int | None:
     client = redis.Redis.from_url(setup.broker.env["REDIS_URL"])
     try:
         prefix = setup.broker.env["MCPD_REDIS_PREFIX"]
-        return sum(1 for _ in client.scan_iter(match=f"{prefix}:t:*", count=1000))
+        return sum(1 for _ in client.scan_iter(match=f"{prefix}:{kind}:*", count=1000))
     finally:
         client.close()
 
@@ -112,7 +120,8 @@ def sample(setup: Setup) -> Sample:
         rss_kib=[p.rss_kib for p in procs],
         fds=[open_fds(pid) for pid in setup.pids],
         threads=[p.threads for p in procs],
-        task_keys=open_task_keys(setup),
+        task_keys=redis_keys(setup, "t"),
+        blob_keys=redis_keys(setup, "spill"),
     )
 
 
@@ -132,6 +141,8 @@ async def soak_one(
     streamed = bench.relayed(
         setup, llm, stream=True, interval_ms=STREAM_INTERVAL_MS, chunks=STREAM_CHUNKS
     )
+    big_body = {"model": llm, "messages": [{"role": "user", "content": "b" * BIG_BODY_BYTES}]}
+    big = bench.relayed(setup, llm, body=big_body)
     samples: list[Sample] = []
     totals = Totals()
     cancels_seen = 0
@@ -150,7 +161,12 @@ async def soak_one(
                 if fault
                 else None
             )
-            unary_r, full_r, left_r = await asyncio.gather(
+            # A burst of big requests at mid-round (none in a fault's round: it is judged
+            # on its own outcomes).
+            burst = bench.loadgen.call(
+                "burst", targets=big, n=0 if fault else BIG_BURST, ramp_s=seconds / 2
+            )
+            unary_r, full_r, left_r, big_r = await asyncio.gather(
                 bench.loadgen.call(
                     "open_loop", targets=unary, rate=rate, duration=seconds, timeout=30.0
                 ),
@@ -168,7 +184,11 @@ async def soak_one(
                     ramp_s=ramp,
                     leave_after=LEAVE_AFTER,
                 ),
+                burst,
             )
+            totals.big_sent += big_r["n"]
+            totals.big_failed += big_r["failed"]
+            totals.errors += big_r["errors"]
             try:
                 report = await faulting if faulting is not None else None
             except Exception:
@@ -266,6 +286,18 @@ def rows(
         row.relayed = float(last.task_keys)
         row.note = f"after each round: {[s.task_keys for s in samples]}"
         judge(row, "0", at_most(0.0, "relayed"))
+
+    row = bench.row(setup, transport, "bench", "soak: big requests failed", "")
+    row.relayed = float(totals.big_failed)
+    row.note = (
+        f"{totals.big_sent} requests of {BIG_BODY_BYTES // 1024 // 1024} MiB, "
+        f"{BIG_BURST} at once in each round without a fault"
+    )
+    if last.blob_keys is not None:
+        row.note += "; big messages' blobs left in Redis after each round: "
+        row.note += f"{[s.blob_keys for s in samples]}"
+    left = last.blob_keys or 0
+    judge(row, "0, no blob left", lambda r: totals.big_failed == 0 and left == 0)
 
     workers = range(len(first.rss_kib))
     lives = [worker_lives(samples, i) for i in workers]

@@ -161,7 +161,9 @@ async def power(request: web.Request) -> web.Response:
 
 
 def app() -> web.Application:
-    application = web.Application()
+    # Bodies as big as the broker takes (MCPD_MAX_BODY_BYTES, 10 MiB): the soak's bursts of
+    # big requests reach the upstream whole (aiohttp's default refuses over 1 MiB).
+    application = web.Application(client_max_size=16 * 1024 * 1024)
     application.add_routes(
         [
             web.post("/{prefix:(?:.*/)?}completions", complete),
