@@ -20,13 +20,18 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import openai
 
 from tests.cluster import Broker, free_port
+
+if TYPE_CHECKING:
+    from tests.test_publisher_e2e import Agent
 
 THREADS = 6
 STREAM_PROMPT = "slow:10:0.05"  # a streamed answer of 10 chunks over 0.5 s
@@ -371,3 +376,32 @@ def recovered_after(outcomes: list[Outcome], since: float) -> float:
     before; -inf when every request was answered."""
     ends = [o.ended for o in outcomes if o.status != 200]
     return max(ends) - since if ends else float("-inf")
+
+
+def agent_per_transport(
+    transport: str,
+    broker: Broker,
+    upstream_url: str,
+    tmp: Path,
+    prefix: str,
+    settings: dict[str, object] | None = None,
+) -> Iterator[tuple[Agent, str]]:
+    """The fault modules' agent fixture: the real ``mcpd-publish`` on ``transport``, one LLM
+    (``<prefix>-<broker tag>-<transport>``) on ``upstream_url``, every worker in its broker
+    list; stopped at the end."""
+    from tests.test_publisher_e2e import start_agent
+
+    name = f"{prefix}-{broker.tag}-{transport}"
+    running = start_agent(
+        tmp,
+        broker.new_token("publisher"),
+        [broker.url(i) for i in range(broker.n)],
+        [{"name": name, "model": "fake-model", "upstream": upstream_url}],
+        transport=transport,
+        name=f"agent-{transport}",
+        settings=settings,
+    )
+    try:
+        yield running, name
+    finally:
+        running.stop()

@@ -27,13 +27,14 @@ from tests.faults import (
     Load,
     PrivatePostgres,
     ServiceMissing,
+    agent_per_transport,
     assert_outage_handled,
     probe_at,
     recovered_after,
     summary,
     wait_serving,
 )
-from tests.test_publisher_e2e import Agent, start_agent
+from tests.test_publisher_e2e import Agent
 from tests.test_publisher_upstream import FakeUpstream
 
 pytestmark = pytest.mark.multiproc
@@ -84,19 +85,14 @@ def agent(
     upstream: FakeUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Agent, str]]:
-    transport = request.param
-    name = f"pgrestart-{broker.tag}-{transport}"
-    running = start_agent(
-        tmp_path_factory.mktemp(f"agent-{transport}"),
-        broker.new_token("publisher"),
-        [broker.url(0), broker.url(1), broker.url(2)],
-        [{"name": name, "model": "fake-model", "upstream": upstream.url}],
-        transport=transport,
-        name=f"agent-{transport}",
+    yield from agent_per_transport(
+        request.param,
+        broker,
+        upstream.url,
+        tmp_path_factory.mktemp(f"agent-{request.param}"),
+        "pgrestart",
         settings={"heartbeat_seconds": 1},
     )
-    yield running, name
-    running.stop()
 
 
 @dataclass

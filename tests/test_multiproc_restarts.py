@@ -21,12 +21,13 @@ from tests.faults import (
     Load,
     PrivateRedis,
     ServiceMissing,
+    agent_per_transport,
     assert_outage_handled,
     probe_at,
     summary,
     wait_serving,
 )
-from tests.test_publisher_e2e import Agent, start_agent
+from tests.test_publisher_e2e import Agent
 from tests.test_publisher_upstream import FakeUpstream
 
 pytestmark = pytest.mark.multiproc
@@ -72,18 +73,13 @@ def agent(
     upstream: FakeUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Agent, str]]:
-    transport = request.param
-    name = f"restarts-{broker.tag}-{transport}"
-    running = start_agent(
-        tmp_path_factory.mktemp(f"agent-{transport}"),
-        broker.new_token("publisher"),
-        [broker.url(0), broker.url(1), broker.url(2)],
-        [{"name": name, "model": "fake-model", "upstream": upstream.url}],
-        transport=transport,
-        name=f"agent-{transport}",
+    yield from agent_per_transport(
+        request.param,
+        broker,
+        upstream.url,
+        tmp_path_factory.mktemp(f"agent-{request.param}"),
+        "restarts",
     )
-    yield running, name
-    running.stop()
 
 
 def test_a_rolling_restart_of_every_worker_under_load_fails_no_request(
