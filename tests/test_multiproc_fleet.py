@@ -79,10 +79,12 @@ class Box:
         self.most = max(self.most, self.running)
         try:
             await self.release.wait()
-            if self.answer:
-                await self.pub.result(frame["taskId"], 200, chat_answer(self.pub.session_id or ""))
         finally:
+            # Done once its answer is on its way: the broker frees the slot as the answer
+            # arrives, and the next task may reach this box before the POST's 204 does.
             self.running -= 1
+        if self.answer:
+            await self.pub.result(frame["taskId"], 200, chat_answer(self.pub.session_id or ""))
 
     def infers(self) -> int:
         return sum(1 for f in self.tasks if f.get("kind") == "infer")
