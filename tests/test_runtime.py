@@ -146,19 +146,6 @@ def test_serve_turns_off_twisted_request_work_daphne_never_uses() -> None:
         http_protocol.WebRequest, server.HTTPFactory = form_parsing, factory
 
 
-def test_twisted_still_has_what_the_drain_closes_idle_connections_by() -> None:
-    """DrainingServer._close_idle: a connection's protocol from daphne's factory wraps an
-    HTTPChannel (``_channel``) whose ``requests`` lists the requests in progress."""
-    from daphne.server import HTTPFactory
-    from twisted.internet.testing import StringTransport
-    from twisted.web.http import HTTPChannel
-
-    protocol: Any = HTTPFactory(None).buildProtocol(None)
-    assert isinstance(protocol._channel, HTTPChannel)
-    protocol.makeConnection(StringTransport())
-    assert protocol._channel.requests == []  # idle; Twisted appends each request it reads
-
-
 # --- django_asgi: Django's handler without its per-request thread ---------------------------
 
 

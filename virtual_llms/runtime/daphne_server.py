@@ -10,11 +10,12 @@
   a ``send_buffers.MeteredServer`` (that module says what it relies on).
 - A graceful stop: :class:`DrainingServer` keeps the listening ports daphne opens (its
   ``listen_success``) and handles SIGTERM itself (daphne's ``signal_handlers`` off: Twisted's
-  handler stops the reactor at once, cutting every request), running drain.py first; as it
-  stops listening it closes the idle kept-alive connections. Relies on
-  ``Server(signal_handlers=...)``, ``CommandLineInterface.server_class``, the server's
-  ``http_factory`` and Twisted's ``_GenericHTTPChannelProtocol._channel.requests`` (the
-  requests in progress on a connection).
+  handler stops the reactor at once, cutting every request), running drain.py first. Relies
+  on ``Server(signal_handlers=...)`` and ``CommandLineInterface.server_class``. Connections
+  open when it stops listening stay open while it drains: a request that arrives on one is
+  served (with ``Connection: close``), including one whose bytes were in flight as the
+  listener closed (closing the idle ones then cut such a request in a test's rolling
+  restart).
 
 tests/test_runtime.py checks each. Each can go if daphne gains the option.
 """
@@ -135,7 +136,6 @@ def draining_cli() -> Any:
     """daphne's command line, serving with :class:`DrainingServer`."""
     import asyncio
     import signal
-    import weakref
 
     from daphne.cli import CommandLineInterface
     from daphne.server import Server
@@ -157,8 +157,6 @@ def draining_cli() -> Any:
             self.ports: list[Any] = []
             self.stopping = False
             self.draining: asyncio.Future[None] | None = None
-            # Every HTTP connection's protocol, to close the idle ones when draining.
-            self.channels: weakref.WeakSet[Any] = weakref.WeakSet()
 
         def listen_success(self, port: Any) -> None:
             self.ports.append(port)
@@ -169,15 +167,6 @@ def draining_cli() -> Any:
             super().run()
 
         def _install_signal_handlers(self) -> None:
-            build = self.http_factory.buildProtocol
-
-            def tracked(addr: Any) -> Any:
-                protocol = build(addr)
-                if protocol is not None:
-                    self.channels.add(protocol)
-                return protocol
-
-            self.http_factory.buildProtocol = tracked
             loop = asyncio.get_event_loop()
             for number in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(number, self._on_signal)
@@ -192,23 +181,6 @@ def draining_cli() -> Any:
         async def _stop_listening(self) -> None:
             done = [defer.maybeDeferred(port.stopListening) for port in self.ports]
             await defer.DeferredList(done).asFuture(asyncio.get_event_loop())
-            self._close_idle()
-
-        def _close_idle(self) -> None:
-            """Close the kept-alive HTTP connections that carry no request now. Left open,
-            each would be cut when the process exits, and a client that sent its next
-            request on one just then gets a reset or "server disconnected" for a request the
-            worker never saw (5 in a soak's rolling restart). Closed now, a client sees the
-            close before it reuses the connection; the busy ones close after their response
-            (drain.closing_send). A WebSocket's transport belongs to its own protocol then
-            (daphne's upgrade): not touched."""
-            for protocol in list(self.channels):
-                transport = getattr(protocol, "transport", None)
-                channel = getattr(protocol, "_channel", None)
-                if transport is None or channel is None or transport.protocol is not protocol:
-                    continue
-                if not getattr(channel, "requests", True):
-                    transport.loseConnection()
 
     class DrainingCLI(CommandLineInterface):  # type: ignore[misc,unused-ignore]  # daphne is untyped
         server_class = DrainingServer
